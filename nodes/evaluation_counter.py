@@ -1,0 +1,83 @@
+"""Nodes that count the network evaluations of a sampling run and report them.
+
+``Count Network Evaluations`` installs the pack's counter on a clone of the model (place it first, before the
+guidance nodes, so it sees every pass they add). ``Network Evaluation Report`` runs after the sampler and
+puts the counts of the last run into the prompt's outputs: the history for headless users, the UI for editors.
+"""
+
+from __future__ import annotations
+
+from . import toolkit
+from .common import CATEGORY, MODEL_TOOLTIP
+
+
+class CountNetworkEvaluations:
+    DESCRIPTION = (
+        "Count the diffusion model's network evaluations (conditional, unconditional and extra guidance passes) "
+        "of every sampling run that uses this model. Read the counts with Network Evaluation Report."
+    )
+    CATEGORY = CATEGORY + "/diagnostics"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The same model, with an evaluation counter attached.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}}
+
+    def patch(self, model):
+        patched = model.clone()
+        toolkit.EvalCounter.install(patched)
+        return (patched,)
+
+
+class NetworkEvaluationReport:
+    DESCRIPTION = (
+        "Report the network evaluations of the last sampling run of a model that went through Count Network "
+        "Evaluations. Connect the sampler's LATENT output so the report runs after sampling; the latent passes "
+        "through unchanged."
+    )
+    CATEGORY = CATEGORY + "/diagnostics"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The input latent, unchanged.",)
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": (
+                    "MODEL",
+                    {"tooltip": "The counted model (output of Count Network Evaluations or later)."},
+                ),
+                "latent": (
+                    "LATENT",
+                    {"tooltip": "The sampler's output; makes the report run after sampling."},
+                ),
+            }
+        }
+
+    def report(self, model, latent):
+        counter = toolkit.EvalCounter.of(model)
+        if counter is None:
+            raise toolkit.GuidanceInputError(
+                "Network Evaluation Report",
+                "model",
+                "has no evaluation counter: put a Count Network Evaluations node before the sampler's model input",
+            )
+        counts = counter.last.as_dict() if counter.last is not None else toolkit.RunCounts().as_dict()
+        text = f"{counts['total']} evaluations: {counts['cond']} cond, {counts['uncond']} uncond"
+        if counts["extra"]:
+            text += ", " + ", ".join(f"{n} {name}" for name, n in counts["extra"].items())
+        return {"ui": {"free_guidance_evaluations": [counts], "text": [text]}, "result": (latent,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "FreeGuidanceCountEvaluations": CountNetworkEvaluations,
+    "FreeGuidanceEvaluationReport": NetworkEvaluationReport,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FreeGuidanceCountEvaluations": "Count Network Evaluations (Free Guidance)",
+    "FreeGuidanceEvaluationReport": "Network Evaluation Report (Free Guidance)",
+}

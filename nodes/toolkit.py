@@ -1,0 +1,337 @@
+"""The patch toolkit every node of this pack uses.
+
+Everything here installs chainable hooks on a ``ModelPatcher`` *clone* (keyed wrappers, list hooks, copied
+``model_options``); nothing takes a single-slot hook such as ``sampler_cfg_function``, the unet function
+wrapper or ``sampler_calc_cond_batch_function``, so the pack stacks with other patches.
+
+Pieces:
+- ``GuidanceInputError`` and the ``check_*`` validators: clear errors naming the node, the input and the
+  valid range, raised when the node runs (before sampling).
+- ``SigmaInterval``: start/end percent → sigma through the model's own ``percent_to_sigma``.
+- ``install_run_state``: a per-run state object, created fresh around every sampling run (OUTER_SAMPLE
+  wrapper) and dropped in ``finally``; hooks find it with ``run_state``.
+- ``install_uncond_skip``: a CALC_COND_BATCH wrapper that skips the unconditional pass on chosen steps and
+  fills its slot with a real tensor; it acts only on the main cond/uncond call.
+- ``extra_cond_pass``: one more conditional pass with a modified copy of ``model_options`` (tagged so that
+  counters and skip wrappers can tell it from the main pass).
+- ``chain_attention_override``: install a runtime attention override that calls any previously installed one.
+- ``EvalCounter``: counts real diffusion-model forward evaluations per cond/uncond/extra pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+import torch
+
+WrappersMP = comfy.patcher_extension.WrappersMP
+
+KEY_PREFIX = "free_guidance."
+# transformer_options key that names an extra pass run by this pack (absent on the main cond/uncond pass).
+EXTRA_PASS_KEY = "free_guidance_pass"
+COUNTER_KEY = KEY_PREFIX + "eval_counter"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+
+
+class GuidanceInputError(ValueError):
+    """Bad node input. The message names the node, the input and the valid range."""
+
+    def __init__(self, node: str, input_name: str, message: str):
+        super().__init__(f"{node}: input '{input_name}' {message}")
+        self.node = node
+        self.input_name = input_name
+
+
+def check_range(node: str, input_name: str, value: float, low: float, high: float) -> float:
+    """Raise unless ``low <= value <= high`` (and finite)."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise GuidanceInputError(node, input_name, f"must be between {low} and {high}, got {value!r}")
+    return float(value)
+
+
+def check_percent_interval(node: str, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """Validate a start/end percent pair: both in [0, 1] and start <= end."""
+    check_range(node, "start_percent", start_percent, 0.0, 1.0)
+    check_range(node, "end_percent", end_percent, 0.0, 1.0)
+    if start_percent > end_percent:
+        raise GuidanceInputError(
+            node,
+            "start_percent",
+            f"must not exceed end_percent (valid: 0 <= start_percent <= end_percent <= 1), "
+            f"got start_percent={start_percent} > end_percent={end_percent}",
+        )
+    return float(start_percent), float(end_percent)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sigma interval
+
+
+@dataclass(frozen=True)
+class SigmaInterval:
+    """The closed interval ``[sigma_end, sigma_start]`` of noise levels (sampling runs from high to low)."""
+
+    sigma_start: float
+    sigma_end: float
+
+    @classmethod
+    def from_percent(cls, model_patcher, start_percent: float, end_percent: float) -> SigmaInterval:
+        sampling = model_patcher.get_model_object("model_sampling")
+        return cls(
+            float(sampling.percent_to_sigma(start_percent)), float(sampling.percent_to_sigma(end_percent))
+        )
+
+    @classmethod
+    def everything(cls) -> SigmaInterval:
+        return cls(math.inf, 0.0)
+
+    def contains(self, sigma: float | torch.Tensor) -> bool:
+        return self.sigma_end <= sigma_value(sigma) <= self.sigma_start
+
+
+def sigma_value(sigma: float | torch.Tensor) -> float:
+    """The step's sigma as a float (ComfyUI passes one sigma per sample, all equal)."""
+    if isinstance(sigma, torch.Tensor):
+        return float(sigma.reshape(-1)[0])
+    return float(sigma)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-run state
+
+
+def install_run_state(model_patcher, key: str, factory: Callable[[], Any]) -> None:
+    """Give every sampling run a fresh state object from ``factory()``.
+
+    The object lives in the run's own copy of ``transformer_options`` (never in the patcher), so nothing leaks
+    into the next run, into other clones or into the input model. Hooks read it with ``run_state``.
+    """
+
+    def outer_sample(executor, *args, **kwargs):
+        guider = executor.class_obj
+        transformer_options = guider.model_options.setdefault("transformer_options", {})
+        transformer_options[key] = factory()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            transformer_options.pop(key, None)
+
+    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, key, outer_sample)
+
+
+def run_state(model_options: dict, key: str) -> Any:
+    """The state object of the current run, or None outside a run (e.g. a guider that skips OUTER_SAMPLE)."""
+    return model_options.get("transformer_options", {}).get(key)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Skipping the unconditional pass
+
+
+@dataclass
+class PassContext:
+    """What a skip policy sees for one main cond/uncond evaluation."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    model_options: dict
+    model: Any  # the BaseModel
+
+    @property
+    def sigma_float(self) -> float:
+        return sigma_value(self.sigma)
+
+
+def is_main_pass(conds: list, model_options: dict) -> bool:
+    """The sampler's own cond/uncond call: exactly two cond lists, the uncond present, not an extra pass.
+
+    Extra passes of other nodes use one cond list (PAG, SLG, SAG), PerpNeg/DualCFG guiders use three, and
+    the cfg = 1 optimisation passes ``None`` for the uncond.
+    """
+    if len(conds) != 2 or conds[0] is None or conds[1] is None:
+        return False
+    return EXTRA_PASS_KEY not in model_options.get("transformer_options", {})
+
+
+def install_uncond_skip(
+    model_patcher,
+    key: str,
+    should_skip: Callable[[PassContext], bool],
+    *,
+    fill: Callable[[PassContext, torch.Tensor], torch.Tensor] | None = None,
+    after_pass: Callable[[PassContext, list[torch.Tensor], bool], None] | None = None,
+) -> None:
+    """Skip the unconditional forward pass when ``should_skip(ctx)`` says so.
+
+    The skipped slot is filled with ``fill(ctx, cond_out)``, by default the conditional prediction itself, so
+    that CFG returns ``D_c`` exactly and every later hook (post-CFG nodes, CFG++ samplers) reads a real
+    tensor. ``after_pass(ctx, outputs, skipped)`` sees the outputs of every main pass.
+    Chainable: several skip wrappers stack; an inner one sees the uncond already gone and passes through.
+    """
+
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        if not is_main_pass(conds, model_options):
+            return executor(model, conds, x_in, timestep, model_options)
+        ctx = PassContext(x=x_in, sigma=timestep, model_options=model_options, model=model)
+        skip = bool(should_skip(ctx))
+        if skip:
+            out = executor(model, [conds[0], None], x_in, timestep, model_options)
+            out[1] = fill(ctx, out[0]) if fill is not None else out[0]
+        else:
+            out = executor(model, conds, x_in, timestep, model_options)
+        if after_pass is not None:
+            after_pass(ctx, out, skip)
+        return out
+
+    model_patcher.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, key, calc_cond_batch)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Extra passes and attention overrides
+
+
+def extra_cond_pass(
+    model,
+    cond,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    model_options: dict,
+    *,
+    name: str,
+    modify: Callable[[dict], None] | None = None,
+) -> torch.Tensor:
+    """Run one more conditional pass with a modified *copy* of ``model_options``; returns its prediction.
+
+    ``modify(model_options_copy)`` installs the pass's own patches (attention replaces, block skips). The
+    pass is tagged with ``EXTRA_PASS_KEY = name`` so skip wrappers leave it alone and counters report it apart.
+    """
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    options.setdefault("transformer_options", {})[EXTRA_PASS_KEY] = name
+    if modify is not None:
+        modify(options)
+    return comfy.samplers.calc_cond_batch(model, [cond], x, sigma, options)[0]
+
+
+def chain_attention_override(model_options: dict, override: Callable) -> None:
+    """Install ``override(func, *args, previous, **kwargs)`` as the runtime attention override.
+
+    ComfyUI keeps one ``optimized_attention_override`` slot; an override already there is passed on as
+    ``previous`` so the new one can call through it instead of replacing it.
+    """
+    transformer_options = model_options.setdefault("transformer_options", {})
+    previous = transformer_options.get("optimized_attention_override")
+
+    def chained(func, *args, **kwargs):
+        return override(func, *args, previous=previous, **kwargs)
+
+    transformer_options["optimized_attention_override"] = chained
+
+
+def call_attention(func, previous, *args, **kwargs):
+    """Run attention through a previously installed override if there is one, else the plain function."""
+    if previous is not None:
+        return previous(func, *args, **kwargs)
+    return func(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Network-evaluation counter
+
+
+@dataclass
+class RunCounts:
+    """Network evaluations of one sampling run.
+
+    One evaluation = one prediction of one conditioning for the whole latent batch, i.e. one chunk of a
+    diffusion-model forward call (a cond and an uncond batched into one call are two evaluations).
+    """
+
+    cond: int = 0
+    uncond: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+    forward_calls: int = 0
+    # One (sigma, what) per evaluation, in order; what is "cond", "uncond" or an extra pass's name.
+    events: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.cond + self.uncond + sum(self.extra.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "cond": self.cond,
+            "uncond": self.uncond,
+            "extra": dict(self.extra),
+            "total": self.total,
+            "forward_calls": self.forward_calls,
+        }
+
+
+class EvalCounter:
+    """Counts real diffusion-model forward evaluations, per sampling run.
+
+    Installed with ``EvalCounter.install(model_patcher)``: an APPLY_MODEL wrapper (one signature for every
+    family) counts, an OUTER_SAMPLE wrapper opens a new run record. The counter is shared by every later clone
+    of the patched model, so it sees the runs of whatever is stacked downstream.
+    """
+
+    MAX_RUNS = 64
+
+    def __init__(self):
+        self.runs: collections.deque[RunCounts] = collections.deque(maxlen=self.MAX_RUNS)
+
+    @classmethod
+    def install(cls, model_patcher) -> EvalCounter:
+        counter = cls()
+        model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, COUNTER_KEY, counter._outer_sample)
+        model_patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, COUNTER_KEY, counter._apply_model)
+        model_patcher.set_attachments(COUNTER_KEY, counter)
+        return counter
+
+    @staticmethod
+    def of(model_patcher) -> EvalCounter | None:
+        return model_patcher.attachments.get(COUNTER_KEY)
+
+    @property
+    def last(self) -> RunCounts | None:
+        return self.runs[-1] if self.runs else None
+
+    def _outer_sample(self, executor, *args, **kwargs):
+        self.runs.append(RunCounts())
+        return executor(*args, **kwargs)
+
+    def _apply_model(self, executor, x, t, *args, **kwargs):
+        transformer_options = kwargs.get("transformer_options")
+        if transformer_options is None and len(args) >= 4:
+            transformer_options = args[3]
+        self._record(transformer_options or {}, t)
+        return executor(x, t, *args, **kwargs)
+
+    def _record(self, transformer_options: dict, t: torch.Tensor) -> None:
+        if not self.runs:  # a forward outside a sampler run (e.g. a direct apply_model)
+            self.runs.append(RunCounts())
+        run = self.runs[-1]
+        run.forward_calls += 1
+        sigma = sigma_value(t)
+        extra = transformer_options.get(EXTRA_PASS_KEY)
+        for index in transformer_options.get("cond_or_uncond", [0]):
+            if extra is not None:
+                what = extra
+                run.extra[extra] = run.extra.get(extra, 0) + 1
+            elif index == 1:
+                what = "uncond"
+                run.uncond += 1
+            else:
+                what = "cond"
+                run.cond += 1
+            run.events.append((sigma, what))

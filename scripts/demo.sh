@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The main job: start the pinned ComfyUI with this pack and tiny embedded models, queue a workflow headless
+# over HTTP, and write the output images and the network-evaluation counts to ./demo-output (or $1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=$(scripts/setup_host.sh | tail -n 1)
+export FREE_GUIDANCE_CACHE="$CACHE"
+exec "$CACHE/venv/bin/python" scripts/demo.py --out "${1:-demo-output}"

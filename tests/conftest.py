@@ -1,0 +1,29 @@
+"""Fixtures: the real in-process ComfyUI host with the pack loaded, and helpers to run prompts on it."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from fg_testing import host as _host  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def comfy_host() -> _host.Host:
+    """ComfyUI imported in process (CPU), the pack and the test nodes loaded. Fails, never skips, without it."""
+    return _host.init_host()
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_host):
+    """The pack's package module as ComfyUI loaded it (``pack.nodes.toolkit``, ``pack.guidance...``)."""
+    return comfy_host.pack
+
+
+@pytest.fixture(scope="session")
+def run_prompt(comfy_host):
+    return _host.run_prompt

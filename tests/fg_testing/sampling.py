@@ -1,0 +1,55 @@
+"""Direct sampling on a ModelPatcher through ComfyUI's own ``comfy.sample`` (what the KSampler node calls)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import tiny_models
+
+
+def noise_for(family: str, batch: int = 1, height: int = 8, width: int = 8, frames: int = 3, seed: int = 0):
+    shape = tiny_models.latent_shape(family, batch, height, width, frames)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def ksample(
+    model,
+    family: str,
+    *,
+    steps: int = 6,
+    cfg: float = 4.0,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    batch: int = 1,
+    height: int = 8,
+    width: int = 8,
+    frames: int = 3,
+    seed: int = 0,
+    positive=None,
+    negative=None,
+):
+    """Sample like the KSampler node; returns the latent in ComfyUI's output space."""
+    import comfy.sample
+
+    noise = noise_for(family, batch, height, width, frames, seed)
+    positive = positive if positive is not None else tiny_models.conditioning(family, seed=1)
+    negative = negative if negative is not None else tiny_models.conditioning(family, seed=2)
+    return comfy.sample.sample(
+        model,
+        noise,
+        steps,
+        cfg,
+        sampler,
+        scheduler,
+        positive,
+        negative,
+        torch.zeros_like(noise),
+        seed=seed,
+        disable_pbar=True,
+    )
+
+
+def sigmas_for(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
+    import comfy.samplers
+
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
