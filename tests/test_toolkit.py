@@ -1,0 +1,191 @@
+"""The shared patch toolkit: per-run state, main-pass-only uncond skipping, extra passes, counter, chaining."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fg_testing import sampling
+from fg_testing.prompts import tiny_txt2img
+from fg_testing.test_nodes import cached_model
+
+
+@pytest.fixture
+def toolkit(pack):
+    return pack.nodes.toolkit
+
+
+def counted(toolkit, family="sd15"):
+    model = cached_model(family).clone()
+    return model, toolkit.EvalCounter.install(model)
+
+
+def test_counter_counts_cond_and_uncond_per_run(toolkit):
+    model, counter = counted(toolkit)
+    sampling.ksample(model, "sd15", steps=3, cfg=5.0)
+    sampling.ksample(model, "sd15", steps=2, cfg=1.0)  # cfg = 1: ComfyUI skips the uncond itself
+    first, second = list(counter.runs)[-2:]
+    assert (first.cond, first.uncond, first.forward_calls) == (3, 3, 3)
+    assert (second.cond, second.uncond, second.forward_calls) == (2, 0, 2)
+
+
+def test_counter_is_bounded_for_long_running_servers(toolkit):
+    model, counter = counted(toolkit, "sd3")
+    for _ in range(counter.MAX_RUNS + 3):
+        sampling.ksample(model, "sd3", steps=1, cfg=1.0, height=2, width=2)
+    assert len(counter.runs) == counter.MAX_RUNS
+
+
+def test_run_state_is_fresh_per_run_and_never_left_behind(toolkit):
+    made = []
+
+    def factory():
+        made.append({"calls": 0})
+        return made[-1]
+
+    model = cached_model("sd15").clone()
+    toolkit.install_run_state(model, "free_guidance.test_state", factory)
+    seen = []
+    toolkit.install_uncond_skip(
+        model,
+        "free_guidance.test_skip",
+        lambda ctx: seen.append(toolkit.run_state(ctx.model_options, "free_guidance.test_state")) or False,
+    )
+    sampling.ksample(model, "sd15", steps=2)
+    sampling.ksample(model, "sd15", steps=2)
+    assert len(made) == 2 and made[0] is not made[1]
+    assert seen == [made[0], made[0], made[1], made[1]]
+    assert "free_guidance.test_state" not in model.model_options.get("transformer_options", {})
+
+
+def test_skip_wrapper_acts_only_on_the_main_pass(toolkit):
+    """An always-skip wrapper stacked with core PAG: PAG's extra conditional pass still runs."""
+    import comfy_extras.nodes_pag as core_pag
+
+    model, counter = counted(toolkit)
+    model = core_pag.PerturbedAttentionGuidance.execute(model, 2.0).result[0]
+    toolkit.install_uncond_skip(model, "free_guidance.test_always", lambda ctx: True)
+    sampling.ksample(model, "sd15", steps=3)
+    run = counter.last
+    assert run.uncond == 0
+    assert run.cond == 6  # 3 main + 3 PAG passes (core PAG does not tag its pass)
+
+
+def test_skipped_uncond_slot_holds_the_conditional_prediction(toolkit):
+    seen = []
+    model = cached_model("sd15").clone()
+    toolkit.install_uncond_skip(model, "free_guidance.test_always", lambda ctx: True)
+
+    def post_cfg(args):
+        seen.append(torch.equal(args["uncond_denoised"], args["cond_denoised"]))
+        return args["denoised"]
+
+    model.set_model_sampler_post_cfg_function(post_cfg)
+    sampling.ksample(model, "sd15", steps=2)
+    assert seen == [True, True]
+
+
+def test_two_skip_wrappers_stack(toolkit):
+    model, counter = counted(toolkit)
+    toolkit.install_uncond_skip(model, "free_guidance.a", lambda ctx: ctx.sigma_float > 5)
+    toolkit.install_uncond_skip(model, "free_guidance.b", lambda ctx: ctx.sigma_float < 1)
+    sampling.ksample(model, "sd15", steps=6)
+    sigmas = sampling.sigmas_for(model, 6)[:-1].tolist()
+    assert counter.last.uncond == sum(1 for s in sigmas if 1 <= s <= 5)
+
+
+def test_extra_pass_is_counted_apart_and_ignored_by_skip_wrappers(toolkit):
+    import comfy.samplers
+
+    model, counter = counted(toolkit)
+    toolkit.install_uncond_skip(model, "free_guidance.test_never", lambda ctx: False)
+
+    def post_cfg(args):
+        extra = toolkit.extra_cond_pass(
+            args["model"], args["cond"], args["input"], args["sigma"], args["model_options"], name="probe"
+        )
+        assert extra.shape == args["denoised"].shape
+        return args["denoised"]
+
+    model.set_model_sampler_post_cfg_function(post_cfg)
+    sampling.ksample(model, "sd15", steps=2)
+    assert counter.last.as_dict() == {
+        "cond": 2,
+        "uncond": 2,
+        "extra": {"probe": 2},
+        "total": 6,
+        "forward_calls": 4,
+    }
+    assert comfy.samplers  # the pass went through ComfyUI's own calc_cond_batch
+
+
+def test_attention_override_chains_the_previous_one(toolkit):
+    calls = []
+
+    def first(func, *args, previous=None, **kwargs):
+        calls.append("first")
+        return toolkit.call_attention(func, previous, *args, **kwargs)
+
+    def second(func, *args, previous=None, **kwargs):
+        calls.append("second")
+        return toolkit.call_attention(func, previous, *args, **kwargs)
+
+    model = cached_model("sd3").clone()
+    toolkit.chain_attention_override(model.model_options, first)
+    toolkit.chain_attention_override(model.model_options, second)
+    plain = sampling.ksample(cached_model("sd3"), "sd3", steps=2)
+    patched = sampling.ksample(model, "sd3", steps=2)
+    assert torch.equal(plain, patched)
+    assert calls[:2] == ["second", "first"] and calls.count("second") == calls.count("first") > 0
+
+
+def test_validation_messages_name_node_input_and_range(toolkit):
+    with pytest.raises(toolkit.GuidanceInputError) as error:
+        toolkit.check_range("My Node", "scale", 11.0, 0.0, 10.0)
+    assert str(error.value) == "My Node: input 'scale' must be between 0.0 and 10.0, got 11.0"
+    with pytest.raises(toolkit.GuidanceInputError):
+        toolkit.check_range("My Node", "scale", float("nan"), 0.0, 10.0)
+
+
+CORE_CFG_NODES = [
+    ("APG", dict(eta=0.5, norm_threshold=5.0, momentum=-0.5)),
+    ("CFGZeroStar", {}),
+    ("RescaleCFG", dict(multiplier=0.7)),
+    ("TCFG", {}),
+    ("PerturbedAttentionGuidance", dict(scale=2.0)),
+]
+
+
+@pytest.mark.parametrize("core_node, inputs", CORE_CFG_NODES, ids=[n for n, _ in CORE_CFG_NODES])
+@pytest.mark.parametrize("order", ["core_first", "ours_first"])
+def test_cfg_interval_stacks_with_core_cfg_nodes(run_prompt, core_node, inputs, order):
+    def patch(g, model):
+        if order == "core_first":
+            model = g.node(core_node, model=model, **inputs)
+            return g.node("FreeGuidanceCFGInterval", model=model, start_percent=0.0, end_percent=0.5)
+        model = g.node("FreeGuidanceCFGInterval", model=model, start_percent=0.0, end_percent=0.5)
+        return g.node(core_node, model=model, **inputs)
+
+    prompt, ids = tiny_txt2img("sd15", steps=4, patch=patch)
+    result = run_prompt(prompt)
+    assert result.outputs[ids["stats"]]["latent_stats"][0]["finite"]
+    counts = result.outputs[ids["report"]]["free_guidance_evaluations"][0]
+    assert 0 < counts["uncond"] < 4
+
+
+def test_cfg_interval_stacks_with_skip_layer_guidance_on_a_dit(run_prompt):
+    def patch(g, model):
+        model = g.node(
+            "SkipLayerGuidanceDiT",
+            model=model,
+            double_layers="1",
+            single_layers="",
+            scale=2.0,
+            start_percent=0.0,
+            end_percent=1.0,
+            rescaling_scale=0.0,
+        )
+        return g.node("FreeGuidanceCFGInterval", model=model, start_percent=0.0, end_percent=0.5)
+
+    prompt, ids = tiny_txt2img("sd3", steps=4, patch=patch)
+    result = run_prompt(prompt)
+    assert result.outputs[ids["stats"]]["latent_stats"][0]["finite"]
