@@ -153,3 +153,34 @@ def test_vae_round_trip_shapes(comfy_host):
         image = vae.decode(torch.randn(1, channels, 8, 8))
         assert image.shape == (1, 64, 64, 3)
         assert vae.encode(image).shape == (1, channels, 8, 8)
+
+
+def test_a_missing_host_fails_loudly_with_instructions(tmp_path, monkeypatch):
+    from fg_testing import host
+
+    monkeypatch.setenv("FREE_GUIDANCE_COMFYUI", str(tmp_path))
+    with pytest.raises(host.HostMissing, match="COMFYUI_SOURCE"):
+        host.comfyui_dir()
+
+
+def test_setup_script_reports_a_missing_source(tmp_path):
+    """Without internet or a local source the setup fails with a message that says how to provide one."""
+    import subprocess
+
+    from fg_testing.host import PACK_DIR
+
+    result = subprocess.run(
+        [
+            "bash",
+            str(PACK_DIR / "scripts" / "setup_host.sh"),
+            "--source",
+            str(tmp_path / "nowhere"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "COMFYUI_SOURCE" in result.stderr
