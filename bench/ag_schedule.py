@@ -121,7 +121,7 @@ def main() -> None:
     print("| model | patch | network evaluations | wall time per image | time vs CFG | deviation from CFG |")
     print("|---|---|---|---|---|---|")
     for family, name, evals, seconds, ratio, deviation in rows:
-        print(f"| {family} | {name} | {evals} | {seconds * 1000:.0f} ms | {ratio:.2f}× | {deviation:.2e} |")
+        print(f"| {family} | {name} | {evals} | {seconds * 1000:.2f} ms | {ratio:.2f}× | {deviation:.2e} |")
 
 
 if __name__ == "__main__":
