@@ -9,9 +9,12 @@ Pieces:
   valid range, raised when the node runs (before sampling).
 - ``SigmaInterval``: start/end percent → sigma through the model's own ``percent_to_sigma``.
 - ``install_run_state``: a per-run state object, created fresh around every sampling run (OUTER_SAMPLE
-  wrapper) and dropped in ``finally``; hooks find it with ``run_state``.
+  wrapper) and dropped in ``finally``; hooks find it with ``run_state``. A factory that takes one argument
+  receives a ``RunInfo`` (the guider's cfg and the run's sigmas).
+- ``sigma_to_percent``: the inverse of the model's ``percent_to_sigma``, for any model sampling.
 - ``install_uncond_skip``: a CALC_COND_BATCH wrapper that skips the unconditional pass on chosen steps and
-  fills its slot with a real tensor; it acts only on the main cond/uncond call.
+  fills its slot with a real tensor; it acts only on the main cond/uncond call. The returned list records which
+  slots were filled (``uncond_evaluated``), so outer wrappers never mistake a filled slot for a real pass.
 - ``extra_cond_pass``: one more conditional pass with a modified copy of ``model_options`` (tagged so that
   counters and skip wrappers can tell it from the main pass).
 - ``chain_attention_override``: install a runtime attention override that calls any previously installed one.
@@ -110,17 +113,54 @@ def sigma_value(sigma: float | torch.Tensor) -> float:
 # Per-run state
 
 
-def install_run_state(model_patcher, key: str, factory: Callable[[], Any]) -> None:
-    """Give every sampling run a fresh state object from ``factory()``.
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run-state factory may want to know about the run it starts."""
+
+    cfg: float  # the guider's cfg (the KSampler's cfg input)
+    sigmas: tuple[float, ...]  # the run's sigma schedule, first (noisiest) to last (usually 0)
+
+    @property
+    def steps(self) -> int:
+        return max(len(self.sigmas) - 1, 0)
+
+    def step_index(self, sigma: float | torch.Tensor) -> int:
+        """The index i of the step whose sigma interval [sigmas[i+1], sigmas[i]] holds ``sigma``.
+
+        Exact for samplers that evaluate on the grid; an intermediate evaluation (Heun, DPM++ 2S, churn) counts
+        as the step it lies in. Clamped to [0, steps - 1].
+        """
+        value = sigma_value(sigma)
+        index = 0
+        for i in range(self.steps):
+            if self.sigmas[i] * (1 + 1e-6) >= value:
+                index = i
+            else:
+                break
+        return min(index, max(self.steps - 1, 0))
+
+
+def install_run_state(model_patcher, key: str, factory: Callable[..., Any]) -> None:
+    """Give every sampling run a fresh state object from ``factory()`` (or ``factory(run_info)``).
 
     The object lives in the run's own copy of ``transformer_options`` (never in the patcher), so nothing leaks
-    into the next run, into other clones or into the input model. Hooks read it with ``run_state``.
+    into the next run, into other clones or into the input model. Hooks read it with ``run_state``. A factory
+    that takes one positional argument is given a ``RunInfo`` with the guider's cfg and the run's sigmas.
     """
+    takes_info = _takes_one_argument(factory)
 
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
         transformer_options = guider.model_options.setdefault("transformer_options", {})
-        transformer_options[key] = factory()
+        if takes_info:
+            sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
+            info = RunInfo(
+                cfg=float(getattr(guider, "cfg", 1.0)),
+                sigmas=tuple(float(s) for s in sigmas.reshape(-1).tolist()) if sigmas is not None else (),
+            )
+            transformer_options[key] = factory(info)
+        else:
+            transformer_options[key] = factory()
         try:
             return executor(*args, **kwargs)
         finally:
@@ -132,6 +172,42 @@ def install_run_state(model_patcher, key: str, factory: Callable[[], Any]) -> No
 def run_state(model_options: dict, key: str) -> Any:
     """The state object of the current run, or None outside a run (e.g. a guider that skips OUTER_SAMPLE)."""
     return model_options.get("transformer_options", {}).get(key)
+
+
+def _takes_one_argument(factory: Callable) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in parameters
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is inspect.Parameter.empty
+    ]
+    return len(positional) == 1
+
+
+def sigma_to_percent(model_sampling, sigma: float | torch.Tensor) -> float:
+    """The percent p in [0, 1] with ``percent_to_sigma(p) == sigma`` (0 = the noisiest end, 1 = clean).
+
+    Bisection on the model's own ``percent_to_sigma`` (monotone decreasing), so it holds for every model
+    sampling ComfyUI has (discrete eps/v, EDM, flow with shift, Flux) without per-class formulas.
+    """
+    value = sigma_value(sigma)
+    if value >= float(model_sampling.percent_to_sigma(1e-9)):
+        return 0.0
+    if value <= 0.0:
+        return 1.0
+    low, high = 0.0, 1.0  # percent_to_sigma(low) >= value >= percent_to_sigma(high)
+    for _ in range(48):
+        mid = 0.5 * (low + high)
+        if float(model_sampling.percent_to_sigma(mid)) >= value:
+            low = mid
+        else:
+            high = mid
+    return 0.5 * (low + high)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -163,6 +239,17 @@ def is_main_pass(conds: list, model_options: dict) -> bool:
     return EXTRA_PASS_KEY not in model_options.get("transformer_options", {})
 
 
+class CondBatchOutput(list):
+    """The list a skip wrapper returns: ``filled`` holds the indices of slots filled instead of evaluated."""
+
+    filled: frozenset = frozenset()
+
+
+def uncond_evaluated(out: list) -> bool:
+    """True when slot 1 of a main-pass output came from a real network evaluation (no skip wrapper filled it)."""
+    return 1 not in getattr(out, "filled", frozenset())
+
+
 def install_uncond_skip(
     model_patcher,
     key: str,
@@ -176,7 +263,8 @@ def install_uncond_skip(
     The skipped slot is filled with ``fill(ctx, cond_out)``, by default the conditional prediction itself, so
     that CFG returns ``D_c`` exactly and every later hook (post-CFG nodes, CFG++ samplers) reads a real
     tensor. ``after_pass(ctx, outputs, skipped)`` sees the outputs of every main pass.
-    Chainable: several skip wrappers stack; an inner one sees the uncond already gone and passes through.
+    Chainable: several skip wrappers stack; an inner one sees the uncond already gone and passes through, and
+    an outer one learns from ``uncond_evaluated(outputs)`` whether an inner one filled the slot.
     """
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
@@ -185,8 +273,9 @@ def install_uncond_skip(
         ctx = PassContext(x=x_in, sigma=timestep, model_options=model_options, model=model)
         skip = bool(should_skip(ctx))
         if skip:
-            out = executor(model, [conds[0], None], x_in, timestep, model_options)
+            out = CondBatchOutput(executor(model, [conds[0], None], x_in, timestep, model_options))
             out[1] = fill(ctx, out[0]) if fill is not None else out[0]
+            out.filled = frozenset({1})
         else:
             out = executor(model, conds, x_in, timestep, model_options)
         if after_pass is not None:

@@ -1,0 +1,137 @@
+"""Adaptive Guidance node (Castillo et al., AAAI 2025): a MODEL patch that works in the plain KSampler.
+
+A chainable CALC_COND_BATCH wrapper (``toolkit.install_uncond_skip``) measures γ = cos(x − D_c, x − D_u) per
+sample after every step on which both passes really ran; from the step after the whole batch converged, it
+drops the unconditional pass (the network is not evaluated) and fills its slot with ``D_c``, so CFG, post-CFG
+nodes and CFG++ samplers all see the conditional prediction. The switch state lives in the run's own
+``transformer_options`` (``toolkit.install_run_state``) and is made fresh for every sampling run.
+
+A GUIDER form is not offered: the MODEL patch already works with SamplerCustomAdvanced (through CFGGuider) and
+stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
+"""
+
+from __future__ import annotations
+
+from ..guidance import adaptive_guidance as ag
+from . import toolkit
+from .common import CATEGORY, MODEL_TOOLTIP
+
+NODE = "Adaptive Guidance"
+KEY = toolkit.KEY_PREFIX + "adaptive_guidance"
+THRESHOLD_RANGE = (-1.0, 1.01)
+
+
+class _RunState:
+    def __init__(self, info: toolkit.RunInfo, threshold: float, trace: list | None):
+        self.info = info
+        self.switch = ag.AdaptiveSwitch(threshold)
+        self.passes = 0
+        if trace is not None:
+            trace.append(self.switch)
+
+    def step(self, sigma) -> int:
+        return self.info.step_index(sigma) if self.info.sigmas else self.passes
+
+
+def apply_adaptive_guidance(
+    model, threshold: float, start_percent: float = 0.0, *, trace: list | None = None
+):
+    """Return a clone of ``model`` that switches to conditional-only steps once CFG has converged.
+
+    ``trace``: an optional list; every sampling run appends its ``AdaptiveSwitch`` (γ history, switch step).
+    """
+    threshold = toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
+    start_percent = toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
+    patched = model.clone()
+    window = toolkit.SigmaInterval.from_percent(patched, start_percent, 1.0)
+
+    toolkit.install_run_state(patched, KEY, lambda info: _RunState(info, threshold, trace))
+
+    def should_skip(ctx: toolkit.PassContext) -> bool:
+        state = toolkit.run_state(ctx.model_options, KEY)
+        return state is not None and state.switch.cond_only
+
+    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
+        state = toolkit.run_state(ctx.model_options, KEY)
+        if state is None:
+            return
+        state.passes += 1
+        # Only a real unconditional evaluation tells anything: an inner skip wrapper (CFG Interval, LinearAG)
+        # may have filled the slot with D_c or an estimate.
+        if skipped or not toolkit.uncond_evaluated(out):
+            return
+        gammas = ag.noise_cosine(ctx.x, out[0], out[1])
+        state.switch.observe(state.step(ctx.sigma), gammas, allowed=window.contains(ctx.sigma))
+
+    toolkit.install_uncond_skip(patched, KEY, should_skip, after_pass=after_pass)
+    return patched
+
+
+class AdaptiveGuidance:
+    DESCRIPTION = (
+        "Adaptive Guidance (Castillo et al., AAAI 2025): classifier-free guidance that stops itself. After each "
+        "step it measures the cosine similarity between the conditional and unconditional noise predictions "
+        "(per image); once every image in the batch reaches the threshold, the remaining steps run the "
+        "conditional pass only, skipping the unconditional network evaluation. The paper reports about 25% "
+        "less compute at CFG quality. Works in the plain KSampler and in SamplerCustomAdvanced, and stacks "
+        "with other guidance patches."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with adaptive guidance.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": 0.991,
+                        "min": THRESHOLD_RANGE[0],
+                        "max": THRESHOLD_RANGE[1],
+                        "step": 0.001,
+                        "tooltip": "γ̄: switch to conditional-only steps once cos(cond noise, uncond noise) "
+                        "reaches this value for every image. The paper uses about 0.991 and explores "
+                        "0.991-0.996: lower saves more evaluations, higher stays closer to CFG. Above 1 it never "
+                        "switches (plain CFG).",
+                    },
+                ),
+            },
+            "optional": {
+                "start_percent": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "The earliest point of the denoising process (0 = first step) at which the "
+                        "switch may happen; before it, full CFG always runs. The paper has no such limit (0). "
+                        "At the very first, noise-dominated steps the cosine can already be near 1 before it "
+                        "dips (seen on this pack's analytic test model, not reported by the paper); if images "
+                        "lose the prompt, try 0.2-0.3. To skip guidance early instead, use CFG Interval.",
+                    },
+                ),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, threshold=None, start_percent=None):
+        try:
+            if threshold is not None:
+                toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
+            if start_percent is not None:
+                toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
+        except toolkit.GuidanceInputError as error:
+            return str(error)
+        return True
+
+    def patch(self, model, threshold: float, start_percent: float = 0.0):
+        return (apply_adaptive_guidance(model, threshold, start_percent),)
+
+
+NODE_CLASS_MAPPINGS = {"FreeGuidanceAdaptiveGuidance": AdaptiveGuidance}
+NODE_DISPLAY_NAME_MAPPINGS = {"FreeGuidanceAdaptiveGuidance": "Adaptive Guidance (Free Guidance)"}

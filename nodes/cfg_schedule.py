@@ -1,0 +1,180 @@
+"""CFG Schedule node: the guidance weight follows one of Wang et al.'s (TMLR 2024) schedule shapes.
+
+The KSampler's cfg is the schedule's mean weight w̄. A ``sampler_pre_cfg_function`` (a list hook, so it stacks)
+rescales the guidance term so that ComfyUI's own CFG, any ``sampler_cfg_function`` and the post-CFG nodes see
+the scheduled weight; on steps where the schedule's weight is exactly 1 the unconditional pass is skipped
+(``toolkit.install_uncond_skip``). It combines with CFG Interval: outside the interval the uncond slot holds
+``D_c``, so the step is conditional-only whatever the schedule says.
+"""
+
+from __future__ import annotations
+
+from ..guidance import cfg_schedule
+from . import toolkit
+from .common import CATEGORY, MODEL_TOOLTIP
+
+NODE = "CFG Schedule"
+KEY = toolkit.KEY_PREFIX + "cfg_schedule"
+AXES = ("step", "sigma")
+CLAMP_RANGE = (0.0, 100.0)
+EXPONENT_RANGE = (0.01, 10.0)
+
+
+class _RunState:
+    def __init__(self, info: toolkit.RunInfo, model_sampling):
+        self.info = info
+        self.model_sampling = model_sampling
+        self.percent_cache: dict[float, float] = {}
+        self.weights: list[tuple[float, float]] = []  # (sigma, cfg used) per main pass, for diagnostics
+
+
+def check_inputs(schedule: str, axis: str, clamp: float, exponent: float) -> None:
+    if schedule not in cfg_schedule.SHAPES:
+        raise toolkit.GuidanceInputError(
+            NODE, "schedule", f"must be one of {', '.join(cfg_schedule.SHAPES)}, got {schedule!r}"
+        )
+    if axis not in AXES:
+        raise toolkit.GuidanceInputError(NODE, "axis", f"must be one of {', '.join(AXES)}, got {axis!r}")
+    toolkit.check_range(NODE, "clamp", clamp, *CLAMP_RANGE)
+    toolkit.check_range(NODE, "exponent", exponent, *EXPONENT_RANGE)
+
+
+def apply_cfg_schedule(
+    model,
+    schedule: str = "linear",
+    axis: str = "step",
+    clamp: float = 0.0,
+    exponent: float = 1.0,
+    *,
+    trace: list | None = None,
+):
+    """Return a clone of ``model`` whose CFG weight follows ``schedule`` with mean the sampler's cfg.
+
+    ``trace``: an optional list; every run appends its list of (sigma, cfg used) per main pass.
+    """
+    check_inputs(schedule, axis, clamp, exponent)
+    clamp, exponent = float(clamp), float(exponent)
+    patched = model.clone()
+    model_sampling = patched.get_model_object("model_sampling")
+
+    def new_state(info: toolkit.RunInfo) -> _RunState:
+        state = _RunState(info, model_sampling)
+        if trace is not None:
+            trace.append(state.weights)
+        return state
+
+    toolkit.install_run_state(patched, KEY, new_state)
+
+    def progress(state: _RunState, sigma) -> float:
+        if axis == "sigma" or not state.info.sigmas:
+            value = toolkit.sigma_value(sigma)
+            if value not in state.percent_cache:
+                state.percent_cache[value] = toolkit.sigma_to_percent(state.model_sampling, value)
+            return state.percent_cache[value]
+        return cfg_schedule.step_progress(state.info.step_index(sigma), state.info.steps)
+
+    def weight(state: _RunState, cfg: float, sigma) -> float:
+        return cfg_schedule.scheduled_cfg(cfg, schedule, progress(state, sigma), clamp, exponent)
+
+    def should_skip(ctx: toolkit.PassContext) -> bool:
+        state = toolkit.run_state(ctx.model_options, KEY)
+        return state is not None and weight(state, state.info.cfg, ctx.sigma) == 1.0
+
+    def pre_cfg(args: dict):
+        out = args["conds_out"]
+        state = toolkit.run_state(args["model_options"], KEY)
+        cfg = float(args["cond_scale"])
+        if state is None or len(out) < 2 or args["conds"][1] is None or cfg == 0.0:
+            return out
+        target = weight(state, cfg, args["sigma"])
+        state.weights.append((toolkit.sigma_value(args["sigma"]), target))
+        if target == cfg:
+            return out
+        return [cfg_schedule.rescale_cond(out[0], out[1], cfg, target), *out[1:]]
+
+    toolkit.install_uncond_skip(patched, KEY, should_skip)
+    patched.set_model_sampler_pre_cfg_function(pre_cfg)
+    return patched
+
+
+class CFGSchedule:
+    DESCRIPTION = (
+        "CFG weight schedule (Wang et al., 'Analysis of Classifier-Free Guidance Weight Schedulers', TMLR "
+        "2024): the guidance weight changes along sampling instead of staying at the sampler's cfg, which "
+        "becomes the schedule's average. The paper finds that simple increasing schedules (linear, cosine: low "
+        "guidance at high noise, high at the end) consistently improve on a constant cfg; parametrised ones "
+        "(clamp, power-cosine) can do better but must be tuned per model. Where the scheduled weight is exactly "
+        "1 the unconditional evaluation is skipped. Combine with CFG Interval to limit guidance to a window."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with a scheduled CFG weight.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
+                "schedule": (
+                    list(cfg_schedule.SHAPES),
+                    {
+                        "default": "linear",
+                        "tooltip": "Shape of the weight over sampling; its mean is the sampler's cfg. "
+                        "linear/cosine rise from 1 to about 2·cfg−1 (the paper's recommendation); "
+                        "inverse_* fall; v_shape/lambda_shape are high/low in the middle; pcs/inverse_pcs are "
+                        "the parametrised power-cosine (peak = cfg, curvature = exponent); constant = plain CFG.",
+                    },
+                ),
+                "axis": (
+                    list(AXES),
+                    {
+                        "default": "step",
+                        "tooltip": "What the schedule runs over: 'step' = step index (t/T, as in the paper's "
+                        "code), 'sigma' = the denoising percent of each step's noise level (follows the "
+                        "scheduler's spacing).",
+                    },
+                ),
+                "clamp": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": CLAMP_RANGE[0],
+                        "max": CLAMP_RANGE[1],
+                        "step": 0.05,
+                        "tooltip": "c of the paper's clamped schedules, in its units (cfg − 1): the weight never "
+                        "falls below 1 + c. 0 = no clamp. The paper's Fig. 1 example is clamp-linear with c = 1; "
+                        "it tunes c per model (values reported second-hand: 2 for SD1.5, 4 for SDXL).",
+                    },
+                ),
+                "exponent": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": EXPONENT_RANGE[0],
+                        "max": EXPONENT_RANGE[1],
+                        "step": 0.01,
+                        "tooltip": "κ of the power-cosine shapes (pcs, inverse_pcs); ignored by the others. "
+                        "Small values raise the weight early, large ones late; the paper tunes it per model.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, schedule=None, axis=None, clamp=None, exponent=None):
+        try:
+            if clamp is not None:
+                toolkit.check_range(NODE, "clamp", clamp, *CLAMP_RANGE)
+            if exponent is not None:
+                toolkit.check_range(NODE, "exponent", exponent, *EXPONENT_RANGE)
+        except toolkit.GuidanceInputError as error:
+            return str(error)
+        return True
+
+    def patch(self, model, schedule: str, axis: str, clamp: float, exponent: float):
+        return (apply_cfg_schedule(model, schedule, axis, clamp, exponent),)
+
+
+NODE_CLASS_MAPPINGS = {"FreeGuidanceCFGSchedule": CFGSchedule}
+NODE_DISPLAY_NAME_MAPPINGS = {"FreeGuidanceCFGSchedule": "CFG Schedule (Free Guidance)"}

@@ -1,0 +1,110 @@
+"""LinearAG node (Castillo et al., AAAI 2025, §5), with coefficients fitted online.
+
+In the first part of sampling, every other step skips the unconditional network evaluation and fills its slot
+with an affine estimate from the current conditional and the previous step's predictions. The paper fits the
+coefficients offline on recorded trajectories; this node fits them per sample on the steps where both passes
+ran (``guidance.linear_ag.OnlineLinearAG``), and says so in its description.
+"""
+
+from __future__ import annotations
+
+from ..guidance import linear_ag
+from . import toolkit
+from .common import CATEGORY, MODEL_TOOLTIP
+
+NODE = "LinearAG"
+KEY = toolkit.KEY_PREFIX + "linear_ag"
+
+
+class _RunState:
+    def __init__(self, info: toolkit.RunInfo, end_percent: float, trace: list | None):
+        self.info = info
+        self.end_step = int(end_percent * info.steps + 1e-9)
+        self.lag = linear_ag.OnlineLinearAG()
+        if trace is not None:
+            trace.append(self.lag)
+
+
+def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = None):
+    """Return a clone of ``model`` whose uncond pass is regressed on alternate steps before ``end_percent``.
+
+    ``trace``: an optional list; every run appends its ``OnlineLinearAG`` (fits, regressed steps).
+    """
+    end_percent = toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
+    patched = model.clone()
+    toolkit.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent, trace))
+
+    def should_skip(ctx: toolkit.PassContext) -> bool:
+        state = toolkit.run_state(ctx.model_options, KEY)
+        if state is None or not state.info.sigmas or not state.lag.can_estimate():
+            return False
+        if state.lag.previous[0].shape != ctx.x.shape:
+            return False
+        return linear_ag.regressed(state.info.step_index(ctx.sigma), state.end_step)
+
+    def fill(ctx: toolkit.PassContext, cond):
+        state = toolkit.run_state(ctx.model_options, KEY)
+        state.lag.regressed_steps.append(state.info.step_index(ctx.sigma))
+        return state.lag.estimate(ctx.x, ctx.sigma_float, cond)
+
+    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
+        state = toolkit.run_state(ctx.model_options, KEY)
+        if state is None or ctx.sigma_float <= 0:
+            return
+        real = not skipped and toolkit.uncond_evaluated(out)
+        state.lag.record(ctx.x, ctx.sigma_float, out[0], out[1], real)
+
+    toolkit.install_uncond_skip(patched, KEY, should_skip, fill=fill, after_pass=after_pass)
+    return patched
+
+
+class LinearAG:
+    DESCRIPTION = (
+        "LinearAG (Castillo et al., AAAI 2025): in the early part of sampling, every other step skips the "
+        "unconditional network evaluation and replaces it with a linear combination of the current conditional "
+        "prediction and the previous step's conditional and unconditional predictions. The paper fits these "
+        "coefficients offline on about 200 recorded trajectories; this node fits them online, per image, by "
+        "least squares on the steps where both passes ran (an approximation, not the paper's fit). It saves "
+        "about a quarter of the evaluations of that region but departs slightly from plain CFG, as the paper "
+        "says of LinearAG. Combine with Adaptive Guidance for the later steps."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with regressed unconditional predictions on alternate early steps.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
+                "end_percent": (
+                    "FLOAT",
+                    {
+                        "default": 0.5,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of the steps (from the first) in which alternate steps use the "
+                        "regressed unconditional prediction. The paper uses the first half (0.5). The first two "
+                        "steps always run both passes to fit the coefficients. 0 = plain CFG.",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, end_percent=None):
+        try:
+            if end_percent is not None:
+                toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
+        except toolkit.GuidanceInputError as error:
+            return str(error)
+        return True
+
+    def patch(self, model, end_percent: float):
+        return (apply_linear_ag(model, end_percent),)
+
+
+NODE_CLASS_MAPPINGS = {"FreeGuidanceLinearAG": LinearAG}
+NODE_DISPLAY_NAME_MAPPINGS = {"FreeGuidanceLinearAG": "LinearAG (Free Guidance)"}
