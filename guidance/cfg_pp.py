@@ -123,7 +123,9 @@ def sample_euler_ancestral_cfg_pp(
     return x
 
 
-def sample_euler_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, *, uncond, alpha=alpha_ve):
+def sample_euler_cfg_pp(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, *, uncond, alpha=alpha_ve
+):
     """CFG++ Euler = deterministic CFG++ DDIM: ``x' = a'·D_λ + s'·(x − a·D_u)/s``."""
     return sample_euler_ancestral_cfg_pp(
         model, x, sigmas, extra_args, callback, disable, uncond=uncond, alpha=alpha, eta=0.0, s_noise=0.0
@@ -164,7 +166,10 @@ def sample_dpmpp_2m_cfg_pp(
         if sigma_next == 0:
             x = guided
         else:
-            s, s_next = torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64)
+            s, s_next = (
+                torch.tensor(sigma, dtype=torch.float64),
+                torch.tensor(sigma_next, dtype=torch.float64),
+            )
             a, a_next = float(alpha(s)), float(alpha(s_next))
             first = a_next * guided + (sigma_next / sigma) * (x - a * current_uncond)
             h = _half_log_snr(a_next, sigma_next) - _half_log_snr(a, sigma)

@@ -62,7 +62,9 @@ def langevin_step(
     return x + delta * score + (2.0 * delta) ** 0.5 * noise
 
 
-def ddim_predictor(x: torch.Tensor, cond: torch.Tensor, sigma: float, sigma_next: float, a: float, a_next: float):
+def ddim_predictor(
+    x: torch.Tensor, cond: torch.Tensor, sigma: float, sigma_next: float, a: float, a_next: float
+):
     """Deterministic DDIM step with the conditional prediction: ``a'·D_c + (s'/s)(x − a·D_c)``."""
     if sigma_next == 0:
         return cond

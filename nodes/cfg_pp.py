@@ -46,7 +46,9 @@ def check_lambda(node: str, guider) -> float:
     return toolkit.check_range(node, "cfg", cfg, 0.0, 1.0)
 
 
-def sample_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None, solver="euler", eta=1.0, s_noise=1.0):
+def sample_cfg_pp(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, solver="euler", eta=1.0, s_noise=1.0
+):
     """KSAMPLER function: validates λ, captures ``D_u`` and runs the chosen ``guidance.cfg_pp`` solver."""
     check_lambda(SAMPLER_NODE, toolkit.guider_of(model))
     extra_args = {} if extra_args is None else dict(extra_args)
@@ -67,7 +69,9 @@ def sample_cfg_pp(model, x, sigmas, extra_args=None, callback=None, disable=None
         )
     if solver == "dpmpp_2m":
         return cfg_pp.sample_dpmpp_2m_cfg_pp(model, x, sigmas, **common)
-    raise toolkit.GuidanceInputError(SAMPLER_NODE, "solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    raise toolkit.GuidanceInputError(
+        SAMPLER_NODE, "solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}"
+    )
 
 
 def make_sampler(solver: str, eta: float, s_noise: float):
@@ -77,7 +81,9 @@ def make_sampler(solver: str, eta: float, s_noise: float):
         )
     eta = toolkit.check_range(SAMPLER_NODE, "eta", eta, 0.0, 1.0)
     s_noise = toolkit.check_range(SAMPLER_NODE, "s_noise", s_noise, 0.0, 2.0)
-    return comfy.samplers.KSAMPLER(sample_cfg_pp, extra_options={"solver": solver, "eta": eta, "s_noise": s_noise})
+    return comfy.samplers.KSAMPLER(
+        sample_cfg_pp, extra_options={"solver": solver, "eta": eta, "s_noise": s_noise}
+    )
 
 
 class CFGppSampler:
@@ -178,7 +184,9 @@ def apply_cfg_pp_euler(model):
         sigma_next = next_sigma(sample_sigmas, sigma) if sample_sigmas is not None else None
         if sigma_next is None:
             raise toolkit.GuidanceInputError(
-                PATCH_NODE, "sampler", f"evaluated the model at sigma {sigma:.6g}, which is not on the schedule"
+                PATCH_NODE,
+                "sampler",
+                f"evaluated the model at sigma {sigma:.6g}, which is not on the schedule",
             )
         factor = cfg_pp.guidance_step_factor(sigma, sigma_next, float(alpha(_tensor(sigma_next))))
         return uncond + (denoised - uncond) * factor

@@ -75,9 +75,13 @@ def sample_pcg(
 
 def make_sampler(langevin_steps: int, gamma_rule: str, step_scale: float, s_noise: float):
     if not isinstance(langevin_steps, int) or not 0 <= langevin_steps <= 16:
-        raise toolkit.GuidanceInputError(NODE, "langevin_steps", f"must be an integer between 0 and 16, got {langevin_steps!r}")
+        raise toolkit.GuidanceInputError(
+            NODE, "langevin_steps", f"must be an integer between 0 and 16, got {langevin_steps!r}"
+        )
     if gamma_rule not in GAMMA_RULES:
-        raise toolkit.GuidanceInputError(NODE, "gamma_rule", f"must be one of {GAMMA_RULES}, got {gamma_rule!r}")
+        raise toolkit.GuidanceInputError(
+            NODE, "gamma_rule", f"must be one of {GAMMA_RULES}, got {gamma_rule!r}"
+        )
     step_scale = toolkit.check_range(NODE, "step_scale", step_scale, 0.0, 4.0)
     s_noise = toolkit.check_range(NODE, "s_noise", s_noise, 0.0, 2.0)
     return comfy.samplers.KSAMPLER(

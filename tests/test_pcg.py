@@ -14,7 +14,11 @@ DEFAULT = "2*cfg-1 (matches DDPM CFG)"
 def pcg_node(k=1, rule=DEFAULT, step_scale=1.0, s_noise=1.0):
     def node(g):
         return g.node(
-            "FreeGuidancePCGSampler", langevin_steps=k, gamma_rule=rule, step_scale=step_scale, s_noise=s_noise
+            "FreeGuidancePCGSampler",
+            langevin_steps=k,
+            gamma_rule=rule,
+            step_scale=step_scale,
+            s_noise=s_noise,
         )
 
     return node
@@ -43,7 +47,9 @@ def test_corrector_is_the_papers_langevin_step_on_the_gamma_powered_score(pack):
     score_c, score_u = (dc - x) / s**2, (du - x) / s**2
     expected = x + eps / 2 * ((1 - gamma) * score_u + gamma * score_c) + eps**0.5 * z
     delta = p.langevin_delta(s, s_next, 1.0, 1.0)
-    torch.testing.assert_close(p.langevin_step(x, dc, du, s, 1.0, gamma, delta, z), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        p.langevin_step(x, dc, du, s, 1.0, gamma, delta, z), expected, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_flow_corrector_is_the_ve_corrector_in_rescaled_coordinates(pack):
@@ -58,7 +64,9 @@ def test_flow_corrector_is_the_ve_corrector_in_rescaled_coordinates(pack):
     powered = du + 3.0 * (dc - du)
     y_new = y + eps / 2 * (powered - y) / sy**2 + eps**0.5 * z
     delta = p.langevin_delta(s, s_next, a, a_next)
-    torch.testing.assert_close(p.langevin_step(x, dc, du, s, a, 3.0, delta, z), a * y_new, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        p.langevin_step(x, dc, du, s, a, 3.0, delta, z), a * y_new, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_predictor_is_conditional_ddim(pack):
@@ -78,7 +86,9 @@ def test_zero_langevin_steps_is_conditional_only_ddim(pack, family):
 
     model = cached_model(family)
     grid = sampling.sigmas_for(model, 3)
-    ours = sampling.custom_sample(model, family, pack.nodes.pcg.make_sampler(0, DEFAULT, 1.0, 1.0), grid, cfg=5.0)
+    ours = sampling.custom_sample(
+        model, family, pack.nodes.pcg.make_sampler(0, DEFAULT, 1.0, 1.0), grid, cfg=5.0
+    )
     cond_only = sampling.custom_sample(model, family, comfy.samplers.sampler_object("euler"), grid, cfg=1.0)
     torch.testing.assert_close(ours, cond_only, rtol=1e-5, atol=1e-5)
 
@@ -90,7 +100,11 @@ def test_cost_is_one_plus_two_k_evaluations_per_step(pack, k):
     counted = model.clone()
     counter = pack.nodes.toolkit.EvalCounter.install(counted)
     sampling.custom_sample(
-        counted, family, pack.nodes.pcg.make_sampler(k, DEFAULT, 1.0, 1.0), sampling.sigmas_for(model, steps), cfg=3.0
+        counted,
+        family,
+        pack.nodes.pcg.make_sampler(k, DEFAULT, 1.0, 1.0),
+        sampling.sigmas_for(model, steps),
+        cfg=3.0,
     )
     run = counter.last
     assert run.total == steps * (1 + 2 * k)
@@ -184,7 +198,9 @@ def test_stacks_with_core_cfg_nodes(run_prompt):
         assert stats(run_prompt(prompt), ids)["finite"]
 
 
-@pytest.mark.parametrize("bad_input, kwargs", [("langevin_steps", dict(k=17)), ("step_scale", dict(step_scale=-0.5))])
+@pytest.mark.parametrize(
+    "bad_input, kwargs", [("langevin_steps", dict(k=17)), ("step_scale", dict(step_scale=-0.5))]
+)
 def test_bad_inputs_fail_before_sampling(comfy_host, pack, bad_input, kwargs):
     from fg_testing import host
 
@@ -193,6 +209,11 @@ def test_bad_inputs_fail_before_sampling(comfy_host, pack, bad_input, kwargs):
     assert not ok
     messages = " ".join(e["details"] + e["message"] for n in node_errors.values() for e in n["errors"])
     assert "PCG Sampler" in messages and bad_input in messages
-    args = dict(langevin_steps=kwargs.get("k", 1), gamma_rule=DEFAULT, step_scale=kwargs.get("step_scale", 1.0), s_noise=1.0)
+    args = dict(
+        langevin_steps=kwargs.get("k", 1),
+        gamma_rule=DEFAULT,
+        step_scale=kwargs.get("step_scale", 1.0),
+        s_noise=1.0,
+    )
     with pytest.raises(pack.nodes.toolkit.GuidanceInputError, match=f"PCG Sampler: input '{bad_input}'"):
         pack.nodes.pcg.make_sampler(**args)

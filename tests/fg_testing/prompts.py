@@ -59,7 +59,9 @@ def tiny_txt2img(
     if advanced:
         guider = g.node("CFGGuider", model=model, positive=positive, negative=negative, cfg=cfg)
         noise = g.node("RandomNoise", noise_seed=seed)
-        sampler_link = sampler_node(g) if sampler_node is not None else g.node("KSamplerSelect", sampler_name=sampler)
+        sampler_link = (
+            sampler_node(g) if sampler_node is not None else g.node("KSamplerSelect", sampler_name=sampler)
+        )
         sigmas = g.node("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)
         out = g.node(
             "SamplerCustomAdvanced",
