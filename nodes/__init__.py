@@ -1,8 +1,8 @@
 """ComfyUI adapters: one module per technique, each exporting NODE_CLASS_MAPPINGS and display names."""
 
-from . import cfg_interval, cfg_pp, evaluation_counter, pcg
+from . import cfg_interval, cfg_pp, evaluation_counter, icg, pcg
 
-NODE_MODULES = [cfg_interval, evaluation_counter, cfg_pp, pcg]
+NODE_MODULES = [cfg_interval, evaluation_counter, cfg_pp, pcg, icg]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
