@@ -16,7 +16,8 @@ CFG++ Euler step with λ equals one plain Euler CFG step whose guidance term is 
 
     f(s, s') = a(s')·s / (s − s'),     i.e. plain CFG with ω = λ·f  (VE: λs/(s − s'), RF: λs(1 − s')/(s − s')),
 
-so CFG++ acts like a large guidance scale early (small steps) that decays to λ at the last step (s' = 0).
+so CFG++ acts like a large guidance scale early (small steps) that decays to λ at the last step (s' = 0). For
+flow models the first step from pure noise (s = 1, a' = 1 − s') also has f = 1: there CFG++ is plain CFG.
 
 Every sampler here has the k-diffusion signature ``sample_x(model, x, sigmas, extra_args, callback, disable,
 **opts)``; ``model(x, sigma)`` returns the guided prediction ``D_λ`` (the guider's cfg is λ), and the keyword

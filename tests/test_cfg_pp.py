@@ -83,6 +83,15 @@ def test_last_step_returns_the_guided_prediction_and_equal_predictions_give_the_
     )
 
 
+def test_flow_first_step_from_pure_noise_and_last_step_have_factor_one(pack):
+    """a(1) = 0: from s = 1 the CFG++ step of a flow model is the plain CFG step; so is every step to s' = 0."""
+    cp = pack.guidance.cfg_pp
+    for s_next in (0.9, 0.5, 0.1):
+        assert cp.guidance_step_factor(1.0, s_next, 1 - s_next) == pytest.approx(1.0)
+    assert cp.guidance_step_factor(0.3, 0.0, 1.0) == 1.0
+    assert cp.guidance_step_factor(0.8, 0.4, 1 - 0.4) > 1.0
+
+
 def test_ancestral_split_is_ddim_eta(pack):
     cp = pack.guidance.cfg_pp
     down, up = cp.ancestral_split(2.0, 1.0, 1.0)
@@ -313,13 +322,14 @@ def test_stacks_with_core_cfg_nodes(run_prompt):
 
 
 def test_input_model_is_unchanged(run_prompt):
-    plain, ids = tiny_txt2img("sd3", steps=2, cfg=0.7, count=False)
+    # 3 steps: with 2 steps on a flow model both CFG++ factors are 1 (see the factor test) and CFG++ = CFG
+    plain, ids = tiny_txt2img("sd3", steps=3, cfg=0.7, count=False)
     before = stats(run_prompt(plain), ids)["sha256"]
     patched, patched_ids = tiny_txt2img(
-        "sd3", steps=2, cfg=0.7, count=False, patch=lambda g, m: g.node("FreeGuidanceCFGppEuler", model=m)
+        "sd3", steps=3, cfg=0.7, count=False, patch=lambda g, m: g.node("FreeGuidanceCFGppEuler", model=m)
     )
     after_patch = stats(run_prompt(patched), patched_ids)["sha256"]
-    custom, custom_ids = tiny_txt2img("sd3", steps=2, cfg=0.7, count=False, sampler_node=cfg_pp_sampler())
+    custom, custom_ids = tiny_txt2img("sd3", steps=3, cfg=0.7, count=False, sampler_node=cfg_pp_sampler())
     run_prompt(custom)
     assert stats(run_prompt(plain), ids)["sha256"] == before
     assert after_patch != before
