@@ -1,8 +1,26 @@
 """ComfyUI adapters: one module per technique, each exporting NODE_CLASS_MAPPINGS and display names."""
 
-from . import adaptive_guidance, cfg_interval, cfg_schedule, evaluation_counter, linear_ag
+from . import (
+    adaptive_guidance,
+    cfg_interval,
+    cfg_pp,
+    cfg_schedule,
+    evaluation_counter,
+    icg,
+    linear_ag,
+    pcg,
+)
 
-NODE_MODULES = [cfg_interval, adaptive_guidance, linear_ag, cfg_schedule, evaluation_counter]
+NODE_MODULES = [
+    cfg_interval,
+    adaptive_guidance,
+    linear_ag,
+    cfg_schedule,
+    cfg_pp,
+    pcg,
+    icg,
+    evaluation_counter,
+]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

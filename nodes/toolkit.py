@@ -19,6 +19,9 @@ Pieces:
   counters and skip wrappers can tell it from the main pass).
 - ``chain_attention_override``: install a runtime attention override that calls any previously installed one.
 - ``EvalCounter``: counts real diffusion-model forward evaluations per cond/uncond/extra pass.
+- For SAMPLER nodes: ``capture_predictions`` (a post-CFG capture of the conditional and unconditional
+  predictions on a copy of ``model_options``, with the cfg = 1 optimisation disabled), ``options_without_uncond``
+  (a copy of ``model_options`` whose main pass skips the unconditional evaluation) and ``guider_of``.
 """
 
 from __future__ import annotations
@@ -283,6 +286,62 @@ def install_uncond_skip(
         return out
 
     model_patcher.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, key, calc_cond_batch)
+
+
+def options_without_uncond(model_options: dict, key: str) -> dict:
+    """A copy of ``model_options`` whose main cond/uncond pass runs the conditional evaluation only.
+
+    For samplers that need the conditional prediction alone at some calls (1 evaluation instead of 2): the
+    uncond slot is filled with the conditional prediction, so CFG returns ``D_c`` exactly at any cfg and later
+    hooks read a real tensor. The wrapper lives in the copy only; the run's other calls are untouched.
+    """
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    wrappers = options.setdefault("transformer_options", {}).setdefault("wrappers", {})
+    by_key = dict(wrappers.get(WrappersMP.CALC_COND_BATCH, {}))
+
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        if not is_main_pass(conds, model_options):
+            return executor(model, conds, x_in, timestep, model_options)
+        out = executor(model, [conds[0], None], x_in, timestep, model_options)
+        out[1] = out[0]
+        return out
+
+    by_key[key] = [calc_cond_batch]
+    wrappers[WrappersMP.CALC_COND_BATCH] = by_key
+    return options
+
+
+class PredictionCapture:
+    """The conditional and unconditional predictions of the last model call (see ``capture_predictions``)."""
+
+    def __init__(self):
+        self.cond: torch.Tensor | None = None
+        self.uncond: torch.Tensor | None = None
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        self.cond = args["cond_denoised"]
+        self.uncond = args["uncond_denoised"]
+        return args["denoised"]
+
+
+def capture_predictions(extra_args: dict) -> PredictionCapture:
+    """Capture ``D_c`` and ``D_u`` of every model call of a sampler run (the core CFG++ samplers' pattern).
+
+    Appends a post-CFG function to a *copy* of ``extra_args["model_options"]`` (it runs after every other
+    post-CFG function and returns the result unchanged) and disables the cfg = 1 optimisation so that the
+    unconditional pass runs even at cfg 1. ``extra_args`` is updated in place to use the copy.
+    """
+    capture = PredictionCapture()
+    options = dict(extra_args.get("model_options", {}))
+    extra_args["model_options"] = comfy.model_patcher.set_model_options_post_cfg_function(
+        options, capture, disable_cfg1_optimization=True
+    )
+    return capture
+
+
+def guider_of(model) -> Any:
+    """The guider behind a k-diffusion sampler's ``model`` argument (``KSamplerX0Inpaint.inner_model``)."""
+    return getattr(model, "inner_model", None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,11 +37,14 @@ def tiny_txt2img(
     frames: int = 3,
     advanced: bool = False,
     count: bool = True,
+    sampler_node=None,
 ) -> tuple[dict, dict]:
     """Tiny model → [counter] → ``patch(graph, model_link)`` → KSampler (or SamplerCustomAdvanced) → stats.
 
+    ``sampler_node(graph)``, when given, returns the link of a SAMPLER node and implies ``advanced=True``.
     Returns the prompt and a dict of node ids: ``stats`` (latent stats), ``report`` (evaluation report).
     """
+    advanced = advanced or sampler_node is not None
     g = Graph()
     model = g.node("FGTest_TinyModel", family=family, seed=0)
     if count:
@@ -56,13 +59,15 @@ def tiny_txt2img(
     if advanced:
         guider = g.node("CFGGuider", model=model, positive=positive, negative=negative, cfg=cfg)
         noise = g.node("RandomNoise", noise_seed=seed)
-        sampler_node = g.node("KSamplerSelect", sampler_name=sampler)
+        sampler_link = (
+            sampler_node(g) if sampler_node is not None else g.node("KSamplerSelect", sampler_name=sampler)
+        )
         sigmas = g.node("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)
         out = g.node(
             "SamplerCustomAdvanced",
             noise=noise,
             guider=guider,
-            sampler=sampler_node,
+            sampler=sampler_link,
             sigmas=sigmas,
             latent_image=latent,
         )

@@ -53,3 +53,38 @@ def sigmas_for(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
     import comfy.samplers
 
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps)
+
+
+def custom_sample(
+    model,
+    family: str,
+    sampler,
+    sigmas: torch.Tensor,
+    *,
+    cfg: float = 4.0,
+    batch: int = 1,
+    height: int = 8,
+    width: int = 8,
+    frames: int = 3,
+    seed: int = 0,
+    positive=None,
+    negative=None,
+):
+    """Sample like SamplerCustom with a SAMPLER object and explicit sigmas; returns the output-space latent."""
+    import comfy.sample
+
+    noise = noise_for(family, batch, height, width, frames, seed)
+    positive = positive if positive is not None else tiny_models.conditioning(family, seed=1)
+    negative = negative if negative is not None else tiny_models.conditioning(family, seed=2)
+    return comfy.sample.sample_custom(
+        model,
+        noise,
+        cfg,
+        sampler,
+        sigmas,
+        positive,
+        negative,
+        torch.zeros_like(noise),
+        seed=seed,
+        disable_pbar=True,
+    )

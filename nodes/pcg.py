@@ -1,0 +1,176 @@
+"""PCG node (Bradley & Nakkiran, TMLR 2025): CFG as a predictor-corrector, as a SAMPLER.
+
+The predictor call runs the conditional evaluation only (``toolkit.options_without_uncond``); the corrector
+calls run both and read ``D_c``/``D_u`` through ``toolkit.capture_predictions``. Cost: 1 + 2K evaluations per
+step.
+"""
+
+from __future__ import annotations
+
+import comfy.k_diffusion.sampling as k_sampling
+import comfy.samplers
+
+from ..guidance import pcg
+from . import toolkit
+from .cfg_pp import alpha_of
+from .common import CATEGORY
+
+NODE = "PCG Sampler"
+KEY = toolkit.KEY_PREFIX + "pcg"
+GAMMA_RULES = ("2*cfg-1 (matches DDPM CFG)", "cfg")
+
+
+def sample_pcg(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    langevin_steps=1,
+    gamma_rule=GAMMA_RULES[0],
+    step_scale=1.0,
+    s_noise=1.0,
+):
+    guider = toolkit.guider_of(model)
+    if "negative" not in (getattr(guider, "conds", None) or {}):
+        raise toolkit.GuidanceInputError(
+            NODE, "guider", "needs a guider with a negative (unconditional) conditioning, e.g. CFGGuider"
+        )
+    cfg = getattr(guider, "cfg", None)
+    if cfg is None:
+        raise toolkit.GuidanceInputError(NODE, "guider", "has no cfg; use CFGGuider or the KSampler")
+    gamma = pcg.corrector_gamma(float(cfg), match_ddpm=gamma_rule == GAMMA_RULES[0])
+    extra_args = {} if extra_args is None else dict(extra_args)
+    predictor_args = dict(extra_args)
+    predictor_args["model_options"] = toolkit.options_without_uncond(extra_args.get("model_options", {}), KEY)
+    corrector_args = dict(extra_args)
+    capture = toolkit.capture_predictions(corrector_args)
+
+    def cond_and_uncond(x_in, sigma):
+        model(x_in, sigma, **corrector_args)
+        return capture.cond, capture.uncond
+
+    def cond_only(x_in, sigma):
+        return model(x_in, sigma, **predictor_args)
+
+    alpha = alpha_of(guider.model_patcher.get_model_object("model_sampling"))
+    return pcg.sample_pcg(
+        model,
+        x,
+        sigmas,
+        extra_args,
+        callback,
+        disable,
+        cond_and_uncond=cond_and_uncond,
+        cond_only=cond_only,
+        gamma=gamma,
+        langevin_steps=langevin_steps,
+        step_scale=step_scale,
+        s_noise=s_noise,
+        alpha=alpha,
+        noise_sampler=k_sampling.default_noise_sampler(x, seed=extra_args.get("seed")),
+    )
+
+
+def make_sampler(langevin_steps: int, gamma_rule: str, step_scale: float, s_noise: float):
+    if not isinstance(langevin_steps, int) or not 0 <= langevin_steps <= 16:
+        raise toolkit.GuidanceInputError(
+            NODE, "langevin_steps", f"must be an integer between 0 and 16, got {langevin_steps!r}"
+        )
+    if gamma_rule not in GAMMA_RULES:
+        raise toolkit.GuidanceInputError(
+            NODE, "gamma_rule", f"must be one of {GAMMA_RULES}, got {gamma_rule!r}"
+        )
+    step_scale = toolkit.check_range(NODE, "step_scale", step_scale, 0.0, 4.0)
+    s_noise = toolkit.check_range(NODE, "s_noise", s_noise, 0.0, 2.0)
+    return comfy.samplers.KSAMPLER(
+        sample_pcg,
+        extra_options={
+            "langevin_steps": langevin_steps,
+            "gamma_rule": gamma_rule,
+            "step_scale": step_scale,
+            "s_noise": s_noise,
+        },
+    )
+
+
+class PCGSampler:
+    DESCRIPTION = (
+        "Predictor-corrector guidance (Bradley & Nakkiran, TMLR 2025): each step runs K Langevin corrector steps on "
+        "the gamma-powered distribution p(x|c)^γ' p(x)^(1−γ') and then a DDIM step on the conditional model. "
+        "Cost: 1 + 2K network evaluations per step (CFG: 2). With K = 1 and γ' = 2·cfg − 1 it matches DDPM sampling "
+        "with CFG in the small-step limit; more Langevin steps sharpen more. The authors present it as a tool for "
+        "understanding CFG, not a faster sampler. The guider's cfg is the CFG scale γ."
+    )
+    CATEGORY = CATEGORY + "/samplers"
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("A PCG sampler for SamplerCustom / SamplerCustomAdvanced.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "langevin_steps": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 0,
+                        "max": 16,
+                        "tooltip": "K, Langevin corrector steps per sampling step (2 evaluations each). The paper's "
+                        "CFG equivalence uses K = 1; K = 0 is conditional-only DDIM.",
+                    },
+                ),
+                "gamma_rule": (
+                    list(GAMMA_RULES),
+                    {
+                        "default": GAMMA_RULES[0],
+                        "tooltip": "How the corrector's power γ' follows from cfg: 2·cfg − 1 is the paper's value "
+                        "that makes PCG (K = 1) equivalent to DDPM with CFG scale cfg; 'cfg' uses γ' = cfg.",
+                    },
+                ),
+                "step_scale": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 4.0,
+                        "step": 0.01,
+                        "tooltip": "Multiplier of the Langevin step ε = σ² − σ'² (1 = the paper's SDE-matching step).",
+                    },
+                ),
+                "s_noise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 2.0,
+                        "step": 0.01,
+                        "tooltip": "Multiplier of the Langevin noise (1 = as derived; 0 = deterministic gradient steps).",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, langevin_steps=None, step_scale=None, s_noise=None):
+        try:
+            if langevin_steps is not None and not 0 <= langevin_steps <= 16:
+                raise toolkit.GuidanceInputError(
+                    NODE, "langevin_steps", f"must be an integer between 0 and 16, got {langevin_steps!r}"
+                )
+            if step_scale is not None:
+                toolkit.check_range(NODE, "step_scale", step_scale, 0.0, 4.0)
+            if s_noise is not None:
+                toolkit.check_range(NODE, "s_noise", s_noise, 0.0, 2.0)
+        except toolkit.GuidanceInputError as error:
+            return str(error)
+        return True
+
+    def build(self, langevin_steps, gamma_rule, step_scale, s_noise):
+        return (make_sampler(langevin_steps, gamma_rule, step_scale, s_noise),)
+
+
+NODE_CLASS_MAPPINGS = {"FreeGuidancePCGSampler": PCGSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"FreeGuidancePCGSampler": "PCG Sampler (Free Guidance)"}
