@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -340,16 +341,31 @@ class PassState:
     grid: tuple  # token grid of the image tokens, (H, W) or (T, H, W)
     text_tokens: int | None = None
     tracer: object | None = None
+    # Batched with the main call: the chunk index (in cond_or_uncond) of the perturbed cond; None: every row
+    index: int | None = None
 
     def trace(self, block, kind: str) -> None:
         if self.tracer is not None:
             self.tracer.record(block, kind)
 
+    def rows(self, transformer_options: dict, batch: int):
+        """Rows to perturb: None for all of them, else a boolean mask (possibly all False)."""
+        if self.index is None:
+            return None
+        chunks = list(transformer_options.get("cond_or_uncond", []))
+        mask = torch.zeros(batch, dtype=torch.bool)
+        if self.index in chunks:
+            per = batch // len(chunks)
+            for j, chunk in enumerate(chunks):
+                if chunk == self.index:
+                    mask[j * per : (j + 1) * per] = True
+        return mask
+
 
 def token_grid(layout: ModelLayout, latent_shape) -> tuple:
     """Image-token grid of a DiT for a latent of ``latent_shape`` (patches of partial size count, as padded)."""
     dims = list(latent_shape[-len(layout.patch) :])
-    grid = tuple(math.ceil(d / p) for d, p in zip(dims, layout.patch))
+    grid = tuple(math.ceil(d / p) for d, p in zip(dims, layout.patch, strict=True))
     return grid
 
 
@@ -393,12 +409,7 @@ def _blur_image_queries(q, state: PassState, heads: int, skip_reshape: bool, tex
 
 
 def _unet_replace(key, perturbation: Perturbation, state: PassState, previous):
-    def replace(q, k, v, extra_options):
-        state.trace(key, perturbation.mode)
-        if perturbation.mode == IDENTITY:
-            return v
-        h, w = extra_options["activations_shape"][-2:]
-        q = seg_math.blur_tokens(q, (h, w), perturbation.blur_sigma)
+    def attend(q, k, v, extra_options):
         if previous is not None:
             return previous(q, k, v, extra_options)
         return comfy_attention.optimized_attention(
@@ -410,6 +421,25 @@ def _unet_replace(key, perturbation: Perturbation, state: PassState, previous):
             transformer_options=extra_options,
         )
 
+    def replace(q, k, v, extra_options):
+        rows = state.rows(extra_options, q.shape[0])
+        if rows is not None and not rows.any():
+            return attend(q, k, v, extra_options)
+        state.trace(key, perturbation.mode)
+        if perturbation.mode == IDENTITY:
+            if rows is None:
+                return v
+            out = attend(q, k, v, extra_options)
+            out[rows] = v[rows].to(out.dtype)
+            return out
+        h, w = extra_options["activations_shape"][-2:]
+        if rows is None:
+            q = seg_math.blur_tokens(q, (h, w), perturbation.blur_sigma)
+        else:
+            q = q.clone()
+            q[rows] = seg_math.blur_tokens(q[rows], (h, w), perturbation.blur_sigma)
+        return attend(q, k, v, extra_options)
+
     return replace
 
 
@@ -418,8 +448,23 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
     if perturbation.mode == SKIP:
 
         def skip(args, extra):
+            rows = state.rows(args["transformer_options"], args["img"].shape[0])
+            if rows is None:
+                state.trace(key, SKIP)
+                return args
+            if not rows.any():
+                return previous(args, extra) if previous is not None else extra["original_block"](args)
+            # the block's input rows of the perturbed chunk, saved first: some blocks update it in place
+            kept = {s: args[s][rows].clone() for s in ("img", "txt") if torch.is_tensor(args.get(s))}
+            out = previous(args, extra) if previous is not None else extra["original_block"](args)
             state.trace(key, SKIP)
-            return args
+            out = dict(out)
+            for stream, saved in kept.items():
+                if stream in out and out[stream].shape[1:] == saved.shape[1:]:
+                    merged = out[stream].clone()
+                    merged[rows] = saved
+                    out[stream] = merged
+            return out
 
         return skip
 
@@ -434,12 +479,30 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
             if spec.self_calls is not None and index not in spec.self_calls:
                 return toolkit.call_attention(func, previous, *a, **kw)
             q, k, v = a[0], a[1], a[2]
+            rows = state.rows(kw.get("transformer_options") or {}, q.shape[0])
+            if rows is not None and not rows.any():
+                return toolkit.call_attention(func, previous, *a, **kw)
             heads = a[3] if len(a) > 3 else kw.get("heads")
             skip_reshape = kw.get("skip_reshape", False)
             state.trace(key, perturbation.mode)
             if perturbation.mode == IDENTITY:
-                return _identity_attention(q, k, v, heads, skip_reshape, kw.get("skip_output_reshape", False))
-            q = _blur_image_queries(q, state, heads, skip_reshape, spec.text_first, perturbation.blur_sigma)
+                identity = _identity_attention(
+                    q, k, v, heads, skip_reshape, kw.get("skip_output_reshape", False)
+                )
+                if rows is None:
+                    return identity
+                out = toolkit.call_attention(func, previous, *a, **kw)
+                out[rows] = identity[rows].to(out.dtype)
+                return out
+            if rows is None:
+                q = _blur_image_queries(
+                    q, state, heads, skip_reshape, spec.text_first, perturbation.blur_sigma
+                )
+            else:
+                q = q.clone()
+                q[rows] = _blur_image_queries(
+                    q[rows], state, heads, skip_reshape, spec.text_first, perturbation.blur_sigma
+                )
             return toolkit.call_attention(func, previous, q, *a[1:], **kw)
 
         block_options = {"transformer_options": dict(args["transformer_options"])}
@@ -489,11 +552,16 @@ def install_perturbation(
         )
 
 
-def perturbed_prediction(model, cond, x, sigma, model_options, selection, perturbation, *, name: str):
-    """``D_p``: the conditional prediction with the chosen blocks perturbed (one extra, tagged pass)."""
+def _pass_state(selection: Selection, x, model_options, index=None) -> PassState:
     layout = selection.layout
     grid = token_grid(layout, x.shape) if layout.spec.kind == "dit" else ()
-    state = PassState(grid=grid, tracer=model_options.get("transformer_options", {}).get(TRACE_KEY))
+    tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
+    return PassState(grid=grid, tracer=tracer, index=index)
+
+
+def perturbed_prediction(model, cond, x, sigma, model_options, selection, perturbation, *, name: str):
+    """``D_p``: the conditional prediction with the chosen blocks perturbed (one extra, tagged pass)."""
+    state = _pass_state(selection, x, model_options)
     return toolkit.extra_cond_pass(
         model,
         cond,
@@ -557,12 +625,15 @@ def apply_perturbation_guidance(
     end_percent: float = 1.0,
     rescale: float = 0.0,
     schedule: str = "constant",
+    batched: bool = False,
     check: Callable[[ModelLayout], None] | None = None,
 ):
     """Validate everything against the model and return a clone with the guidance installed.
 
     ``name`` tags the extra pass (the evaluation counter reports it under that name). ``check(layout)`` lets a
-    technique refuse a family (e.g. STG-R on a UNet).
+    technique refuse a family (e.g. STG-R on a UNet). ``batched``: run the perturbed pass in the same forward
+    as the cond/uncond passes (one more chunk of the main call, perturbed alone) instead of a separate pass;
+    where that cannot happen (a guider with its own cond lists) the separate pass runs.
     """
     check_common(node, scale, start_percent, end_percent, rescale, schedule)
     layout = detect_layout(model, node)
@@ -576,6 +647,27 @@ def apply_perturbation_guidance(
         float(rescale),
         schedule,
     )
+    key = f"{toolkit.KEY_PREFIX}{name}.{uuid.uuid4().hex[:12]}"
+    toolkit.install_run_state(patched, key, dict)
+
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        stash = toolkit.run_state(model_options, key)
+        if (
+            stash is None
+            or not toolkit.is_main_call(conds, model_options)
+            or _step_scale(settings, toolkit.sigma_value(timestep), model_options) == 0
+        ):
+            return executor(model, conds, x_in, timestep, model_options)
+        options, longer, index = toolkit.append_batched_cond(model_options, conds, conds[0], name)
+        install_perturbation(
+            options, selection, perturbation, _pass_state(selection, x_in, model_options, index)
+        )
+        out = executor(model, longer, x_in, timestep, options)
+        stash["batched"] = (x_in, toolkit.sigma_value(timestep), out[index])
+        return out[:index]
+
+    if batched:
+        patched.add_wrapper_with_key(toolkit.WrappersMP.CALC_COND_BATCH, key, calc_cond_batch)
 
     def post_cfg(args):
         denoised = args["denoised"]
@@ -585,16 +677,21 @@ def apply_perturbation_guidance(
         if step_scale == 0:
             return denoised
         cond_denoised = args["cond_denoised"]
-        perturbed = perturbed_prediction(
-            args["model"],
-            args["cond"],
-            args["input"],
-            args["sigma"],
-            model_options,
-            selection,
-            perturbation,
-            name=name,
-        )
+        stash = toolkit.run_state(model_options, key)
+        entry = stash.pop("batched", None) if stash is not None else None
+        if entry is not None and entry[0] is args["input"] and entry[1] == sigma:
+            perturbed = entry[2]
+        else:
+            perturbed = perturbed_prediction(
+                args["model"],
+                args["cond"],
+                args["input"],
+                args["sigma"],
+                model_options,
+                selection,
+                perturbation,
+                name=name,
+            )
         guided = guidance_math.perturbation_guidance(denoised, cond_denoised, perturbed, step_scale)
         return guidance_math.std_rescale(guided, cond_denoised, settings.rescale)
 
@@ -667,6 +764,14 @@ def common_inputs(scale_default: float, rescale_default: float = 0.0) -> dict:
                 "default": "constant",
                 "tooltip": "Scale over the interval: constant, linear_down (full scale at the start falling to 0 "
                 "at the end), linear_up (0 rising to full scale).",
+            },
+        ),
+        "batched": (
+            "BOOLEAN",
+            {
+                "default": True,
+                "tooltip": "Run the perturbed pass in the same forward as the cond/uncond passes (one larger batch, "
+                "usually faster on GPUs) instead of as a separate forward. Same result up to float rounding.",
             },
         ),
         "rescale": (

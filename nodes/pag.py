@@ -17,6 +17,7 @@ def apply_pag(
     end_percent: float = 1.0,
     schedule: str = "constant",
     rescale: float = 0.0,
+    batched: bool = True,
 ):
     """A clone of ``model`` guided away from its prediction with identity self-attention in ``blocks``."""
     return engine.apply_perturbation_guidance(
@@ -30,6 +31,7 @@ def apply_pag(
         end_percent=end_percent,
         rescale=rescale,
         schedule=schedule,
+        batched=batched,
     )
 
 
@@ -56,8 +58,8 @@ class PerturbedAttentionGuidance:
             NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
         )
 
-    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale):
-        return (apply_pag(model, scale, blocks, start_percent, end_percent, schedule, rescale),)
+    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, batched):
+        return (apply_pag(model, scale, blocks, start_percent, end_percent, schedule, rescale, batched),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidancePAG": PerturbedAttentionGuidance}

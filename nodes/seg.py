@@ -21,6 +21,7 @@ def apply_seg(
     end_percent: float = 1.0,
     schedule: str = "constant",
     rescale: float = 0.0,
+    batched: bool = True,
 ):
     """A clone of ``model`` guided away from its prediction with blurred self-attention queries in ``blocks``."""
     toolkit.check_range(NODE, "blur_sigma", blur_sigma, 0.0, MAX_SIGMA)
@@ -35,6 +36,7 @@ def apply_seg(
         end_percent=end_percent,
         rescale=rescale,
         schedule=schedule,
+        batched=batched,
     )
 
 
@@ -80,8 +82,12 @@ class SmoothedEnergyGuidance:
                 return str(error)
         return result
 
-    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, blur_sigma):
-        return (apply_seg(model, scale, blur_sigma, blocks, start_percent, end_percent, schedule, rescale),)
+    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, blur_sigma, batched):
+        return (
+            apply_seg(
+                model, scale, blur_sigma, blocks, start_percent, end_percent, schedule, rescale, batched
+            ),
+        )
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceSEG": SmoothedEnergyGuidance}

@@ -20,6 +20,7 @@ def apply_stg(
     end_percent: float = 1.0,
     schedule: str = "constant",
     rescale: float = 0.7,
+    batched: bool = True,
 ):
     """A clone of ``model`` guided away from its prediction with the chosen blocks (or their attention) skipped."""
     if mode not in MODES:
@@ -46,6 +47,7 @@ def apply_stg(
         end_percent=end_percent,
         rescale=rescale,
         schedule=schedule,
+        batched=batched,
         check=check,
     )
 
@@ -83,8 +85,10 @@ class SpatiotemporalSkipGuidance:
             NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
         )
 
-    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, mode):
-        return (apply_stg(model, scale, mode, blocks, start_percent, end_percent, schedule, rescale),)
+    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, mode, batched):
+        return (
+            apply_stg(model, scale, mode, blocks, start_percent, end_percent, schedule, rescale, batched),
+        )
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceSTG": SpatiotemporalSkipGuidance}
