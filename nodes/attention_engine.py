@@ -460,7 +460,7 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
             state.trace(key, SKIP)
             out = dict(out)
             for stream, saved in kept.items():
-                if stream in out and out[stream].shape[1:] == saved.shape[1:]:
+                if torch.is_tensor(out.get(stream)) and out[stream].shape[1:] == saved.shape[1:]:
                     merged = out[stream].clone()
                     merged[rows] = saved
                     out[stream] = merged

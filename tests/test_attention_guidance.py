@@ -38,6 +38,7 @@ def technique(name, **overrides):
             "end_percent": 1.0,
             "schedule": "constant",
             "rescale": 0.0,
+            "batched": True,
             **extra,
             **overrides,
         }
@@ -209,11 +210,16 @@ def test_pag_at_core_settings_equals_core_pag(pack, comfy_host):
     core = nodes.NODE_CLASS_MAPPINGS["PerturbedAttentionGuidance"]
     model = cached_model("sd15")
     core_model = core.execute(model, 3.0).result[0]
-    ours = pack.nodes.pag.apply_pag(model, scale=3.0, blocks="middle")
-    expected = sampling.ksample(core_model, "sd15", steps=4, batch=2)
-    got = sampling.ksample(ours, "sd15", steps=4, batch=2)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(got, sampling.ksample(model, "sd15", steps=4, batch=2))
+    expected = sampling.ksample(core_model, "sd15", steps=3, batch=2)
+    separate = sampling.ksample(
+        pack.nodes.pag.apply_pag(model, 3.0, "middle", batched=False), "sd15", steps=3, batch=2
+    )
+    batched = sampling.ksample(
+        pack.nodes.pag.apply_pag(model, 3.0, "middle", batched=True), "sd15", steps=3, batch=2
+    )
+    torch.testing.assert_close(separate, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert not torch.allclose(expected, sampling.ksample(model, "sd15", steps=3, batch=2), atol=1e-3)
 
 
 @pytest.mark.parametrize("family, layers", [("wan21", "0"), ("sd3", "1"), ("flux", "")])
@@ -228,11 +234,13 @@ def test_stg_r_equals_core_skip_layer_guidance(pack, comfy_host, family, layers)
         model, 3.0, 0.2, 0.8, double_layers=double, single_layers=single, rescaling_scale=0.5
     )
     blocks = f"double:{double}" + (f"; single:{single}" if single else "")
-    ours = pack.nodes.stg.apply_stg(model, 3.0, STG_R, blocks, 0.2, 0.8, "constant", 0.5)
     expected = sampling.ksample(core_model.result[0], family, steps=5)
-    got = sampling.ksample(ours, family, steps=5)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(got, sampling.ksample(model, family, steps=5))
+    separate = pack.nodes.stg.apply_stg(model, 3.0, STG_R, blocks, 0.2, 0.8, "constant", 0.5, batched=False)
+    batched = pack.nodes.stg.apply_stg(model, 3.0, STG_R, blocks, 0.2, 0.8, "constant", 0.5, batched=True)
+    torch.testing.assert_close(sampling.ksample(separate, family, steps=5), expected, rtol=1e-6, atol=1e-6)
+    got = sampling.ksample(batched, family, steps=5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5 * float(expected.abs().max()))
+    assert not torch.allclose(got, sampling.ksample(model, family, steps=5), atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -396,12 +404,12 @@ def test_seg_sigma_zero_perturbed_prediction_equals_the_unperturbed(pack, family
 # Every technique on every family through KSampler, batch 1 and 2
 
 
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch, batched", [(1, False), (2, True)], ids=["batch1-separate", "batch2-batched"])
 @pytest.mark.parametrize("name", list(TECHNIQUES))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_runs_on_every_family(run_prompt, family, name, batch):
+def test_runs_on_every_family(run_prompt, family, name, batch, batched):
     steps = 2
-    prompt, ids = tiny_txt2img(family, batch=batch, steps=steps, patch=technique(name))
+    prompt, ids = tiny_txt2img(family, batch=batch, steps=steps, patch=technique(name, batched=batched))
     if name == "stg_r" and family in ("sd15", "sdxl"):
         error = execution_error(run_prompt(prompt, expect_success=False))
         assert error["node_type"] == "FreeGuidanceSTG" and "STG-R" in error["exception_message"]
@@ -413,37 +421,76 @@ def test_runs_on_every_family(run_prompt, family, name, batch):
     c = counts(result, ids)
     assert c["cond"] == steps and c["uncond"] == steps
     assert c["extra"] == {TECHNIQUES[name][1]: steps}
+    # batched: cond, uncond and the perturbed cond in one forward per step; separate: two forwards per step
+    assert c["forward_calls"] == (steps if batched else 2 * steps)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Stacking, the input model, bad inputs
 
 
-@pytest.mark.parametrize("name", ["pag", "seg", "stg_r"])
-@pytest.mark.parametrize("family", ["sd15", "wan21"])
-def test_stacks_with_cfg_interval_apg_and_cfg_zero_star(run_prompt, family, name):
-    if family == "sd15" and name == "stg_r":
-        name = "stg_a"
+@pytest.mark.parametrize(
+    "interval_first", [True, False], ids=["interval-then-technique", "technique-then-interval"]
+)
+@pytest.mark.parametrize(
+    "family, name", [("sd15", "pag"), ("sd15", "seg"), ("wan21", "stg_r"), ("wan21", "seg")]
+)
+def test_stacks_with_cfg_interval_apg_and_cfg_zero_star(run_prompt, family, name, interval_first):
     steps = 4
 
+    def interval(g, model):
+        return g.node("FreeGuidanceCFGInterval", model=model, start_percent=0.0, end_percent=0.5)
+
     def stacked(g, model):
-        model = g.node("FreeGuidanceCFGInterval", model=model, start_percent=0.0, end_percent=0.5)
-        model = technique(name)(g, model)
+        if interval_first:
+            model = technique(name)(g, interval(g, model))
+        else:
+            model = interval(g, technique(name)(g, model))
         model = g.node("APG", model=model, eta=1.0, norm_threshold=5.0, momentum=0.0)
         return g.node("CFGZeroStar", model=model)
-
-    def interval_only(g, model):
-        return g.node("FreeGuidanceCFGInterval", model=model, start_percent=0.0, end_percent=0.5)
 
     prompt, ids = tiny_txt2img(family, steps=steps, patch=stacked)
     result = run_prompt(prompt)
     assert stats(result, ids)["finite"]
     c = counts(result, ids)
-    # the uncond pass is skipped outside the interval, the perturbed pass still runs on every step
+    # the uncond pass is skipped outside the interval, the perturbed pass still runs on every step, batched
+    # into the same forward whichever wrapper is outside
     assert c["cond"] == steps and 0 < c["uncond"] < steps
     assert c["extra"] == {TECHNIQUES[name][1]: steps}
-    base, base_ids = tiny_txt2img(family, steps=steps, patch=interval_only)
+    assert c["forward_calls"] == steps
+    base, base_ids = tiny_txt2img(family, steps=steps, patch=interval)
     assert stats(run_prompt(base), base_ids)["sha256"] != stats(result, ids)["sha256"]
+
+
+BATCH_CASES = [
+    ("sd15", "seg"),
+    ("sd3", "pag"),
+    ("sd3", "stg_r"),
+    ("flux", "seg"),
+    ("flux", "stg_r"),
+    ("wan21", "stg_a"),
+    ("ltxv", "stg_r"),
+    ("hunyuan_video", "seg"),
+    ("hunyuan_video", "stg_r"),
+]
+
+
+@pytest.mark.parametrize("family, name", BATCH_CASES)
+def test_batched_pass_equals_the_separate_pass(pack, family, name):
+    """Same guidance whether the perturbed cond runs in the main forward or in its own (float rounding only)."""
+    apply = {
+        "pag": pack.nodes.pag.apply_pag,
+        "seg": lambda m, **k: pack.nodes.seg.apply_seg(m, blur_sigma=2.0, **k),
+        "stg_a": lambda m, **k: pack.nodes.stg.apply_stg(m, mode=STG_A, **k),
+        "stg_r": lambda m, **k: pack.nodes.stg.apply_stg(m, mode=STG_R, **k),
+    }[name]
+    model = cached_model(family)
+    separate = sampling.ksample(apply(model, batched=False), family, steps=2, batch=2)
+    batched = sampling.ksample(apply(model, batched=True), family, steps=2, batch=2)
+    plain = sampling.ksample(model, family, steps=2, batch=2)
+    scale = float(separate.abs().max())
+    assert float((batched - separate).abs().max()) < 2e-5 * scale
+    assert float((plain - separate).abs().max()) > 1e-3 * scale
 
 
 def test_guidance_still_acts_when_the_uncond_pass_is_skipped(pack):
@@ -516,3 +563,49 @@ def test_unsupported_model_class_is_an_error(pack):
     with pytest.raises(pack.nodes.toolkit.GuidanceInputError, match="input 'model' is a Linear") as error:
         pack.nodes.pag.apply_pag(model)
     assert "supported families" in str(error.value)
+
+
+@pytest.mark.parametrize("name, self_calls_through_previous", [("pag", 0), ("seg", 1)])
+def test_chains_the_attention_override_and_block_replace_already_installed(
+    pack, name, self_calls_through_previous
+):
+    """A pass-through override and a pass-through block replace installed before keep running, and change nothing."""
+    steps = 2
+    calls = {"override": 0, "replace": 0}
+
+    def override(func, *args, **kwargs):
+        calls["override"] += 1
+        return func(*args, **kwargs)
+
+    def replace(args, extra):
+        calls["replace"] += 1
+        return extra["original_block"](args)
+
+    hooked = cached_model("wan21").clone()
+    hooked.model_options["transformer_options"]["optimized_attention_override"] = override
+    hooked.set_model_patch_replace(replace, "dit", "double_block", 0)
+    apply = {"pag": pack.nodes.pag.apply_pag, "seg": pack.nodes.seg.apply_seg}[name]
+    got = sampling.ksample(apply(hooked, blocks="0", batched=False), "wan21", steps=steps)
+    expected = sampling.ksample(apply(cached_model("wan21"), blocks="0", batched=False), "wan21", steps=steps)
+    assert torch.equal(got, expected)
+    # one main forward (cond + uncond) and one perturbed forward per step, each through the block replace
+    assert calls["replace"] == 2 * steps
+    # main: self + cross attention through the override; perturbed: cross always, self only when the
+    # perturbation still calls attention (SEG: blurred queries), not for PAG's identity map
+    assert calls["override"] == steps * 2 + steps * (1 + self_calls_through_previous)
+
+
+def test_toolkit_recognises_a_main_call_with_batched_extra_conds(pack):
+    toolkit = pack.nodes.toolkit
+    cond, uncond = [{"c": 1}], [{"c": 2}]
+    assert toolkit.is_main_pass([cond, uncond], {})
+    assert not toolkit.is_main_pass([cond, None], {}) and toolkit.is_main_call([cond, None], {})
+    assert not toolkit.is_main_call([cond, uncond, cond], {})  # e.g. a PerpNeg guider's three conds
+    options, conds, index = toolkit.append_batched_cond({}, [cond, uncond], cond, "probe")
+    assert index == 2 and conds == [cond, uncond, cond]
+    assert toolkit.is_main_pass(conds, options) and toolkit.batched_extras(options) == {2: "probe"}
+    options2, conds2, index2 = toolkit.append_batched_cond(options, conds, cond, "other")
+    assert index2 == 3 and toolkit.is_main_call(conds2, options2)
+    assert toolkit.batched_extras(options) == {2: "probe"}  # the input options are not modified
+    extra = {"transformer_options": {toolkit.EXTRA_PASS_KEY: "pag"}}
+    assert not toolkit.is_main_call([cond, uncond], extra)
