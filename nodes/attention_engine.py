@@ -348,12 +348,12 @@ class PassState:
         if self.tracer is not None:
             self.tracer.record(block, kind)
 
-    def rows(self, transformer_options: dict, batch: int):
+    def rows(self, transformer_options: dict, batch: int, device=None):
         """Rows to perturb: None for all of them, else a boolean mask (possibly all False)."""
         if self.index is None:
             return None
         chunks = list(transformer_options.get("cond_or_uncond", []))
-        mask = torch.zeros(batch, dtype=torch.bool)
+        mask = torch.zeros(batch, dtype=torch.bool, device=device)
         if self.index in chunks:
             per = batch // len(chunks)
             for j, chunk in enumerate(chunks):
@@ -422,7 +422,7 @@ def _unet_replace(key, perturbation: Perturbation, state: PassState, previous):
         )
 
     def replace(q, k, v, extra_options):
-        rows = state.rows(extra_options, q.shape[0])
+        rows = state.rows(extra_options, q.shape[0], q.device)
         if rows is not None and not rows.any():
             return attend(q, k, v, extra_options)
         state.trace(key, perturbation.mode)
@@ -448,7 +448,7 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
     if perturbation.mode == SKIP:
 
         def skip(args, extra):
-            rows = state.rows(args["transformer_options"], args["img"].shape[0])
+            rows = state.rows(args["transformer_options"], args["img"].shape[0], args["img"].device)
             if rows is None:
                 state.trace(key, SKIP)
                 return args
@@ -479,7 +479,7 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
             if spec.self_calls is not None and index not in spec.self_calls:
                 return toolkit.call_attention(func, previous, *a, **kw)
             q, k, v = a[0], a[1], a[2]
-            rows = state.rows(kw.get("transformer_options") or {}, q.shape[0])
+            rows = state.rows(kw.get("transformer_options") or {}, q.shape[0], q.device)
             if rows is not None and not rows.any():
                 return toolkit.call_attention(func, previous, *a, **kw)
             heads = a[3] if len(a) > 3 else kw.get("heads")

@@ -192,9 +192,7 @@ def test_bad_block_strings_name_node_input_and_valid_blocks(pack, family, text, 
 # Identities against unpatched sampling and the core nodes
 
 
-@pytest.mark.parametrize(
-    "family, name", [("sd15", n) for n in TECHNIQUES if n != "stg_r"] + [("wan21", n) for n in TECHNIQUES]
-)
+@pytest.mark.parametrize("family, name", [("sd15", "pag")] + [("wan21", n) for n in TECHNIQUES])
 def test_scale_zero_is_bit_identical_and_costs_nothing(run_prompt, family, name):
     plain, plain_ids = tiny_txt2img(family, steps=3)
     patched, ids = tiny_txt2img(family, steps=3, patch=technique(name, scale=0.0))
@@ -210,16 +208,16 @@ def test_pag_at_core_settings_equals_core_pag(pack, comfy_host):
     core = nodes.NODE_CLASS_MAPPINGS["PerturbedAttentionGuidance"]
     model = cached_model("sd15")
     core_model = core.execute(model, 3.0).result[0]
-    expected = sampling.ksample(core_model, "sd15", steps=3, batch=2)
+    expected = sampling.ksample(core_model, "sd15", steps=2, batch=2)
     separate = sampling.ksample(
-        pack.nodes.pag.apply_pag(model, 3.0, "middle", batched=False), "sd15", steps=3, batch=2
+        pack.nodes.pag.apply_pag(model, 3.0, "middle", batched=False), "sd15", steps=2, batch=2
     )
     batched = sampling.ksample(
-        pack.nodes.pag.apply_pag(model, 3.0, "middle", batched=True), "sd15", steps=3, batch=2
+        pack.nodes.pag.apply_pag(model, 3.0, "middle", batched=True), "sd15", steps=2, batch=2
     )
     torch.testing.assert_close(separate, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(batched, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-    assert not torch.allclose(expected, sampling.ksample(model, "sd15", steps=3, batch=2), atol=1e-3)
+    assert not torch.allclose(expected, sampling.ksample(model, "sd15", steps=2, batch=2), atol=1e-3)
 
 
 @pytest.mark.parametrize("family, layers", [("wan21", "0"), ("sd3", "1"), ("flux", "")])
@@ -350,10 +348,12 @@ def test_perturbation_reaches_exactly_the_chosen_blocks(pack, family, name, bloc
     probe.set_model_sampler_post_cfg_function(post_cfg)
     probe.model_options["transformer_options"][engine.TRACE_KEY] = tracer
     try:
-        sampling.ksample(probe, family, steps=2, batch=1 if family == "sdxl" else 2)
+        sampling.ksample(
+            probe, family, steps=1 if family == "sdxl" else 2, batch=1 if family == "sdxl" else 2
+        )
     finally:
         tracer.close()
-    assert len(seen) == 2
+    assert len(seen) == (1 if family == "sdxl" else 2)
     chosen = set(selection.keys)
     for plain, perturbed, x, events, ran in seen:
         assert relative_change(perturbed, plain, x) > 1e-4, "the perturbation must change the prediction"
@@ -432,9 +432,7 @@ def test_runs_on_every_family(run_prompt, family, name, batch, batched):
 @pytest.mark.parametrize(
     "interval_first", [True, False], ids=["interval-then-technique", "technique-then-interval"]
 )
-@pytest.mark.parametrize(
-    "family, name", [("sd15", "pag"), ("sd15", "seg"), ("wan21", "stg_r"), ("wan21", "seg")]
-)
+@pytest.mark.parametrize("family, name", [("sd15", "pag"), ("wan21", "stg_r"), ("wan21", "seg")])
 def test_stacks_with_cfg_interval_apg_and_cfg_zero_star(run_prompt, family, name, interval_first):
     steps = 4
 
@@ -495,15 +493,18 @@ def test_batched_pass_equals_the_separate_pass(pack, family, name):
 
 def test_guidance_still_acts_when_the_uncond_pass_is_skipped(pack):
     """CFG Interval with an empty interval skips every uncond: PAG on top is exactly cond + s (cond - pag)."""
-    model = cached_model("sd15")
+    model = cached_model("wan21")
     skipped = pack.nodes.cfg_interval.apply_cfg_interval(model, 0.999, 0.999)
-    with_pag = pack.nodes.pag.apply_pag(skipped, scale=2.0)
-    guided = sampling.ksample(with_pag, "sd15", steps=3, cfg=5.0)
-    cond_only_pag = sampling.ksample(pack.nodes.pag.apply_pag(model, scale=2.0), "sd15", steps=3, cfg=1.0)
-    torch.testing.assert_close(guided, cond_only_pag, rtol=1e-5, atol=1e-5)
+    for batched in (False, True):
+        with_pag = pack.nodes.pag.apply_pag(skipped, scale=2.0, batched=batched)
+        guided = sampling.ksample(with_pag, "wan21", steps=3, cfg=5.0)
+        pag_only = pack.nodes.pag.apply_pag(model, scale=2.0, batched=batched)
+        cond_only_pag = sampling.ksample(pag_only, "wan21", steps=3, cfg=1.0)
+        torch.testing.assert_close(guided, cond_only_pag, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(guided, sampling.ksample(skipped, "wan21", steps=3, cfg=5.0), atol=1e-3)
 
 
-@pytest.mark.parametrize("family, name", [("sd15", "seg"), ("hunyuan_video", "stg_r"), ("flux", "pag")])
+@pytest.mark.parametrize("family, name", [("sd3", "seg"), ("hunyuan_video", "stg_r"), ("flux", "pag")])
 def test_input_model_is_unchanged(run_prompt, family, name):
     plain, ids = tiny_txt2img(family, steps=2, count=False)
     before = stats(run_prompt(plain), ids)["sha256"]
