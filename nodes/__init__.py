@@ -8,7 +8,10 @@ from . import (
     evaluation_counter,
     icg,
     linear_ag,
+    pag,
     pcg,
+    seg,
+    stg,
 )
 
 NODE_MODULES = [
@@ -19,6 +22,9 @@ NODE_MODULES = [
     cfg_pp,
     pcg,
     icg,
+    pag,
+    seg,
+    stg,
     evaluation_counter,
 ]
 

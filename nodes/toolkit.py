@@ -17,6 +17,8 @@ Pieces:
   slots were filled (``uncond_evaluated``), so outer wrappers never mistake a filled slot for a real pass.
 - ``extra_cond_pass``: one more conditional pass with a modified copy of ``model_options`` (tagged so that
   counters and skip wrappers can tell it from the main pass).
+- ``append_batched_cond``: batch such a pass into the main cond/uncond call instead (tagged by its chunk
+  index, so counters report it apart and skip wrappers still recognise the main call: ``is_main_call``).
 - ``chain_attention_override``: install a runtime attention override that calls any previously installed one.
 - ``EvalCounter``: counts real diffusion-model forward evaluations per cond/uncond/extra pass.
 - For SAMPLER nodes: ``capture_predictions`` (a post-CFG capture of the conditional and unconditional
@@ -42,6 +44,8 @@ WrappersMP = comfy.patcher_extension.WrappersMP
 KEY_PREFIX = "free_guidance."
 # transformer_options key that names an extra pass run by this pack (absent on the main cond/uncond pass).
 EXTRA_PASS_KEY = "free_guidance_pass"
+# transformer_options key of a main call that carries extra conds batched in by this pack: {cond index: name}.
+BATCHED_EXTRA_KEY = "free_guidance_batched"
 COUNTER_KEY = KEY_PREFIX + "eval_counter"
 
 
@@ -231,15 +235,45 @@ class PassContext:
         return sigma_value(self.sigma)
 
 
+def batched_extras(model_options: dict) -> dict[int, str]:
+    """The extra conds this pack appended to the main call: ``{index in conds: pass name}`` (empty if none)."""
+    return model_options.get("transformer_options", {}).get(BATCHED_EXTRA_KEY, {})
+
+
+def is_main_call(conds: list, model_options: dict) -> bool:
+    """The sampler's own cond/uncond call, the uncond possibly absent (None: cfg = 1 or already skipped).
+
+    Beyond the two main conds it may carry only extra conds appended by this pack (``append_batched_cond``).
+    """
+    if len(conds) < 2 or conds[0] is None:
+        return False
+    if EXTRA_PASS_KEY in model_options.get("transformer_options", {}):
+        return False
+    extras = batched_extras(model_options)
+    return len(conds) == 2 + len(extras) and all(i in extras for i in range(2, len(conds)))
+
+
 def is_main_pass(conds: list, model_options: dict) -> bool:
-    """The sampler's own cond/uncond call: exactly two cond lists, the uncond present, not an extra pass.
+    """The sampler's own cond/uncond call with the uncond present, not an extra pass.
 
     Extra passes of other nodes use one cond list (PAG, SLG, SAG), PerpNeg/DualCFG guiders use three, and
-    the cfg = 1 optimisation passes ``None`` for the uncond.
+    the cfg = 1 optimisation passes ``None`` for the uncond. Extra conds appended to the main call by this
+    pack's batched passes (``append_batched_cond``) are allowed after the two main ones.
     """
-    if len(conds) != 2 or conds[0] is None or conds[1] is None:
-        return False
-    return EXTRA_PASS_KEY not in model_options.get("transformer_options", {})
+    return is_main_call(conds, model_options) and conds[1] is not None
+
+
+def append_batched_cond(model_options: dict, conds: list, cond, name: str) -> tuple[dict, list, int]:
+    """Batch one more pass with the main call: a copy of ``model_options`` that tags it, the longer cond list
+    and the index of the new cond (its chunk index in ``transformer_options["cond_or_uncond"]``).
+
+    The evaluation counter reports the appended chunk under ``name``; skip wrappers still recognise the call.
+    """
+    options = comfy.model_patcher.create_model_options_clone(model_options)
+    transformer_options = options.setdefault("transformer_options", {})
+    index = len(conds)
+    transformer_options[BATCHED_EXTRA_KEY] = {**batched_extras(model_options), index: name}
+    return options, [*conds, cond], index
 
 
 class CondBatchOutput(list):
@@ -276,7 +310,7 @@ def install_uncond_skip(
         ctx = PassContext(x=x_in, sigma=timestep, model_options=model_options, model=model)
         skip = bool(should_skip(ctx))
         if skip:
-            out = CondBatchOutput(executor(model, [conds[0], None], x_in, timestep, model_options))
+            out = CondBatchOutput(executor(model, [conds[0], None, *conds[2:]], x_in, timestep, model_options))
             out[1] = fill(ctx, out[0]) if fill is not None else out[0]
             out.filled = frozenset({1})
         else:
@@ -472,10 +506,11 @@ class EvalCounter:
         run.forward_calls += 1
         sigma = sigma_value(t)
         extra = transformer_options.get(EXTRA_PASS_KEY)
+        batched = transformer_options.get(BATCHED_EXTRA_KEY, {})
         for index in transformer_options.get("cond_or_uncond", [0]):
-            if extra is not None:
-                what = extra
-                run.extra[extra] = run.extra.get(extra, 0) + 1
+            if extra is not None or index in batched:
+                what = extra if extra is not None else batched[index]
+                run.extra[what] = run.extra.get(what, 0) + 1
             elif index == 1:
                 what = "uncond"
                 run.uncond += 1

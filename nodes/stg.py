@@ -1,0 +1,95 @@
+"""Spatiotemporal Skip Guidance (Hyung et al., CVPR 2025): STG-R and STG-A through the attention engine."""
+
+from __future__ import annotations
+
+from . import attention_engine as engine
+from . import toolkit
+from .common import CATEGORY
+
+NODE = "Spatiotemporal Skip Guidance"
+PASS_NAME = "stg"
+MODES = {"STG-R (skip block)": engine.SKIP, "STG-A (skip attention)": engine.IDENTITY}
+
+
+def apply_stg(
+    model,
+    scale: float = 1.0,
+    mode: str = "STG-R (skip block)",
+    blocks: str = "auto",
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    schedule: str = "constant",
+    rescale: float = 0.7,
+    batched: bool = True,
+):
+    """A clone of ``model`` guided away from its prediction with the chosen blocks (or their attention) skipped."""
+    if mode not in MODES:
+        raise toolkit.GuidanceInputError(NODE, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    perturbation = engine.Perturbation(MODES[mode])
+
+    def check(layout: engine.ModelLayout):
+        if perturbation.mode == engine.SKIP and layout.spec.kind != "dit":
+            raise toolkit.GuidanceInputError(
+                NODE,
+                "mode",
+                "STG-R (skip block) needs a DiT (SD3, Flux, Wan 2.1, LTXV, HunyuanVideo); this model is a "
+                f"{layout.spec.label}. Use STG-A (skip attention) there",
+            )
+
+    return engine.apply_perturbation_guidance(
+        model,
+        node=NODE,
+        name=PASS_NAME,
+        perturbation=perturbation,
+        blocks=blocks,
+        scale=scale,
+        start_percent=start_percent,
+        end_percent=end_percent,
+        rescale=rescale,
+        schedule=schedule,
+        batched=batched,
+        check=check,
+    )
+
+
+class SpatiotemporalSkipGuidance:
+    DESCRIPTION = (
+        "Spatiotemporal Skip Guidance (Hyung et al., CVPR 2025): one extra conditional pass per step with the "
+        "chosen transformer blocks skipped (STG-R: the block returns its input) or their self-attention map "
+        "replaced by the identity (STG-A), then D = D_cfg + scale (D_cond - D_stg), with the paper's std rescale. "
+        "Defaults follow the official code per model (Wan block 2, LTXV block 19, HunyuanVideo double block 2; "
+        "scale 1, rescale 0.7). STG-R on a DiT equals core SkipLayerGuidanceDiT at the same layers. STG-R needs a "
+        "DiT; STG-A also runs on UNets. One extra network evaluation per step."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with STG installed.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        inputs = engine.common_inputs(scale_default=1.0, rescale_default=0.7)
+        inputs["mode"] = (
+            list(MODES),
+            {
+                "default": "STG-R (skip block)",
+                "tooltip": "STG-R skips whole blocks (residual only) in the perturbed pass; STG-A keeps the blocks "
+                "but makes their self-attention the identity.",
+            },
+        )
+        return {"required": inputs}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
+        return engine.validate_common(
+            NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
+        )
+
+    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, mode, batched):
+        return (
+            apply_stg(model, scale, mode, blocks, start_percent, end_percent, schedule, rescale, batched),
+        )
+
+
+NODE_CLASS_MAPPINGS = {"FreeGuidanceSTG": SpatiotemporalSkipGuidance}
+NODE_DISPLAY_NAME_MAPPINGS = {"FreeGuidanceSTG": "Spatiotemporal Skip Guidance (Free Guidance)"}
