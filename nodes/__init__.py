@@ -1,8 +1,8 @@
 """ComfyUI adapters: one module per technique, each exporting NODE_CLASS_MAPPINGS and display names."""
 
-from . import cfg_interval, evaluation_counter, fouriscale
+from . import cfg_interval, diffusehigh, evaluation_counter, fouriscale
 
-NODE_MODULES = [cfg_interval, evaluation_counter, fouriscale]
+NODE_MODULES = [cfg_interval, evaluation_counter, fouriscale, diffusehigh]
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
