@@ -262,7 +262,13 @@ def _install(patched, settings: Settings, runtime: Runtime) -> None:
             dtype=torch.long,
         )
         options = transformer_options.copy()
-        options["cond_or_uncond"] = cond_or_uncond + [0] * (len(weak_source) // max(per_chunk, 1))
+        cond_chunks = [c for c, kind in enumerate(cond_or_uncond) if kind == 0]
+        options["cond_or_uncond"] = cond_or_uncond + [0] * len(cond_chunks)
+        uuids = options.get("uuids")
+        if isinstance(uuids, list) and len(uuids) == len(cond_or_uncond):
+            options["uuids"] = uuids + [uuids[c] for c in cond_chunks]
+        if "sigmas" in options:
+            options["sigmas"] = _extend(options["sigmas"], weak_source, batch)
         args = [_extend(v, weak_source, batch) for v in (x, t, c_concat, c_crossattn, control)]
         extra = {k: _extend(v, weak_source, batch) for k, v in kwargs.items()}
         runtime.plan = Plan(
