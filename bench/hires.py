@@ -2,7 +2,7 @@
 
 Runs the tiny random-weight SD1.5 (the full-layout ``sd15_deep``) and SDXL models inside the pinned ComfyUI host
 (CPU), samples a 16x16 latent with a 64-pixel "training size" (8x8 latent, so 2x native) and reports the median
-wall time and the peak memory of each method, with ratios against plain sampling measured in the same run.
+time (CPU time of the process on CPU, wall time on a GPU) and the peak memory of each method, with ratios against plain sampling measured in the same run.
 Peak memory is the CUDA peak allocation when ComfyUI runs on a GPU. On CPU it is the peak increase of the
 process's resident memory during a separate, untimed run, polled continuously; the script re-executes itself with
 glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that every tensor buffer above that size
@@ -89,11 +89,18 @@ def measure(model, family, steps, repeats, device):
         sampling.ksample(model, family, steps=steps, height=LATENT, width=LATENT, cfg=5.0)
 
     run()  # warm-up: loads and patches the model
+    # CPU: the process's CPU time (all threads), which other processes on a shared machine barely disturb;
+    # CUDA: wall time after a synchronize.
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = clock()
         run()
-        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(clock() - start)
     with PeakMemory(device) as memory:  # untimed: the poller competes for the CPU
         run()
     return statistics.median(times), memory.peak
@@ -118,7 +125,9 @@ def main():
     print(
         f"latent {LATENT}x{LATENT} at a {BASE_PX // 8}x{BASE_PX // 8} training size (2x native), batch 1, cfg 5\n"
     )
-    print("| model | method | time (s) | time vs plain | peak memory (MiB) | memory vs plain |")
+    print(
+        f"| model | method | {'wall' if device.type == 'cuda' else 'CPU'} time (s) | time vs plain | peak memory (MiB) | memory vs plain |"
+    )
     print("|---|---|---|---|---|---|")
     for family, label in FAMILIES.items():
         model = cached_model(family)
