@@ -110,6 +110,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     args = parser.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -129,7 +130,8 @@ def main():
         f"| model | method | {'wall' if device.type == 'cuda' else 'CPU'} time (s) | time vs plain | peak memory (MiB) | memory vs plain |"
     )
     print("|---|---|---|---|---|---|")
-    for family, label in FAMILIES.items():
+    for family in args.families:
+        label = FAMILIES[family]
         model = cached_model(family)
         results = {
             name: measure(m, family, args.steps, args.repeats, device)
