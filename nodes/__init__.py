@@ -5,7 +5,9 @@ from . import (
     cfg_interval,
     cfg_pp,
     cfg_schedule,
+    diffusehigh,
     evaluation_counter,
+    fouriscale,
     icg,
     linear_ag,
     pag,
@@ -25,6 +27,8 @@ NODE_MODULES = [
     pag,
     seg,
     stg,
+    fouriscale,
+    diffusehigh,
     evaluation_counter,
 ]
 

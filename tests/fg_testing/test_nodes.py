@@ -38,7 +38,7 @@ class TinyModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": (tiny_models.ALL_FAMILIES, {"tooltip": "Model family."}),
+                "family": (list(tiny_models.FAMILIES), {"tooltip": "Model family."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "tooltip": "Weight seed."}),
             }
         }
@@ -57,7 +57,7 @@ class TinyConditioning:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": (tiny_models.ALL_FAMILIES, {"tooltip": "Model family."}),
+                "family": (list(tiny_models.FAMILIES), {"tooltip": "Model family."}),
                 "seed": ("INT", {"default": 1, "min": 0, "max": 2**31, "tooltip": "Tensor seed."}),
                 "tokens": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "Token count."}),
             }
@@ -77,7 +77,7 @@ class TinyEmptyLatent:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": (tiny_models.ALL_FAMILIES, {"tooltip": "Model family."}),
+                "family": (list(tiny_models.FAMILIES), {"tooltip": "Model family."}),
                 "batch": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Batch size."}),
                 "height": ("INT", {"default": 8, "min": 2, "max": 256, "tooltip": "Latent height."}),
                 "width": ("INT", {"default": 8, "min": 2, "max": 256, "tooltip": "Latent width."}),

@@ -1,0 +1,268 @@
+"""DiffuseHigh node: a SAMPLER that upscales a native-resolution latent progressively (Kim et al. 2025).
+
+Use it in SamplerCustom / SamplerCustomAdvanced with the native-resolution result as the latent (add_noise off;
+the sampler re-noises each stage itself) and a full schedule as sigmas (e.g. 50 steps, denoise 1): each stage
+resamples the last ``renoise`` fraction of that schedule. The output latent has the target size.
+"""
+
+from __future__ import annotations
+
+import comfy.samplers
+import torch
+
+from ..guidance import diffusehigh
+from . import toolkit
+from .common import CATEGORY
+
+NODE = "DiffuseHigh"
+GUIDANCE_SPACES = ["image", "latent"]
+
+
+def _base_model(model):
+    """The BaseModel behind the k-diffusion model wrapper (KSamplerX0Inpaint → guider → BaseModel)."""
+    inner = getattr(model, "inner_model", None)
+    inner = getattr(inner, "inner_model", None)
+    if inner is None or not hasattr(inner, "process_latent_in"):
+        raise toolkit.GuidanceInputError(
+            NODE, "sampler", "must run inside ComfyUI's sampling (SamplerCustom or SamplerCustomAdvanced)"
+        )
+    return inner
+
+
+def check_sizes(latent: torch.Tensor, vae, width: int, height: int) -> int:
+    """Validate the input latent, the VAE and the target size; returns the VAE's latent factor."""
+    if latent.dim() != 4:
+        raise toolkit.GuidanceInputError(
+            NODE,
+            "latent",
+            f"must be an image latent (B, C, H, W) of an image model (SD1.x, SDXL, SD3, Flux, ...); video "
+            f"families are not supported, got shape {tuple(latent.shape)}",
+        )
+    factor = getattr(vae, "downscale_ratio", None)
+    if not isinstance(factor, int):
+        raise toolkit.GuidanceInputError(
+            NODE, "vae", "must be an image VAE (a fixed spatial downscale factor)"
+        )
+    channels = getattr(vae, "latent_channels", latent.shape[1])
+    if channels != latent.shape[1]:
+        raise toolkit.GuidanceInputError(
+            NODE,
+            "vae",
+            f"must match the model's latent: it has {channels} channels, the latent {latent.shape[1]}",
+        )
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0 or value % factor:
+            raise toolkit.GuidanceInputError(
+                NODE, name, f"must be a positive multiple of {factor} (the VAE's latent factor), got {value}"
+            )
+    in_h, in_w = latent.shape[-2] * factor, latent.shape[-1] * factor
+    if height < in_h or width < in_w:
+        bad = "height" if height < in_h else "width"
+        raise toolkit.GuidanceInputError(
+            NODE, bad, f"must not be smaller than the input ({in_w}x{in_h} pixels), got {width}x{height}"
+        )
+    return factor
+
+
+def sample_diffusehigh(
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    *,
+    vae,
+    width: int,
+    height: int,
+    stages: int,
+    renoise: float,
+    structure_steps: int,
+    sharpen: float,
+    guidance_space: str,
+):
+    extra_args = {} if extra_args is None else extra_args
+    base = _base_model(model)
+    latent = getattr(model, "latent_image", None)  # the clean input latent (in the model's latent space)
+    if latent is None:
+        latent = x
+    if extra_args.get("denoise_mask") is not None:
+        raise toolkit.GuidanceInputError(
+            NODE, "latent", "must not carry a noise mask (inpainting is not supported)"
+        )
+    factor = check_sizes(latent, vae, width, height)
+    seed = int(extra_args.get("seed", 0) or 0)
+    generator = torch.Generator().manual_seed(seed)
+    sampling = base.model_sampling
+    tail = diffusehigh.renoise_sigmas(sigmas, round(renoise * (len(sigmas) - 1)))
+
+    def decode(z):  # model latent → (B, C, H, W) image in [0, 1]
+        return vae.decode(base.process_latent_out(z)).movedim(-1, 1).to(latent.device, torch.float32)
+
+    def encode(image):
+        return base.process_latent_in(vae.encode(image.movedim(1, -1))).to(latent)
+
+    def guide(denoised, reference_ll):
+        if guidance_space == "latent":
+            return diffusehigh.replace_low_band(denoised, reference_ll)
+        image = decode(denoised)
+        return encode(diffusehigh.replace_low_band(image, reference_ll))
+
+    sizes = diffusehigh.stage_sizes(
+        (latent.shape[-2] * factor, latent.shape[-1] * factor), (height, width), stages, factor
+    )
+    total = (len(tail) - 1) * len(sizes)
+    z = latent
+    done = 0
+    for stage_h, stage_w in sizes:
+        reference = diffusehigh.upscale(decode(z), stage_h, stage_w)
+        blur_sigma = 0.1 + 1.9 * float(torch.rand((), generator=generator))
+        reference = diffusehigh.sharpen(reference, sharpen, blur_sigma)
+        z = encode(reference)
+        reference_ll = diffusehigh.dwt2(z if guidance_space == "latent" else reference)[0]
+        if len(tail) < 2:
+            continue
+        noise = torch.randn(z.shape, generator=generator).to(z)
+        z = sampling.noise_scaling(tail[0].to(z), noise, z)
+        s_in = z.new_ones([z.shape[0]])
+        for i in range(len(tail) - 1):
+            sigma, sigma_next = tail[i], tail[i + 1]
+            denoised = model(z, sigma * s_in, **extra_args)
+            if i < structure_steps:
+                denoised = guide(denoised, reference_ll)
+            if callback is not None:
+                callback(
+                    {
+                        "x": z,
+                        "i": min(done, total - 1),
+                        "sigma": sigma,
+                        "sigma_hat": sigma,
+                        "denoised": denoised,
+                    }
+                )
+            z = diffusehigh.euler_step(z, denoised, sigma, sigma_next)
+            done += 1
+    return z
+
+
+class DiffuseHigh:
+    DESCRIPTION = (
+        "A SAMPLER that turns a native-resolution latent into a high-resolution one without training "
+        "(DiffuseHigh, Kim et al., AAAI 2025): each stage upscales the previous result (bicubic, sharpened), "
+        "re-noises it to the last part of the schedule and denoises it, replacing the low-frequency wavelet band "
+        "(db4 DWT) of the model's estimate with the upscaled image's for the first steps so the structure is kept "
+        "while the model adds detail. Use with SamplerCustom (add_noise off, the native result as latent, a full "
+        "schedule such as 50 steps as sigmas). The paper uses CFG 10 at the high-resolution stages. Any image "
+        "model with its VAE (SD1.x, SDXL, SD3, Flux, ...)."
+    )
+    CATEGORY = CATEGORY + "/hires"
+    RETURN_TYPES = ("SAMPLER",)
+    OUTPUT_TOOLTIPS = ("The DiffuseHigh sampler; its output latent has the target size.",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": (
+                    "VAE",
+                    {"tooltip": "The model's VAE: the stages upscale, sharpen and guide in pixel space."},
+                ),
+                "width": (
+                    "INT",
+                    {
+                        "default": 2048,
+                        "min": 8,
+                        "max": 16384,
+                        "step": 8,
+                        "tooltip": "Target width in pixels; a multiple of the VAE factor (8), at least the input's.",
+                    },
+                ),
+                "height": (
+                    "INT",
+                    {
+                        "default": 2048,
+                        "min": 8,
+                        "max": 16384,
+                        "step": 8,
+                        "tooltip": "Target height in pixels; a multiple of the VAE factor (8), at least the input's.",
+                    },
+                ),
+                "stages": (
+                    "INT",
+                    {
+                        "default": 1,
+                        "min": 1,
+                        "max": 8,
+                        "tooltip": "Progressive stages from the input size to the target in equal steps (the paper "
+                        "goes up one native size per stage, e.g. 1024 → 2048 → 3072 → 4096 for SDXL).",
+                    },
+                ),
+                "renoise": (
+                    "FLOAT",
+                    {
+                        "default": 0.3,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of the schedule each stage resamples: it re-noises to the sigma this far "
+                        "from the end (paper: 15 of 50 steps = 0.3). 0 only upscales.",
+                    },
+                ),
+                "structure_steps": (
+                    "INT",
+                    {
+                        "default": 5,
+                        "min": 0,
+                        "max": 1000,
+                        "tooltip": "How many of each stage's first steps get structure guidance (paper: 5; 5-7 work "
+                        "well). 0 turns it off.",
+                    },
+                ),
+                "sharpen": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 10.0,
+                        "step": 0.1,
+                        "tooltip": "Unsharp-mask strength α applied to the upscaled image (paper: 1; try 2 if the "
+                        "result is blurry; 0 = off).",
+                    },
+                ),
+                "guidance_space": (
+                    GUIDANCE_SPACES,
+                    {
+                        "default": "image",
+                        "tooltip": "image: the paper's DWT on the decoded estimate (a VAE decode and encode per "
+                        "guided step). latent: the DWT on the latent itself, no VAE round trip (cheaper).",
+                    },
+                ),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None):
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, int) and (value <= 0 or value % 8):
+                return f"{NODE}: input '{name}' must be a positive multiple of 8 (the VAE's latent factor), got {value}"
+        return True
+
+    def build(self, vae, width, height, stages, renoise, structure_steps, sharpen, guidance_space):
+        options = dict(
+            vae=vae,
+            width=int(width),
+            height=int(height),
+            stages=int(toolkit.check_range(NODE, "stages", stages, 1, 8)),
+            renoise=toolkit.check_range(NODE, "renoise", renoise, 0.0, 1.0),
+            structure_steps=int(toolkit.check_range(NODE, "structure_steps", structure_steps, 0, 1000)),
+            sharpen=toolkit.check_range(NODE, "sharpen", sharpen, 0.0, 10.0),
+            guidance_space=guidance_space,
+        )
+        if guidance_space not in GUIDANCE_SPACES:
+            raise toolkit.GuidanceInputError(NODE, "guidance_space", f"must be one of {GUIDANCE_SPACES}")
+        return (comfy.samplers.KSAMPLER(sample_diffusehigh, extra_options=options),)
+
+
+NODE_CLASS_MAPPINGS = {"FreeGuidanceDiffuseHigh": DiffuseHigh}
+NODE_DISPLAY_NAME_MAPPINGS = {"FreeGuidanceDiffuseHigh": "DiffuseHigh (Free Guidance)"}
