@@ -13,6 +13,8 @@ from typing import Any
 
 from . import convert
 
+CHART_ROOM = 80
+
 
 @dataclass(frozen=True)
 class Out:
@@ -104,6 +106,9 @@ class UIWorkflow:
             if w.name in specs
         )
         size = [320, 46 + 22 * rows + 26 * tall]
+        hidden = (node_def.get("input") or {}).get("hidden") or {}
+        if class_type.startswith("FreeGuidance") and "UNIQUE_ID" in hidden.values():
+            size[1] += CHART_ROOM  # room for the telemetry chart drawn after a run (web/)
         data = {
             "id": node_id,
             "type": class_type,

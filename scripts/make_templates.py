@@ -1,11 +1,9 @@
 """Author the templates in workflows/ (and the converter's feature fixture) from a running server.
 
-    python scripts/make_templates.py --server http://127.0.0.1:8188 [--browser]
+    python scripts/make_templates.py --server http://127.0.0.1:8188
 
-The server's /object_info gives each node's widget order. With ``--browser`` every workflow is loaded into
-the real editor (headless Chromium, see tests/fg_testing/browser.py) and written back as the editor
-serialises it, so the files are exactly what "Save" produces. You do not need this script to add a template:
-save a workflow from the editor into workflows/ and the tests pick it up.
+The server's /object_info gives each node's widget order (fgcli/build.py). You do not need this script to add
+a template: save a workflow from the editor into workflows/ and the tests pick it up.
 """
 
 from __future__ import annotations
@@ -383,9 +381,11 @@ def inpaint_sd15(info: dict) -> dict:
     w = UIWorkflow(info)
     ckpt = w.node("CheckpointLoaderSimple", column=0, ckpt_name="sd-v1-5-inpainting.ckpt")
     image = w.node("LoadImage", column=0, image="fg_inpaint_example.png")
+    # An explicit title: this core node has no display name on the server (the editor uses its own locale).
     scaled = w.node(
         "ImageScaleToTotalPixels",
         column=1,
+        title="Scale Image to Total Pixels",
         image=image.out("IMAGE"),
         upscale_method="lanczos",
         megapixels=0.25,
@@ -522,19 +522,11 @@ FIXTURES = {"converter_features": converter_features}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server", default="http://127.0.0.1:8188")
-    parser.add_argument("--browser", action="store_true", help="round-trip through the real editor")
     args = parser.parse_args()
     with urllib.request.urlopen(args.server + "/object_info") as response:
         info = json.loads(response.read())
     outputs = {ROOT / "workflows" / f"{k}.json": f(info) for k, f in TEMPLATES.items()}
     outputs.update({ROOT / "tests" / "workflow_fixtures" / f"{k}.json": f(info) for k, f in FIXTURES.items()})
-    if args.browser:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from fg_testing.browser import Editor
-
-        with Editor(args.server) as editor:
-            for path, workflow in outputs.items():
-                outputs[path] = editor.saved_form(workflow, path.stem)
     for path, workflow in outputs.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(workflow, indent=2) + "\n")

@@ -122,7 +122,7 @@ def _build(spec: ModelFile) -> tuple[dict, dict | None]:
     """(state dict, safetensors metadata) of one file."""
     metadata = None
     if spec.folder == "checkpoints":
-        sd = _prefixed("model.diffusion_model.", tiny_models.state_dict(spec.family))
+        sd = _half(_prefixed("model.diffusion_model.", tiny_models.state_dict(spec.family)))
         if spec.family == "ltxv":
             sd.update(_prefixed("vae.", _ltxv_vae_state_dict()))
             metadata = {"config": json.dumps({"vae": LTXV_TINY_VAE_CONFIG})}
@@ -160,11 +160,11 @@ def write_model_files(cache_dir: Path) -> Path:
     """Write every file once into ``cache_dir/models/<folder>/<name>`` (reused across servers)."""
     import safetensors.torch
 
-    ensure_host()
     for spec in MODEL_FILES.values():
         path = cache_dir / "models" / spec.folder / spec.name
         if path.exists():
             continue
+        ensure_host()
         path.parent.mkdir(parents=True, exist_ok=True)
         sd, metadata = _build(spec)
         tmp = path.with_name(path.name + ".tmp")
@@ -177,6 +177,30 @@ def write_model_files(cache_dir: Path) -> Path:
         tmp.rename(path)
     write_input_image(cache_dir / "input")
     return cache_dir
+
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Kept next to the pinned host (the files are deterministic): written once, reused by later runs."""
+    import os
+
+    cache = os.environ.get("FREE_GUIDANCE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "comfyui-free-guidance"
+    )
+    return Path(cache) / f"template-models-{CACHE_VERSION}"
+
+
+def prepare_base_dir(base_dir: Path, cache_dir: Path | None = None) -> Path:
+    """A server base directory with the pack, the test nodes, the template model files and editor settings."""
+    from . import browser, server
+
+    cache_dir = write_model_files(cache_dir or default_cache_dir())
+    server.prepare_base_dir(base_dir)
+    link_into(base_dir, cache_dir)
+    browser.seed_settings(base_dir)
+    return base_dir
 
 
 def link_into(base_dir: Path, cache_dir: Path) -> None:
