@@ -20,7 +20,7 @@ const COLORS = {
   text: "#c8d3dc",
 };
 
-const state = { records: new Map(), draws: 0 };
+const state = { records: new Map(), draws: 0, events: 0 };
 window.__freeGuidanceTelemetry = state; // for tests and the curious
 
 function findNode(id) {
@@ -102,7 +102,10 @@ function drawChart(node, ctx) {
 app.registerExtension({
   name: "FreeGuidance.Telemetry",
   setup() {
-    api.addEventListener(EVENT, (event) => apply(event.detail));
+    api.addEventListener(EVENT, (event) => {
+      state.events += 1;
+      apply(event.detail);
+    });
     api.addEventListener("executed", (event) => {
       const records = event.detail?.output?.free_guidance_telemetry;
       if (Array.isArray(records)) records.forEach(apply);

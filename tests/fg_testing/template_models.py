@@ -283,3 +283,14 @@ def shrink(prompt: dict) -> dict:
             elif key == "megapixels":
                 inputs[key] = 0.01  # the minimum: about 100×100 pixels
     return prompt
+
+
+def shrink_overrides(prompt: dict) -> list[str]:
+    """``shrink`` as the CLI's ``--set node.input=value`` arguments (the prompt itself is left unchanged)."""
+    small = shrink(json.loads(json.dumps(prompt)))
+    return [
+        f"{node_id}.{name}={json.dumps(value)}"
+        for node_id, node in small.items()
+        for name, value in node["inputs"].items()
+        if prompt[node_id]["inputs"].get(name) != value
+    ]
