@@ -415,15 +415,19 @@ def parse_value(text: str) -> Any:
 
 
 def find_node(prompt: dict, ref: str) -> str:
-    """A node of an API prompt by id, or by its unique ``_meta.title``."""
+    """A node of an API prompt by id, by its unique ``_meta.title``, or by its unique class type."""
     if ref in prompt:
         return ref
-    matches = [nid for nid, n in prompt.items() if (n.get("_meta") or {}).get("title") == ref]
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise ConversionError(f"no node with id or title '{ref}'")
-    raise ConversionError(f"title '{ref}' names several nodes ({', '.join(matches)}); use the id")
+    for field in ("title", "class_type"):
+        if field == "title":
+            matches = [nid for nid, n in prompt.items() if (n.get("_meta") or {}).get("title") == ref]
+        else:
+            matches = [nid for nid, n in prompt.items() if n.get("class_type") == ref]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise ConversionError(f"'{ref}' names several nodes ({', '.join(matches)}); use the id")
+    raise ConversionError(f"no node with id, title or class type '{ref}'")
 
 
 def set_input(prompt: dict, assignment: str | tuple[str, Any]) -> None:

@@ -167,6 +167,17 @@ def test_runs_headless_through_the_cli(path, server, tmp_path):
                 assert step["scale"] > 1.0 and -1.0 <= step["cosine"] <= 1.0
 
 
+def test_queue_shows_the_servers_node_errors(server):
+    path = ROOT / "workflows" / "sd15_txt2img_cfg_interval_pag.json"
+    result = cli(
+        "queue", str(path), "--server", server.url, "--quiet",
+        "--set", "FreeGuidanceCFGInterval.start_percent=0.9", "--set", "FreeGuidanceCFGInterval.end_percent=0.1",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "server rejected the prompt" in result.stderr
+    assert "FreeGuidanceCFGInterval" in result.stderr and "start_percent" in result.stderr, result.stderr
+
+
 def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor, server):
     """Queue the SD1.5 template from the editor itself; the CFG Interval node gets its chart."""
     path = ROOT / "workflows" / "sd15_txt2img_cfg_interval_pag.json"
