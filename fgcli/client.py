@@ -202,6 +202,7 @@ class ComfyClient:
         deadline = time.time() + timeout
         last_poll = 0.0
         failures = 0
+        finished_kinds = {"execution_success", "execution_error", "execution_interrupted"}
         while time.time() < deadline:
             if ws is None:
                 ws = self._connect_ws()
@@ -211,8 +212,13 @@ class ComfyClient:
                     if isinstance(message, str):
                         event = json.loads(message)
                         data = event.get("data") or {}
+                        kind = event.get("type")
                         if on_event is not None and data.get("prompt_id") in (None, prompt_id):
-                            on_event(event.get("type"), data)
+                            on_event(kind, data)
+                        if data.get("prompt_id") == prompt_id and (
+                            kind in finished_kinds or (kind == "executing" and data.get("node") is None)
+                        ):
+                            last_poll = 0.0  # it says it is done: read the history now
                 except websocket.WebSocketTimeoutException:
                     pass
                 except (OSError, websocket.WebSocketException):

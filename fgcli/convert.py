@@ -449,23 +449,6 @@ def set_input(prompt: dict, assignment: str | tuple[str, Any]) -> None:
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 
-def seed_controls(workflow: dict, object_info: dict) -> list[tuple[str, str, str]]:
-    """(node id, widget name, control mode) of every "control after generate" widget in the workflow."""
-    found = []
-    for node in workflow.get("nodes") or []:
-        node_def = object_info.get(node["type"])
-        raw = node.get("widgets_values")
-        if node_def is None or not isinstance(raw, list):
-            continue
-        layout = widget_layout(node_def)
-        for index, widget in enumerate(layout):
-            if widget.serialize or widget.name in {"control_filter_list", "upload"}:
-                continue
-            if index < len(raw) and raw[index] in CONTROL_VALUES and index > 0:
-                found.append((str(node["id"]), layout[index - 1].name, raw[index]))
-    return found
-
-
 def apply_seed_controls(workflow: dict, object_info: dict, rng) -> None:
     """What the editor does after queueing: increment/decrement/randomize each controlled INT widget."""
     for node in workflow.get("nodes") or []:

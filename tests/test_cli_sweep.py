@@ -119,7 +119,7 @@ def test_a_server_killed_mid_sweep_loses_no_finished_output_and_the_rest_is_repo
     servers, workflow, tmp_path
 ):
     out = tmp_path / "sweep"
-    seeds = ",".join(str(1000 + i) for i in range(20))
+    seeds = ",".join(str(1000 + i) for i in range(10))
     process = subprocess.Popen(
         # 6 steps: each prompt takes long enough for the kill to land while the sweep runs
         sweep_command(workflow, servers, out, [f"KSampler.seed={seeds}"]) + ["--set", "KSampler.steps=6"],
@@ -134,7 +134,7 @@ def test_a_server_killed_mid_sweep_loses_no_finished_output_and_the_rest_is_repo
     while time.time() < deadline:
         rows = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
         done_on_victim = [r for r in rows if r["status"] == "done" and r["server"] == victim.url]
-        if len(rows) >= 4 and done_on_victim:
+        if len(rows) >= 2 and done_on_victim:
             break
         assert process.poll() is None, "the sweep ended before the server could be killed"
         time.sleep(0.1)
@@ -147,10 +147,10 @@ def test_a_server_killed_mid_sweep_loses_no_finished_output_and_the_rest_is_repo
     assert process.returncode == 1, "a sweep with unfinished prompts must not report success"
 
     rows = read_results(out)
-    assert len(rows) == 20 and sorted(r["job"] for r in rows) == list(range(20))
+    assert len(rows) == 10 and sorted(r["job"] for r in rows) == list(range(10))
     done = [r for r in rows if r["status"] == "done"]
     unfinished = [r for r in rows if r["status"] == "unfinished"]
-    assert len(done) + len(unfinished) == 20, [r["status"] for r in rows]
+    assert len(done) + len(unfinished) == 10, [r["status"] for r in rows]
     assert unfinished, "the killed server's prompt in flight must be reported"
     assert all(r["server"] == victim.url and "lost" in r["error"] for r in unfinished), unfinished
     # every finished prompt kept its output, including those the killed server finished before it died
