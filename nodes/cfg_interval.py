@@ -7,15 +7,18 @@ and CFG returns the conditional prediction, which is the paper's weight 1.
 from __future__ import annotations
 
 from ..guidance import cfg_interval
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 NODE = "CFG Interval"
 KEY = toolkit.KEY_PREFIX + "cfg_interval"
 
 
-def apply_cfg_interval(model, start_percent: float, end_percent: float):
-    """Return a clone of ``model`` whose unconditional pass runs only for sigmas inside the interval."""
+def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=None):
+    """Return a clone of ``model`` whose unconditional pass runs only for sigmas inside the interval.
+
+    With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
+    """
     start_percent, end_percent = toolkit.check_percent_interval(NODE, start_percent, end_percent)
     patched = model.clone()
     interval = toolkit.SigmaInterval.from_percent(patched, start_percent, end_percent)
@@ -23,7 +26,26 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float):
     def outside_interval(ctx: toolkit.PassContext) -> bool:
         return not cfg_interval.in_interval(ctx.sigma_float, interval.sigma_start, interval.sigma_end)
 
-    toolkit.install_uncond_skip(patched, KEY, outside_interval)
+    def after_pass(ctx: toolkit.PassContext, outputs, skipped: bool) -> None:
+        # A skip wrapper inside this one (another node) fills the uncond slot with the cond tensor itself.
+        if skipped or outputs[1] is outputs[0]:
+            telemetry.record(
+                ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
+            )
+        else:
+            telemetry.record(
+                ctx.model_options,
+                node_id,
+                sigma=ctx.sigma,
+                ran=["cond", "uncond"],
+                scale=telemetry.run_cfg(ctx.model_options, node_id),
+                cosine=telemetry.cosine(outputs[0], outputs[1]),
+            )
+
+    telemetry.enable(patched, node_id, "CFG Interval")
+    toolkit.install_uncond_skip(
+        patched, KEY, outside_interval, after_pass=after_pass if node_id is not None else None
+    )
     return patched
 
 
@@ -66,7 +88,8 @@ class CFGInterval:
                         "runs. Must not be smaller than start_percent.",
                     },
                 ),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -78,8 +101,8 @@ class CFGInterval:
             return str(error)
         return True
 
-    def patch(self, model, start_percent: float, end_percent: float):
-        return (apply_cfg_interval(model, start_percent, end_percent),)
+    def patch(self, model, start_percent: float, end_percent: float, unique_id=None):
+        return (apply_cfg_interval(model, start_percent, end_percent, node_id=unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceCFGInterval": CFGInterval}

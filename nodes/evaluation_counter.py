@@ -7,7 +7,7 @@ puts the counts of the last run into the prompt's outputs: the history for headl
 
 from __future__ import annotations
 
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 
@@ -34,7 +34,8 @@ class CountNetworkEvaluations:
 class NetworkEvaluationReport:
     DESCRIPTION = (
         "Report the network evaluations of the last sampling run of a model that went through Count Network "
-        "Evaluations. Connect the sampler's LATENT output so the report runs after sampling; the latent passes "
+        "Evaluations, and the per-step guidance telemetry of the pack's guidance nodes on that model (kept in "
+        "the prompt's history as free_guidance_telemetry). Connect the sampler's LATENT output so the report runs after sampling; the latent passes "
         "through unchanged."
     )
     CATEGORY = CATEGORY + "/diagnostics"
@@ -70,7 +71,11 @@ class NetworkEvaluationReport:
         text = f"{counts['total']} evaluations: {counts['cond']} cond, {counts['uncond']} uncond"
         if counts["extra"]:
             text += ", " + ", ".join(f"{n} {name}" for name, n in counts["extra"].items())
-        return {"ui": {"free_guidance_evaluations": [counts], "text": [text]}, "result": (latent,)}
+        ui = {"free_guidance_evaluations": [counts], "text": [text]}
+        records = telemetry.records(model)
+        if records:
+            ui["free_guidance_telemetry"] = records
+        return {"ui": ui, "result": (latent,)}
 
 
 NODE_CLASS_MAPPINGS = {

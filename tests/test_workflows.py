@@ -1,0 +1,241 @@
+"""The templates in workflows/: they load in the real editor, the CLI's converter matches the editor's own
+conversion, and each runs end to end headless through the real server via the CLI, with tiny models under the
+official file names. Parametrized over the folder: a new template is tested by dropping its JSON file there.
+
+One server (real main.py on loopback) and one headless Chromium serve the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fg_testing import template_models
+from fg_testing.browser import Editor
+from fg_testing.server import ComfyServer
+
+pytestmark = pytest.mark.server
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = sorted((ROOT / "workflows").glob("*.json"))
+FIXTURES = sorted((Path(__file__).parent / "workflow_fixtures").glob("*.json"))
+sys.path.insert(0, str(ROOT))
+
+from fgcli import convert  # noqa: E402
+from fgcli.client import ComfyClient  # noqa: E402
+
+
+def _ids(paths):
+    return [p.stem for p in paths]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base_dir = template_models.prepare_base_dir(tmp_path_factory.mktemp("workflows-server"))
+    # fp32 text encoders: ComfyUI's CPU default (fp16) makes the random CLIP-L very slow to run
+    with ComfyServer(base_dir, extra_args=("--fp32-text-enc",)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return ComfyClient(server.url).object_info()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("browser-artifacts")
+    print(f"\nbrowser screenshots in {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def editor(server, artifacts):
+    with Editor(server.url, artifacts=artifacts) as running:
+        yield running
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it (a separate Python process that never imports ComfyUI)."""
+    return subprocess.run(
+        [sys.executable, "-m", "fgcli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_there_are_templates_for_every_pipeline():
+    names = " ".join(p.stem for p in TEMPLATES)
+    for pipeline in (
+        "sd15_txt2img",
+        "sdxl_txt2img",
+        "sd3_txt2img",
+        "flux",
+        "wan21_t2v",
+        "ltxv_t2v",
+        "inpaint",
+    ):
+        assert pipeline in names, pipeline
+    for path in TEMPLATES:
+        workflow = json.loads(path.read_text())
+        types = {n["type"] for n in workflow["nodes"]}
+        assert types & {"Note", "MarkdownNote"}, f"{path.name}: no note explaining the knobs"
+        assert "FreeGuidanceCountEvaluations" in types and "FreeGuidanceEvaluationReport" in types, path.name
+
+
+def test_the_cli_does_not_import_comfyui():
+    code = (
+        "import sys; import fgcli.cli, fgcli.convert, fgcli.client, fgcli.build; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('comfy', 'torch', 'nodes', 'server', 'folder_paths')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_widget_layout_follows_the_editor(object_info):
+    layout = [(w.name, w.serialize) for w in convert.widget_layout(object_info["KSampler"])]
+    assert layout[:3] == [("seed", True), ("control_after_generate", False), ("steps", True)]
+    load_image = [(w.name, w.serialize) for w in convert.widget_layout(object_info["LoadImage"])]
+    assert load_image == [("image", True), ("upload", False)]
+
+
+@pytest.mark.parametrize("path", TEMPLATES + FIXTURES, ids=_ids(TEMPLATES + FIXTURES))
+def test_loads_in_the_real_editor_and_matches_its_conversion(path, editor, object_info, artifacts):
+    workflow = json.loads(path.read_text())
+    report = editor.load(workflow, path.stem)
+    shot = editor.screenshot(path.stem)
+    assert shot.stat().st_size > 10_000
+    assert report["missing"] == [], f"missing node types: {report['missing']}"
+    assert not report["dialogs"], report["dialogs"]
+    assert not [t for t in report["toasts"] if "alidation" in t or "rror" in t], report["toasts"]
+    assert report["node_count"] == len(workflow["nodes"])
+    assert not editor.unexpected_console_errors(), editor.unexpected_console_errors()
+
+    frontend = editor.graph_to_prompt()["output"]
+    ours = convert.ui_to_api(workflow, object_info)
+    differing = {
+        k: (frontend.get(k), ours.get(k)) for k in set(frontend) | set(ours) if frontend.get(k) != ours.get(k)
+    }
+    assert not differing, "converter differs from the editor's graphToPrompt (editor, ours):\n" + json.dumps(
+        differing, indent=1
+    )
+
+
+@pytest.mark.parametrize("path", TEMPLATES, ids=_ids(TEMPLATES))
+def test_runs_headless_through_the_cli(path, server, tmp_path):
+    """convert → (substitute what cannot be tiny) → queue with small sizes via --set; outputs downloaded."""
+    converted = cli("convert", str(path), "--server", server.url)
+    assert converted.returncode == 0, converted.stderr
+    prompt = json.loads(converted.stdout)
+    prompt, substituted = template_models.substitute(prompt)
+    overrides = template_models.shrink_overrides(prompt)
+    if substituted:  # queue the substituted API prompt
+        target = tmp_path / "prompt.json"
+        target.write_text(json.dumps(prompt))
+    else:  # queue the template file itself
+        target = path
+    print(f"{path.name}: substituted {substituted or 'nothing'}; --set {overrides}")
+    started = time.time()
+    args = ["queue", str(target), "--server", server.url, "--out", str(tmp_path / "out"), "--json", "--quiet"]
+    for item in overrides:
+        args += ["--set", item]
+    result = cli(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"{path.name}: {summary['status']} in {time.time() - started:.1f}s, files {summary['files']}")
+    assert summary["status"] == "success"
+    assert summary["files"], "no output file"
+    for file in summary["files"]:
+        assert Path(file).stat().st_size > 0
+    counts = summary["evaluations"]
+    assert counts and counts[0]["total"] > 0
+    types = {n["type"] for n in json.loads(path.read_text())["nodes"]}
+    if "FreeGuidanceCFGInterval" in types:
+        records = [r for r in summary["telemetry"] if r["title"] == "CFG Interval"]
+        assert len(records) == 1, "no CFG Interval telemetry in the history"
+        steps = records[0]["steps"]
+        assert len(steps) >= 3  # one record per main evaluation (3 steps)
+        # every unconditional evaluation the counter saw is a recorded step where the uncond pass ran
+        assert counts[0]["uncond"] == sum("uncond" in s["ran"] for s in steps), (counts, steps)
+        for step in steps:
+            if step["skipped"]:
+                assert step["skipped"] == ["uncond"] and step["scale"] == 1.0 and step["cosine"] is None
+            else:
+                assert step["scale"] > 1.0 and -1.0 <= step["cosine"] <= 1.0
+
+
+def test_queue_shows_the_servers_node_errors(server):
+    path = ROOT / "workflows" / "sd15_txt2img_cfg_interval_pag.json"
+    result = cli(
+        "queue", str(path), "--server", server.url, "--quiet",
+        "--set", "FreeGuidanceCFGInterval.start_percent=0.9", "--set", "FreeGuidanceCFGInterval.end_percent=0.1",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "server rejected the prompt" in result.stderr
+    assert "FreeGuidanceCFGInterval" in result.stderr and "start_percent" in result.stderr, result.stderr
+
+
+def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor, server):
+    """Queue the SD1.5 template from the editor itself; the CFG Interval node gets its chart."""
+    path = ROOT / "workflows" / "sd15_txt2img_cfg_interval_pag.json"
+    editor.load(json.loads(path.read_text()), "telemetry-chart")
+    page = editor.page
+    node_id = page.evaluate(
+        """() => {
+          const node = app.graph.nodes.find((n) => n.type === "FreeGuidanceCFGInterval");
+          const set = (n, name, value) => { n.widgets.find((w) => w.name === name).value = value; };
+          set(node, "start_percent", 0.3); set(node, "end_percent", 0.7);
+          for (const n of app.graph.nodes) {
+            if (n.type === "EmptyLatentImage") { set(n, "width", 64); set(n, "height", 64); }
+            if (n.type === "KSampler") { set(n, "steps", 6); }
+          }
+          return node.id;
+        }"""
+    )
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    page.wait_for_function(
+        f"() => app.graph.getNodeById({node_id})?.freeGuidanceChart?.bars?.length === 6", timeout=180_000
+    )
+    assert page.evaluate("() => window.__freeGuidanceTelemetry.events") >= 1  # the websocket event arrived
+    chart = page.evaluate(
+        f"""() => {{
+          const node = app.graph.getNodeById({node_id});
+          node.pos = [-3000, -3000];  // alone on the canvas: nothing overlaps what is read back
+          app.canvas.ds.scale = 1;
+          app.canvas.ds.offset = [-node.pos[0] + 60, -node.pos[1] + 80];
+          app.graph.setDirtyCanvas(true, true);
+          return {{record: node.freeGuidanceTelemetry, chart: node.freeGuidanceChart}};
+        }}"""
+    )
+    page.wait_for_timeout(300)  # let the canvas redraw
+    steps = chart["record"]["steps"]
+    assert len(steps) == 6
+    skipped = [bool(s["skipped"]) for s in steps]
+    assert any(skipped) and not all(skipped), skipped  # interval 0.3–0.7 of 6 steps
+    assert [b["skipped"] for b in chart["chart"]["bars"]] == skipped
+    editor.screenshot("telemetry-chart")
+
+    def pixel(x: float, y: float) -> list[int]:
+        return page.evaluate(
+            f"""() => {{
+              const node = app.graph.getNodeById({node_id});
+              const canvas = app.canvas.canvas;
+              const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + {x}, node.pos[1] + {y}]);
+              const ratio = canvas.width / canvas.clientWidth;
+              return Array.from(canvas.getContext("2d").getImageData(
+                Math.round(cx * ratio), Math.round(cy * ratio), 1, 1).data);
+            }}"""
+        )
+
+    box = chart["chart"]
+    background = pixel(box["x"] + box["width"] - 2, box["y"] + 2)
+    assert background[:3] == [0x14, 0x20, 0x2B], background
+    for bar, was_skipped in zip(box["bars"], skipped, strict=True):
+        centre_x = bar["x"] + bar["w"] / 2
+        mark = pixel(centre_x, box["y"] + box["height"] - 4)
+        assert (mark[:3] == [0xE0, 0x48, 0x3E]) == was_skipped, (mark, was_skipped)
+        assert pixel(centre_x, bar["bottom"] - 1)[:3] == [0x4C, 0xAF, 0x50]
+    assert not editor.unexpected_console_errors(), editor.unexpected_console_errors()
