@@ -27,7 +27,7 @@ done
 PACK_DIR=$(cd "$(dirname "$0")/.." && pwd)
 HOST=$CACHE/comfyui
 VENV=$CACHE/venv
-STAMP_VERSION=3
+STAMP_VERSION=4
 mkdir -p "$CACHE"
 log() { echo "[setup_host] $*" >&2; }
 
