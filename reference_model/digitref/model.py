@@ -122,7 +122,7 @@ def flow_loss(base_model, x0: torch.Tensor, labels: torch.Tensor, generator: tor
 
 @dataclass
 class TrainConfig:
-    steps: int = 3000
+    steps: int = 4000
     batch: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
