@@ -24,9 +24,12 @@ def _gaussian(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor, eps: float = 1e-6) -> float:
+    """‖μa − μb‖² + tr(Σa + Σb − 2(ΣaΣb)^½), with ``eps`` on the diagonals (dead ReLU units have zero variance)."""
     mu_a, cov_a = _gaussian(features_a)
     mu_b, cov_b = _gaussian(features_b)
+    cov_a = cov_a + eps * np.eye(len(cov_a))
+    cov_b = cov_b + eps * np.eye(len(cov_b))
     root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
     root = np.real(root)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
