@@ -10,10 +10,11 @@ import torch
 from fg_testing import reference
 from fg_testing.reference import Technique
 
-# Measured on the shipped weights (seed 0, 10 per class, 20 euler steps; see reference_model/README.md):
-# CFG 3 → accuracy SMOKE_CFG_MEASURED, cond only → SMOKE_COND_MEASURED. Chance is 0.10.
+# Measured on the shipped weights with exactly this workflow (seed 0, 10 per digit, 20 euler steps, `simple`):
+# CFG 3 → accuracy 1.000 (mean requested-class probability 0.998); cond only → 0.930 (0.889). Chance is 0.10.
+# The threshold leaves 10 points of margin for other CPUs' numerics.
 SMOKE_CFG = 3.0
-SMOKE_CFG_MIN_ACCURACY = 0.80
+SMOKE_CFG_MIN_ACCURACY = 0.90
 SMOKE_PER_CLASS = 10
 
 
@@ -92,28 +93,32 @@ def _run(technique: Technique, per_class: int = SMOKE_PER_CLASS, steps: int = 20
     return latent, result.outputs[ids["report"]]["free_guidance_evaluations"][0]
 
 
-def _accuracy(latent, per_class: int):
+def _scores(latent, per_class: int) -> tuple[float, float]:
+    """(accuracy, mean probability of the requested class) by the independent classifier."""
     from digitref import data
 
     labels = torch.arange(10).repeat_interleave(per_class)
     with torch.no_grad():
-        predicted = reference.load_classifier()(data.decode_comfy_latent(latent)).argmax(1)
-    return float((predicted == labels).float().mean())
+        probs = reference.load_classifier()(data.decode_comfy_latent(latent)).softmax(1)
+    accuracy = float((probs.argmax(1) == labels).float().mean())
+    return accuracy, float(probs[torch.arange(len(labels)), labels].mean())
 
 
 def test_cfg_generates_requested_digits_and_beats_cond_only(ref_host):
     """Fixed seed, through UNETLoader, the reference nodes, KSampler and SaveLatent in the real host."""
     cfg_latent, cfg_counts = _run(Technique("CFG", "CFG", SMOKE_CFG))
     cond_latent, cond_counts = _run(Technique("cond only", "cond only", 1.0))
-    assert cfg_counts["cond"] == cfg_counts["uncond"] == 20 and cond_counts == {
-        **cond_counts,
-        "cond": 20,
-        "uncond": 0,
-    }
-    cfg_accuracy = _accuracy(cfg_latent, SMOKE_PER_CLASS)
-    cond_accuracy = _accuracy(cond_latent, SMOKE_PER_CLASS)
+    assert (cfg_counts["cond"], cfg_counts["uncond"]) == (20, 20)
+    assert (cond_counts["cond"], cond_counts["uncond"]) == (20, 0)  # cfg 1: ComfyUI skips the uncond pass
+    cfg_accuracy, cfg_prob = _scores(cfg_latent, SMOKE_PER_CLASS)
+    cond_accuracy, cond_prob = _scores(cond_latent, SMOKE_PER_CLASS)
     assert cfg_accuracy >= SMOKE_CFG_MIN_ACCURACY, (cfg_accuracy, cond_accuracy)
-    assert cond_accuracy < cfg_accuracy, (cfg_accuracy, cond_accuracy)
+    assert cond_accuracy < cfg_accuracy and cond_prob < cfg_prob, (
+        cfg_accuracy,
+        cond_accuracy,
+        cfg_prob,
+        cond_prob,
+    )
 
 
 def test_shipped_classifier_reaches_its_held_out_accuracy(comfy_host):
