@@ -22,8 +22,23 @@ PALETTE = [
 class Panel:
     title: str
     x_label: str
-    series: dict[str, list[tuple[float, float]]]  # name → points (x, y), drawn sorted by x
+    series: dict[str, list[tuple[float, float]]]  # name → points (x, y)
     log_y: bool = False
+    # "higher"/"lower": a series whose x values are all distinct (a sweep along compute) is joined in x order;
+    # one with repeated x values (a sweep at similar compute) is joined along its frontier (the best y at ≤ x).
+    # None: always joined in x order; "points": markers only.
+    better: str | None = None
+
+
+def frontier(points: list[tuple[float, float]], better: str) -> list[tuple[float, float]]:
+    """The points that beat every point of lower or equal x (sorted by x)."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1] if better == "higher" else p[1])):
+        if not out or (y > out[-1][1] if better == "higher" else y < out[-1][1]):
+            if out and out[-1][0] == x:
+                continue
+            out.append((x, y))
+    return out
 
 
 def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -93,8 +108,14 @@ def line_chart(panels: list[Panel], path, panel_size: tuple[int, int] = (420, 30
             color = PALETTE[names.index(name) % len(PALETTE)]
             pts = sorted(series)
             coords = [(px(x), py(y)) for x, y in pts]
-            if len({x for x, _ in pts}) > 1:  # a sweep at constant compute is drawn as points only
-                draw.line(coords, fill=color, width=2)
+            if panel.better in ("higher", "lower") and len({x for x, _ in pts}) < len(pts):
+                line = [(px(x), py(y)) for x, y in frontier(pts, panel.better)]
+            elif panel.better != "points":
+                line = coords
+            else:
+                line = []
+            if len({round(x) for x, _ in line}) > 1:
+                draw.line(line, fill=color, width=2)
             for x, y in coords:
                 draw.ellipse([x - 3.5, y - 3.5, x + 3.5, y + 3.5], fill=color)
     for i, name in enumerate(names):
