@@ -24,14 +24,15 @@ from fg_testing.host import PACK_DIR, PACK_NAME  # noqa: E402
 from fg_testing.reference import Technique  # noqa: E402
 from fg_testing.server import ComfyServer  # noqa: E402
 
+# The benchmark's baseline (CFG 2) and its best CFG Interval entry (docs/benchmark/digits_quality.md).
 TECHNIQUES = [
     Technique("cond only (cfg 1)", "cond only", 1.0),
-    Technique("CFG 3", "CFG", 3.0),
+    Technique("CFG 2", "CFG", 2.0),
     Technique(
-        "CFG Interval 0.2-0.8 @ 3",
+        "CFG Interval 0.3-0.7 @ 2",
         "CFG Interval",
-        3.0,
-        (("FreeGuidanceCFGInterval", {"start_percent": 0.2, "end_percent": 0.8}),),
+        2.0,
+        (("FreeGuidanceCFGInterval", {"start_percent": 0.3, "end_percent": 0.7}),),
     ),
 ]
 ZOOM = 4
