@@ -8,6 +8,7 @@ Modules:
 - ``model``: the model's ComfyUI config, its full initial state dict, the SD3 training objective, training.
 - ``classifier``: the independent digit classifier used to score samples.
 - ``metrics``: accuracy, requested-class probability, Fréchet distance, diversity.
+- ``plot``: small Pillow line charts (benchmark plot, loss curve).
 
 Nothing here imports ComfyUI at module level except ``model`` (through ``host``).
 """
