@@ -1,84 +1,111 @@
-"""Demo: the pack in a real ComfyUI server, queued headless; writes images and evaluation counts.
+"""Demo: the pack in a real ComfyUI server on the trained digits reference model; writes a PNG grid.
 
-Runs the same text-to-image workflow twice on the embedded tiny SD1.5 model (random weights: the pictures are
-noise, the point is the pipeline and the counts): plain CFG, and CFG Interval over the middle of sampling.
+Starts the pinned ComfyUI (``main.py --cpu``) with the pack and the reference model's nodes in a private
+base directory, queues one workflow per technique over HTTP (UNETLoader → Count Network Evaluations → the
+technique → KSampler → Network Evaluation Report → Digits Decode → SaveImage), and writes
+``<out>/grid.png`` (rows: techniques; columns: the digits 0-9, the same noise in every row) and
+``<out>/evaluations.json`` (the pack's counts of each run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import re
 import sys
+import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
-from fg_testing.prompts import Graph  # noqa: E402
-from fg_testing.server import ComfyServer, prepare_base_dir  # noqa: E402
+from fg_testing import reference  # noqa: E402
+from fg_testing.host import PACK_DIR, PACK_NAME  # noqa: E402
+from fg_testing.reference import Technique  # noqa: E402
+from fg_testing.server import ComfyServer  # noqa: E402
+
+# The benchmark's baseline (CFG 2) and its best CFG Interval entry (docs/benchmark/digits_quality.md).
+TECHNIQUES = [
+    Technique("cond only (cfg 1)", "cond only", 1.0),
+    Technique("CFG 2", "CFG", 2.0),
+    Technique(
+        "CFG Interval 0.3-0.7 @ 2",
+        "CFG Interval",
+        2.0,
+        (("FreeGuidanceCFGInterval", {"start_percent": 0.3, "end_percent": 0.7}),),
+    ),
+]
+ZOOM = 4
+LABEL_WIDTH = 210
 
 
-def workflow(interval: tuple[float, float] | None, steps: int, prefix: str) -> tuple[dict, dict]:
-    g = Graph()
-    model = g.node("UNETLoader", unet_name="tiny_sd15.safetensors", weight_dtype="default")
-    model = g.node("FreeGuidanceCountEvaluations", model=model)
-    if interval is not None:
-        model = g.node(
-            "FreeGuidanceCFGInterval", model=model, start_percent=interval[0], end_percent=interval[1]
-        )
-    clip = g.node(
-        "CLIPLoader", clip_name="tiny_clip_l.safetensors", type="stable_diffusion", device="default"
+def prepare_base_dir() -> Path:
+    base_dir = Path(tempfile.mkdtemp(prefix="free-guidance-demo-"))
+    custom_nodes = base_dir / "custom_nodes"
+    custom_nodes.mkdir(parents=True)
+    (custom_nodes / PACK_NAME).symlink_to(PACK_DIR, target_is_directory=True)
+    reference.link_into(base_dir)
+    return base_dir
+
+
+def compose_grid(rows: list[tuple[str, list[Path], dict]], path: Path) -> None:
+    from PIL import Image, ImageDraw
+
+    tiles = [[Image.open(p).convert("L") for p in files] for _, files, _ in rows]
+    size = tiles[0][0].width
+    pad = 4
+    header = 24
+    grid = Image.new(
+        "L", (LABEL_WIDTH + len(tiles[0]) * (size + pad), header + len(rows) * (size + pad)), 255
     )
-    positive = g.node("CLIPTextEncode", clip=clip, text="a lighthouse on a cliff at dawn")
-    negative = g.node("CLIPTextEncode", clip=clip, text="blurry, low quality")
-    latent = g.node("EmptyLatentImage", width=128, height=128, batch_size=1)
-    sampled = g.node(
-        "KSampler",
-        model=model,
-        seed=42,
-        steps=steps,
-        cfg=6.0,
-        sampler_name="euler",
-        scheduler="normal",
-        positive=positive,
-        negative=negative,
-        latent_image=latent,
-        denoise=1.0,
-    )
-    report = g.node("FreeGuidanceEvaluationReport", model=model, latent=sampled)
-    vae = g.node("VAELoader", vae_name="tiny_taesd.safetensors")
-    image = g.node("VAEDecode", samples=sampled, vae=vae)
-    save = g.node("SaveImage", images=image, filename_prefix=prefix)
-    return g.prompt, {"report": Graph.id(report), "save": Graph.id(save)}
+    draw = ImageDraw.Draw(grid)
+    for column in range(len(tiles[0])):
+        draw.text((LABEL_WIDTH + column * (size + pad) + size // 2 - 3, 6), str(column), fill=0)
+    for r, ((name, _, counts), row) in enumerate(zip(rows, tiles, strict=True)):
+        y = header + r * (size + pad)
+        draw.text((6, y + size // 2 - 12), name, fill=0)
+        draw.text((6, y + size // 2 + 4), f"{counts['total']} network evaluations", fill=90)
+        for column, tile in enumerate(row):
+            grid.paste(tile, (LABEL_WIDTH + column * (size + pad), y))
+    grid.save(path)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo-output")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     base_dir = prepare_base_dir()
-    results = {}
+    results, rows = {}, []
     with ComfyServer(base_dir) as server:
         print(f"ComfyUI {server.get('/system_stats')['system']['comfyui_version']} on {server.url}")
-        for name, interval in (("plain_cfg", None), ("cfg_interval_0.2-0.8", (0.2, 0.8))):
-            prompt, ids = workflow(interval, args.steps, name)
+        for technique in TECHNIQUES:
+            prompt, ids = reference.workflow(
+                technique, steps=args.steps, seed=args.seed, save_image=slug(technique.name), decode_zoom=ZOOM
+            )
             entry = server.queue(prompt)
             counts = entry["outputs"][ids["report"]]["free_guidance_evaluations"][0]
-            image = entry["outputs"][ids["save"]]["images"][0]
-            source = base_dir / "output" / image["subfolder"] / image["filename"]
-            target = out / f"{name}.png"
-            shutil.copyfile(source, target)
-            results[name] = {"image": str(target), "evaluations": counts}
+            files = [
+                base_dir / "output" / image["subfolder"] / image["filename"]
+                for image in entry["outputs"][ids["image"]]["images"]
+            ]
+            rows.append((technique.name, files, counts))
+            results[technique.name] = {"evaluations": counts, "cfg": technique.cfg, "steps": args.steps}
             print(
-                f"{name:>22}: {counts['total']:3d} network evaluations "
-                f"({counts['cond']} cond + {counts['uncond']} uncond) -> {target}"
+                f"{technique.name:>26}: {counts['total']:3d} network evaluations "
+                f"({counts['cond']} cond + {counts['uncond']} uncond)"
             )
+    compose_grid(rows, out / "grid.png")
     (out / "evaluations.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {out / 'evaluations.json'}")
+    print(f"wrote {out / 'grid.png'} and {out / 'evaluations.json'}")
 
 
 if __name__ == "__main__":

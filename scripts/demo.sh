@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: start the pinned ComfyUI with this pack and tiny embedded models, queue a workflow headless
-# over HTTP, and write the output images and the network-evaluation counts to ./demo-output (or $1).
+# The main job: start the pinned ComfyUI with this pack and the trained digits reference model, queue workflows headless
+# over HTTP, and write a technique x digit grid (grid.png) and the network-evaluation counts to ./demo-output (or $1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=$(scripts/setup_host.sh | tail -n 1)

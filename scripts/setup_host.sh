@@ -27,7 +27,7 @@ done
 PACK_DIR=$(cd "$(dirname "$0")/.." && pwd)
 HOST=$CACHE/comfyui
 VENV=$CACHE/venv
-STAMP_VERSION=4
+STAMP_VERSION=3
 mkdir -p "$CACHE"
 log() { echo "[setup_host] $*" >&2; }
 
@@ -60,8 +60,15 @@ if [ ! -f "$STAMP" ]; then
   # Only this torch/torchvision/torchaudio set imports cleanly here (the CPU-only build breaks torchvision).
   "${PIP[@]}" torch==2.14.1 torchvision==0.29.1 torchaudio==2.11.0
   "${PIP[@]}" -r "$HOST/requirements.txt" requests
-  "${PIP[@]}" -r "$PACK_DIR/tests/requirements.txt"
   touch "$STAMP"
+fi
+# The test tools, reinstalled whenever tests/requirements.txt changes (without rebuilding the environment).
+TEST_STAMP="$VENV/.free-guidance-test-requirements-$(sha256sum "$PACK_DIR/tests/requirements.txt" | cut -c1-16)"
+if [ ! -f "$TEST_STAMP" ]; then
+  log "installing the test requirements"
+  "$VENV/bin/python" -m pip install --quiet -r "$PACK_DIR/tests/requirements.txt"
+  rm -f "$VENV"/.free-guidance-test-requirements-*
+  touch "$TEST_STAMP"
 fi
 
 # 3. The pack, linked into the host's custom nodes.

@@ -157,4 +157,11 @@ class ComfyServer:
                 raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s")
         finally:
             ws.close()
-        return self.get(f"/history/{prompt_id}")[prompt_id]
+        # execution_success is sent before the worker stores the history entry: wait for the entry.
+        while True:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history:
+                return history[prompt_id]
+            if time.time() > deadline:
+                raise TimeoutError(f"prompt {prompt_id} finished but has no history entry after {timeout}s")
+            time.sleep(0.1)
