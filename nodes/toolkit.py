@@ -310,7 +310,9 @@ def install_uncond_skip(
         ctx = PassContext(x=x_in, sigma=timestep, model_options=model_options, model=model)
         skip = bool(should_skip(ctx))
         if skip:
-            out = CondBatchOutput(executor(model, [conds[0], None, *conds[2:]], x_in, timestep, model_options))
+            out = CondBatchOutput(
+                executor(model, [conds[0], None, *conds[2:]], x_in, timestep, model_options)
+            )
             out[1] = fill(ctx, out[0]) if fill is not None else out[0]
             out.filled = frozenset({1})
         else:
