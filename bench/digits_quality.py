@@ -43,6 +43,12 @@ def cfg_interval(start: float, end: float, cfg: float = BASELINE_CFG) -> Techniq
 
 BASELINE = f"CFG {BASELINE_CFG:g}"
 
+
+def patched(name: str, curve: str, patch: tuple[str, dict], cfg: float = BASELINE_CFG, **params) -> Technique:
+    """One pack node on top of plain CFG at ``cfg``, compared with plain CFG at the same scale."""
+    return Technique(name, curve, cfg, (patch,), reference=f"CFG {cfg:g}", params=params)
+
+
 TECHNIQUES: list[Technique] = [
     Technique("cond only", "cond only", 1.0, reference=BASELINE),
     # Plain CFG at the baseline scale with fewer steps: what the same compute buys without a technique.
@@ -60,6 +66,73 @@ TECHNIQUES: list[Technique] = [
         for a, b in ((0.0, 0.3), (0.0, 0.5), (0.0, 0.8), (0.1, 0.6), (0.2, 0.8), (0.3, 0.7), (0.5, 1.0))
     ],
     *[cfg_interval(a, b, 3.0) for a, b in ((0.0, 0.5), (0.2, 0.8), (0.3, 0.7))],
+    *[
+        patched(
+            f"Adaptive Guidance {t:g}",
+            "Adaptive Guidance",
+            ("FreeGuidanceAdaptiveGuidance", {"threshold": t, "start_percent": 0.0}),
+            threshold=t,
+        )
+        for t in (0.98, 0.99, 0.991, 0.993, 0.996, 0.999)
+    ],
+    patched(
+        "Adaptive Guidance 0.991, start 0.3",
+        "Adaptive Guidance (start 0.3)",
+        ("FreeGuidanceAdaptiveGuidance", {"threshold": 0.991, "start_percent": 0.3}),
+        threshold=0.991,
+    ),
+    *[
+        patched(
+            f"LinearAG end {e:g}", "LinearAG", ("FreeGuidanceLinearAG", {"end_percent": e}), end_percent=e
+        )
+        for e in (0.3, 0.5, 0.8)
+    ],
+    *[
+        patched(
+            f"CFG Schedule {name}",
+            "CFG Schedule",
+            ("FreeGuidanceCFGSchedule", {"schedule": name, "axis": "step", "clamp": 0.0, "exponent": 1.0}),
+            schedule=name,
+        )
+        for name in ("linear", "cosine", "inverse_linear")
+    ],
+    *[
+        Technique(
+            f"CFG++ (KSampler euler) λ {lam:g}",
+            "CFG++",
+            lam,
+            (("FreeGuidanceCFGppEuler", {}),),
+            reference=BASELINE,
+            params={"lambda": lam},
+        )
+        for lam in (0.4, 0.6, 0.8)
+    ],
+    patched("ICG gaussian", "ICG", ("FreeGuidanceICG", {"mode": "gaussian", "seed": 0}), mode="gaussian"),
+    *[
+        patched(
+            f"{node} scale 1",
+            "attention perturbation",
+            (
+                f"FreeGuidance{node}",
+                {
+                    "scale": 1.0,
+                    "blocks": "auto",
+                    "start_percent": 0.0,
+                    "end_percent": 1.0,
+                    "schedule": "constant",
+                    "batched": True,
+                    "rescale": 0.0,
+                    **extra,
+                },
+            ),
+            technique=node,
+        )
+        for node, extra in (
+            ("PAG", {}),
+            ("SEG", {"blur_sigma": 9999.0}),
+            ("STG", {"mode": "STG-R (skip block)"}),
+        )
+    ],
 ]
 
 

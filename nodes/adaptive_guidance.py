@@ -13,7 +13,7 @@ stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
 from __future__ import annotations
 
 from ..guidance import adaptive_guidance as ag
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 NODE = "Adaptive Guidance"
@@ -34,11 +34,12 @@ class _RunState:
 
 
 def apply_adaptive_guidance(
-    model, threshold: float, start_percent: float = 0.0, *, trace: list | None = None
+    model, threshold: float, start_percent: float = 0.0, *, trace: list | None = None, node_id=None
 ):
     """Return a clone of ``model`` that switches to conditional-only steps once CFG has converged.
 
     ``trace``: an optional list; every sampling run appends its ``AdaptiveSwitch`` (γ history, switch step).
+    With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
     threshold = toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
     start_percent = toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
@@ -59,10 +60,22 @@ def apply_adaptive_guidance(
         # Only a real unconditional evaluation tells anything: an inner skip wrapper (CFG Interval, LinearAG)
         # may have filled the slot with D_c or an estimate.
         if skipped or not toolkit.uncond_evaluated(out):
+            telemetry.record(
+                ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
+            )
             return
         gammas = ag.noise_cosine(ctx.x, out[0], out[1])
         state.switch.observe(state.step(ctx.sigma), gammas, allowed=window.contains(ctx.sigma))
+        telemetry.record(
+            ctx.model_options,
+            node_id,
+            sigma=ctx.sigma,
+            ran=["cond", "uncond"],
+            scale=telemetry.run_cfg(ctx.model_options, node_id),
+            cosine=float(gammas.min()),  # the batch switches when its least converged sample does
+        )
 
+    telemetry.enable(patched, node_id, "Adaptive Guidance")
     toolkit.install_uncond_skip(patched, KEY, should_skip, after_pass=after_pass)
     return patched
 
@@ -116,6 +129,7 @@ class AdaptiveGuidance:
                     },
                 ),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -129,8 +143,8 @@ class AdaptiveGuidance:
             return str(error)
         return True
 
-    def patch(self, model, threshold: float, start_percent: float = 0.0):
-        return (apply_adaptive_guidance(model, threshold, start_percent),)
+    def patch(self, model, threshold: float, start_percent: float = 0.0, unique_id=None):
+        return (apply_adaptive_guidance(model, threshold, start_percent, node_id=unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceAdaptiveGuidance": AdaptiveGuidance}

@@ -76,3 +76,21 @@ def test_stacked_guidance_nodes_keep_separate_records(run_prompt):
     pattern = [bool(s["skipped"]) for s in late["steps"]]
     assert any(pattern) and not all(pattern)
     assert [bool(s["skipped"]) for s in full["steps"]] == pattern
+
+
+def test_adaptive_guidance_records_the_cosine_and_the_switch(run_prompt):
+    """Threshold -1: every cosine passes, so the first step runs both passes and every later step is skipped."""
+
+    def patch(g, model):
+        return g.node("FreeGuidanceAdaptiveGuidance", model=model, threshold=-1.0, start_percent=0.0)
+
+    prompt, ids = tiny_txt2img("sd15", steps=5, cfg=4.0, patch=patch)
+    output = run_prompt(prompt).outputs[ids["report"]]
+    (record,) = output["free_guidance_telemetry"]
+    assert record["title"] == "Adaptive Guidance"
+    steps = record["steps"]
+    assert len(steps) == 5
+    assert steps[0]["ran"] == ["cond", "uncond"] and steps[0]["scale"] == 4.0
+    assert -1.0 <= steps[0]["cosine"] <= 1.0
+    assert all(s["skipped"] == ["uncond"] and s["scale"] == 1.0 for s in steps[1:])
+    assert output["free_guidance_evaluations"][0]["uncond"] == 1
