@@ -293,7 +293,15 @@ def state_dict(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def build_model(name: str, seed: int = 0):
-    """A ModelPatcher of the tiny model, loaded the way UNETLoader loads (detection + load_state_dict)."""
+    """A ModelPatcher of the tiny model, loaded the way UNETLoader loads (detection + load_state_dict).
+
+    Built outside inference mode (see ``state_dict``): the model may be shared between prompts and tests.
+    """
+    with torch.inference_mode(False):
+        return _build_model(name, seed)
+
+
+def _build_model(name: str, seed: int = 0):
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd

@@ -10,6 +10,11 @@ from .host import ensure_host
 
 
 def _random_like(reference: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    with torch.inference_mode(False):  # cached and shared with autograd-tracked tests (see tiny_models)
+        return _random_like_impl(reference, seed)
+
+
+def _random_like_impl(reference: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key, value in reference.items():
