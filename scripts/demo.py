@@ -24,7 +24,8 @@ from fg_testing.host import PACK_DIR, PACK_NAME  # noqa: E402
 from fg_testing.reference import Technique  # noqa: E402
 from fg_testing.server import ComfyServer  # noqa: E402
 
-# The benchmark's baseline (CFG 2) and its best CFG Interval entry (docs/benchmark/digits_quality.md).
+# The benchmark's baseline (CFG 2) and the best entries of the evaluation-saving techniques
+# (docs/benchmark/digits_quality.md).
 TECHNIQUES = [
     Technique("cond only (cfg 1)", "cond only", 1.0),
     Technique("CFG 2", "CFG", 2.0),
@@ -34,6 +35,13 @@ TECHNIQUES = [
         2.0,
         (("FreeGuidanceCFGInterval", {"start_percent": 0.3, "end_percent": 0.7}),),
     ),
+    Technique(
+        "Adaptive Guidance 0.991 @ 2",
+        "Adaptive Guidance",
+        2.0,
+        (("FreeGuidanceAdaptiveGuidance", {"threshold": 0.991, "start_percent": 0.0}),),
+    ),
+    Technique("LinearAG end 0.8 @ 2", "LinearAG", 2.0, (("FreeGuidanceLinearAG", {"end_percent": 0.8}),)),
 ]
 ZOOM = 4
 LABEL_WIDTH = 210
