@@ -1,6 +1,6 @@
 """Quality vs compute of every guidance technique on the digits reference model, in the real ComfyUI host.
 
-    /root/.cache/comfyui-free-guidance/venv/bin/python bench/digits_quality.py      (or scripts/bench.sh)
+    scripts/bench.sh      (sets up the host, then runs this file with its venv python)
 
 Every entry of ``TECHNIQUES`` is one workflow run through ComfyUI's own ``validate_prompt`` and
 ``PromptExecutor`` (in process, CPU): UNETLoader → Count Network Evaluations → the technique's nodes →

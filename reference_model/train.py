@@ -1,7 +1,7 @@
 """Train the digits reference model (seeded) and write its weights, loss curve and training record.
 
     nice python reference_model/train.py                # the shipped recipe (see reference_model/README.md)
-    python reference_model/train.py --steps 5 --out /tmp/x   # a smoke run
+    python reference_model/train.py --steps 5 --out smoke-run   # a smoke run
 
 Writes ``<out>/digits_sd3.safetensors`` (EMA weights, the keys of a ComfyUI SD3 diffusion-model file, with
 the recipe in the file's metadata) and ``<out>/training.json`` (recipe, loss curve, time).
