@@ -27,8 +27,8 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=
         return not cfg_interval.in_interval(ctx.sigma_float, interval.sigma_start, interval.sigma_end)
 
     def after_pass(ctx: toolkit.PassContext, outputs, skipped: bool) -> None:
-        # A skip wrapper inside this one (another node) fills the uncond slot with the cond tensor itself.
-        if skipped or outputs[1] is outputs[0]:
+        # A skip wrapper inside this one (another node) may have filled the uncond slot instead of evaluating it.
+        if skipped or not toolkit.uncond_evaluated(outputs):
             telemetry.record(
                 ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
             )

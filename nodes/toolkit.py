@@ -277,9 +277,28 @@ def append_batched_cond(model_options: dict, conds: list, cond, name: str) -> tu
 
 
 class CondBatchOutput(list):
-    """The list a skip wrapper returns: ``filled`` holds the indices of slots filled instead of evaluated."""
+    """The list a skip wrapper returns: ``filled`` holds the indices of slots filled instead of evaluated.
+
+    A slice keeps the marker, so a wrapper that trims its own batched extra conds (``out[:index]``) passes it on.
+    """
 
     filled: frozenset = frozenset()
+
+    def __getitem__(self, item):
+        value = super().__getitem__(item)
+        if isinstance(item, slice):
+            value = CondBatchOutput(value)
+            value.filled = frozenset(i for i in self.filled if i < len(value))
+        return value
+
+
+def run_without_uncond(executor, model, conds, x_in, timestep, model_options, fill=None) -> CondBatchOutput:
+    """Run a main call without its unconditional evaluation; slot 1 becomes ``fill(cond_out)`` (default
+    ``cond_out`` itself, so CFG returns ``D_c``) and is marked filled. Batched extra conds are kept."""
+    out = CondBatchOutput(executor(model, [conds[0], None, *conds[2:]], x_in, timestep, model_options))
+    out[1] = fill(out[0]) if fill is not None else out[0]
+    out.filled = frozenset({1})
+    return out
 
 
 def uncond_evaluated(out: list) -> bool:
@@ -310,11 +329,8 @@ def install_uncond_skip(
         ctx = PassContext(x=x_in, sigma=timestep, model_options=model_options, model=model)
         skip = bool(should_skip(ctx))
         if skip:
-            out = CondBatchOutput(
-                executor(model, [conds[0], None, *conds[2:]], x_in, timestep, model_options)
-            )
-            out[1] = fill(ctx, out[0]) if fill is not None else out[0]
-            out.filled = frozenset({1})
+            fill_slot = (lambda cond_out: fill(ctx, cond_out)) if fill is not None else None
+            out = run_without_uncond(executor, model, conds, x_in, timestep, model_options, fill_slot)
         else:
             out = executor(model, conds, x_in, timestep, model_options)
         if after_pass is not None:
@@ -338,9 +354,7 @@ def options_without_uncond(model_options: dict, key: str) -> dict:
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
         if not is_main_pass(conds, model_options):
             return executor(model, conds, x_in, timestep, model_options)
-        out = executor(model, [conds[0], None], x_in, timestep, model_options)
-        out[1] = out[0]
-        return out
+        return run_without_uncond(executor, model, conds, x_in, timestep, model_options)
 
     by_key[key] = [calc_cond_batch]
     wrappers[WrappersMP.CALC_COND_BATCH] = by_key

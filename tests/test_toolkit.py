@@ -94,8 +94,6 @@ def test_two_skip_wrappers_stack(toolkit):
 
 
 def test_extra_pass_is_counted_apart_and_ignored_by_skip_wrappers(toolkit):
-    import comfy.samplers
-
     model, counter = counted(toolkit)
     toolkit.install_uncond_skip(model, "free_guidance.test_never", lambda ctx: False)
 
@@ -115,7 +113,6 @@ def test_extra_pass_is_counted_apart_and_ignored_by_skip_wrappers(toolkit):
         "total": 6,
         "forward_calls": 4,
     }
-    assert comfy.samplers  # the pass went through ComfyUI's own calc_cond_batch
 
 
 def test_attention_override_chains_the_previous_one(toolkit):
@@ -189,3 +186,33 @@ def test_cfg_interval_stacks_with_skip_layer_guidance_on_a_dit(run_prompt):
     prompt, ids = tiny_txt2img("sd3", steps=4, patch=patch)
     result = run_prompt(prompt)
     assert result.outputs[ids["stats"]]["latent_stats"][0]["finite"]
+
+
+def test_a_slot_filled_inside_a_batched_perturbation_is_still_known_as_filled(pack):
+    """Adaptive Guidance (outer) → batched PAG → CFG Interval (inner): on the steps CFG Interval skips, the
+    uncond slot holds D_c (cosine 1). PAG's wrapper returns a slice of the list; AG must still see that the
+    slot was filled, or it would switch to cond-only at the first step."""
+    nodes = pack.nodes
+    model, counter = counted(pack.nodes.toolkit)
+    model = nodes.adaptive_guidance.apply_adaptive_guidance(model, threshold=0.9999)
+    model = nodes.pag.apply_pag(model, scale=1.0, blocks="auto", batched=True)
+    model = nodes.cfg_interval.apply_cfg_interval(model, 0.5, 1.0)
+    sampling.ksample(model, "sd15", steps=6)
+
+    reference, reference_counter = counted(pack.nodes.toolkit)
+    reference = nodes.cfg_interval.apply_cfg_interval(reference, 0.5, 1.0)
+    sampling.ksample(reference, "sd15", steps=6)
+    assert 0 < reference_counter.last.uncond < 6
+    assert counter.last.uncond == reference_counter.last.uncond
+
+
+def test_sampler_conditional_only_calls_keep_batched_extra_passes(pack):
+    """PCG's conditional-only predictor call with a batched PAG pass in the same forward."""
+    nodes = pack.nodes
+    model, counter = counted(pack.nodes.toolkit)
+    model = nodes.pag.apply_pag(model, scale=1.0, blocks="auto", batched=True)
+    sampler = nodes.pcg.make_sampler(1, "2*cfg-1 (matches DDPM CFG)", 1.0, 1.0)
+    grid = sampling.sigmas_for(model, 3)
+    out = sampling.custom_sample(model, "sd15", sampler, grid, cfg=3.0)
+    assert torch.isfinite(out).all()
+    assert counter.last.extra.get("pag", 0) > 0

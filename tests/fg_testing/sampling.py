@@ -12,6 +12,14 @@ def noise_for(family: str, batch: int = 1, height: int = 8, width: int = 8, fram
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+def _inputs(family, batch, height, width, frames, seed, positive, negative):
+    """Seeded noise and the default positive/negative conditioning (seeds 1 and 2) unless given."""
+    noise = noise_for(family, batch, height, width, frames, seed)
+    positive = positive if positive is not None else tiny_models.conditioning(family, seed=1)
+    negative = negative if negative is not None else tiny_models.conditioning(family, seed=2)
+    return noise, positive, negative
+
+
 def ksample(
     model,
     family: str,
@@ -31,9 +39,7 @@ def ksample(
     """Sample like the KSampler node; returns the latent in ComfyUI's output space."""
     import comfy.sample
 
-    noise = noise_for(family, batch, height, width, frames, seed)
-    positive = positive if positive is not None else tiny_models.conditioning(family, seed=1)
-    negative = negative if negative is not None else tiny_models.conditioning(family, seed=2)
+    noise, positive, negative = _inputs(family, batch, height, width, frames, seed, positive, negative)
     return comfy.sample.sample(
         model,
         noise,
@@ -73,9 +79,7 @@ def custom_sample(
     """Sample like SamplerCustom with a SAMPLER object and explicit sigmas; returns the output-space latent."""
     import comfy.sample
 
-    noise = noise_for(family, batch, height, width, frames, seed)
-    positive = positive if positive is not None else tiny_models.conditioning(family, seed=1)
-    negative = negative if negative is not None else tiny_models.conditioning(family, seed=2)
+    noise, positive, negative = _inputs(family, batch, height, width, frames, seed, positive, negative)
     return comfy.sample.sample_custom(
         model,
         noise,
