@@ -58,11 +58,15 @@ class UIWorkflow:
         *,
         column: int,
         title: str | None = None,
-        mode: int = convert.MODE_ALWAYS,
+        node_mode: int = convert.MODE_ALWAYS,
         controls: dict[str, str] | None = None,
         **values: Any,
     ) -> Node:
-        """A node; keyword values are widget values or ``Out`` links (to a socket or a widget input)."""
+        """A node; keyword values are widget values or ``Out`` links (to a socket or a widget input).
+
+        ``node_mode`` is the editor's node mode (0 always, 2 muted, 4 bypassed), apart from the node's inputs
+        (some have one named ``mode``).
+        """
         node_def = self.object_info[class_type]
         layout = convert.widget_layout(node_def)
         specs = {name: spec for name, spec, _ in convert.ordered_inputs(node_def)}
@@ -116,7 +120,7 @@ class UIWorkflow:
             "size": size,
             "flags": {},
             "order": node_id - 1,
-            "mode": mode,
+            "mode": node_mode,
             "inputs": inputs,
             "outputs": outputs,
             "properties": {"Node name for S&R": class_type},
