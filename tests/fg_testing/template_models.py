@@ -62,7 +62,8 @@ class ModelFile:
 MODEL_FILES = {
     f.name: f
     for f in [
-        ModelFile("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors", "sd15", True),
+        # sd15_deep: SD1.5's real block layout, which FouriScale needs (it names SD1.5's layers); still cheap
+        ModelFile("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors", "sd15_deep", True),
         ModelFile("checkpoints", "sd-v1-5-inpainting.ckpt", "sd15_inpaint", True),
         ModelFile("checkpoints", "sd_xl_base_1.0.safetensors", "sdxl", False),
         ModelFile("checkpoints", "sd3.5_large_fp8_scaled.safetensors", "sd3", False),
@@ -179,7 +180,7 @@ def write_model_files(cache_dir: Path) -> Path:
     return cache_dir
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when a file's content changes (2: SD1.5 is sd15_deep)
 
 
 def default_cache_dir() -> Path:
@@ -265,15 +266,30 @@ def substitute(prompt: dict) -> tuple[dict, list[str]]:
     return prompt, notes
 
 
+SIZE_INPUTS = ("width", "height", "base_resolution")
+SMALL_SIZE = 64
+
+
 def shrink(prompt: dict) -> dict:
-    """Tiny sizes and few steps, through the inputs every user can set (the CLI's --set)."""
+    """Tiny sizes and few steps, through the inputs every user can set (the CLI's --set).
+
+    Sizes (width, height, FouriScale's base_resolution) shrink together: the smallest becomes 64 pixels and
+    the others whole multiples of 64 (their ratio to it rounded down), so a 2x high-resolution template stays 2x.
+    """
+    sizes = [
+        value
+        for node in prompt.values()
+        for key, value in node["inputs"].items()
+        if key in SIZE_INPUTS and isinstance(value, int) and value >= SMALL_SIZE
+    ]
+    unit = min(sizes, default=SMALL_SIZE)
     for node in prompt.values():
         inputs = node["inputs"]
         for key, value in list(inputs.items()):
             if isinstance(value, list):
                 continue
-            if key in ("width", "height") and isinstance(value, int) and value >= 64:
-                inputs[key] = 64
+            if key in SIZE_INPUTS and isinstance(value, int) and value >= SMALL_SIZE:
+                inputs[key] = SMALL_SIZE * max(1, value // unit)
             elif key == "steps" and isinstance(value, int):
                 inputs[key] = 3
             elif key == "length" and isinstance(value, int):
