@@ -4,12 +4,17 @@
 
 The server's /object_info gives each node's widget order (fgcli/build.py). You do not need this script to add
 a template: save a workflow from the editor into workflows/ and the tests pick it up.
+
+Every template wires this pack's own nodes the way a user should start, with a Note per guidance node saying
+what it does and which knob to turn. Blocks stay ``auto`` (the family's recommended blocks, scaled to the
+model's depth) so the templates also run on the tests' tiny models.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import urllib.request
 from pathlib import Path
@@ -17,137 +22,87 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fgcli.build import UIWorkflow  # noqa: E402
+from fgcli.build import Node, Out, UIWorkflow  # noqa: E402
 
 NEGATIVE = "blurry, low quality, watermark, text"
+VIDEO_NEGATIVE = "static, blurry, low quality, worst quality, deformed, subtitles, watermark"
 
+SD15 = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+SD35 = "sd3.5_large_fp8_scaled.safetensors"
+
+COUNT_SHORT = (
+    "**Count Network Evaluations** (first on the model chain) and **Network Evaluation Report** (after the "
+    "sampler) show how many conditional, unconditional and extra passes the run cost, in the editor and in "
+    "the prompt's history. Remove both for production runs; they change nothing in the image."
+)
 COUNT_NOTE = (
     "**Count Network Evaluations** (first on the model chain) and **Network Evaluation Report** (after the "
     "sampler) show how many conditional, unconditional and extra passes the run cost, and keep the per-step "
-    "guidance telemetry in the prompt's history. The report node draws a chart of it on the guidance node after "
-    "a run. Remove both for production runs; they change nothing in the image."
-)
-CFG_INTERVAL_NOTE = (
-    "**CFG Interval** applies classifier-free guidance only between *start_percent* and *end_percent* of the "
-    "denoising (0 = first, noisiest step). Outside it the unconditional pass is skipped: fewer network "
-    "evaluations, more diversity at high noise. Try start 0.2-0.3, end 0.8-0.9; 0 and 1 give plain CFG. The "
-    "KSampler's *cfg* is the guidance weight inside the interval."
+    "guidance telemetry in the prompt's history. After a run the report draws a chart of it on the guidance "
+    "nodes that record it (Adaptive Guidance: bar = guidance scale, red mark = skipped pass, yellow line = "
+    "cond/uncond cosine). Remove both for production runs; they change nothing in the image."
 )
 AG_NOTE = (
-    "*Adaptive Guidance* (skip CFG once cond and uncond agree) and *CFG++* will be added here when the pack's "
-    "CFG-family nodes land; CFG Interval is the pack's step-skipping guidance for now."
+    "**Adaptive Guidance** (Castillo et al., AAAI 2025) runs plain CFG and, after each step, measures how "
+    "alike the conditional and unconditional predictions are (their cosine). Once they agree beyond "
+    "*threshold*, the remaining steps skip the unconditional pass: about a quarter fewer network evaluations "
+    "at CFG quality. *threshold*: 0.991 is the paper's value (it explores 0.991-0.996); higher stays closer to "
+    "CFG, lower saves more, above 1 is plain CFG. If images lose the prompt, set *start_percent* to 0.2-0.3 "
+    "(no switch before that point). The KSampler's *cfg* is the guidance weight while CFG runs."
+)
+PAG_NOTE = (
+    "**Perturbed-Attention Guidance** (Ahn et al., ECCV 2024) adds one conditional pass per step in which the "
+    "self-attention of the chosen blocks is replaced by the identity, and pushes the image away from that "
+    "degraded prediction: firmer structure and detail. *scale* is the knob: 3 is the paper's default, lower it "
+    "(1-2) if colours burn or the image gets busy. *blocks* `auto` is the family's default ({blocks}). "
+    "*start/end_percent* limit it to part of the schedule; *batched* runs the extra pass in the same forward as "
+    "cond/uncond (faster on GPUs)."
+)
+SEG_NOTE = (
+    "**Smoothed Energy Guidance** (Hong, NeurIPS 2024) is the gentler sibling of PAG: its extra conditional "
+    "pass blurs the self-attention queries of the chosen blocks (a smoothed attention energy) instead of "
+    "removing attention, and guidance pushes away from it. *scale* 3 as in the paper; *blur_sigma* sets the "
+    "strength of the perturbation: 9999 or more = infinite blur (the paper's default, strongest), smaller "
+    "values are milder. *blocks* `auto` = the UNet middle block."
 )
 
+UNET_PROMPT = "a glass bottle with a galaxy inside, on a wooden table, soft light"
+SD3_PROMPT = "a red fox in fresh snow, golden hour, detailed fur"
+FLUX_PROMPT = "a lighthouse on a cliff at dusk, dramatic clouds, photograph"
 
-def txt2img_unet(info: dict, ckpt: str, size: int, name: str) -> dict:
-    w = UIWorkflow(info)
-    loader = w.node("CheckpointLoaderSimple", column=0, ckpt_name=ckpt)
-    pos = w.node(
-        "CLIPTextEncode",
-        column=1,
-        title="Positive",
-        clip=loader.out("CLIP"),
-        text="a glass bottle with a galaxy inside, on a wooden table, soft light",
+
+def note(w: UIWorkflow, text: str, *, column: int, title: str) -> Node:
+    """A Markdown note tall enough for its text (the editor fits about 100 characters a line at this width)."""
+    lines = sum(math.ceil(max(len(part), 1) / 100) for part in text.split("\n"))
+    return w.note(text, column=column, title=title, width=380, height=max(100, 60 + 13 * lines))
+
+
+def counted(w: UIWorkflow, model: Out) -> Node:
+    return w.node("FreeGuidanceCountEvaluations", column=2, model=model)
+
+
+def ksampler(w: UIWorkflow, model: Out, pos: Out, neg: Out, latent: Out, **settings) -> Node:
+    values = dict(seed=42, sampler_name="euler", scheduler="normal", denoise=1.0)
+    values.update(settings)
+    return w.node(
+        "KSampler", column=3, model=model, positive=pos, negative=neg, latent_image=latent, **values
     )
-    neg = w.node("CLIPTextEncode", column=1, title="Negative", clip=loader.out("CLIP"), text=NEGATIVE)
-    latent = w.node("EmptyLatentImage", column=1, width=size, height=size, batch_size=1)
-    count = w.node("FreeGuidanceCountEvaluations", column=2, model=loader.out("MODEL"))
-    interval = w.node(
-        "FreeGuidanceCFGInterval", column=2, model=count.out(), start_percent=0.25, end_percent=0.85
-    )
-    pag = w.node("PerturbedAttentionGuidance", column=2, model=interval.out(), scale=2.0)
-    sampler = w.node(
-        "KSampler",
-        column=3,
-        model=pag.out(),
-        positive=pos.out(),
-        negative=neg.out(),
-        latent_image=latent.out(),
-        seed=42,
-        steps=25,
-        cfg=7.0,
-        sampler_name="euler",
-        scheduler="normal",
-        denoise=1.0,
-    )
-    report = w.node("FreeGuidanceEvaluationReport", column=4, model=pag.out(), latent=sampler.out())
-    decode = w.node("VAEDecode", column=4, samples=report.out(), vae=loader.out("VAE"))
+
+
+def save_image(w: UIWorkflow, report: Node, vae: Out, name: str) -> None:
+    decode = w.node("VAEDecode", column=4, samples=report.out(), vae=vae)
     w.node("SaveImage", column=5, images=decode.out(), filename_prefix=f"free-guidance/{name}")
-    w.note(CFG_INTERVAL_NOTE, column=3, title="CFG Interval")
-    w.note(
-        "**Perturbed-Attention Guidance** (core node, Ahn et al. 2024) adds one extra conditional pass with the "
-        "self-attention of the middle block replaced by identity, and pushes away from it: better structure. "
-        "*scale* 1-3; it costs one network evaluation per step. The pack's own PAG/SEG nodes will replace it. "
-        + AG_NOTE,
-        column=3,
-        title="Attention perturbation",
-    )
-    w.note(COUNT_NOTE, column=5, title="Evaluations and telemetry")
-    w.group("Guidance", [count, interval, pag])
-    return w.to_json()
 
 
-def txt2img_sd3(info: dict) -> dict:
-    w = UIWorkflow(info)
-    loader = w.node("CheckpointLoaderSimple", column=0, ckpt_name="sd3.5_large_fp8_scaled.safetensors")
-    pos = w.node(
-        "CLIPTextEncode",
-        column=1,
-        title="Positive",
-        clip=loader.out("CLIP"),
-        text="a red fox in fresh snow, golden hour, detailed fur",
-    )
+def checkpoint_prompts(w: UIWorkflow, ckpt: str, text: str) -> tuple[Node, Node, Node]:
+    loader = w.node("CheckpointLoaderSimple", column=0, ckpt_name=ckpt)
+    pos = w.node("CLIPTextEncode", column=1, title="Positive", clip=loader.out("CLIP"), text=text)
     neg = w.node("CLIPTextEncode", column=1, title="Negative", clip=loader.out("CLIP"), text=NEGATIVE)
-    latent = w.node("EmptySD3LatentImage", column=1, width=1024, height=1024, batch_size=1)
-    count = w.node("FreeGuidanceCountEvaluations", column=2, model=loader.out("MODEL"))
-    interval = w.node(
-        "FreeGuidanceCFGInterval", column=2, model=count.out(), start_percent=0.2, end_percent=0.9
-    )
-    slg = w.node(
-        "SkipLayerGuidanceSD3",
-        column=2,
-        model=interval.out(),
-        layers="7, 8, 9",
-        scale=3.0,
-        start_percent=0.01,
-        end_percent=0.15,
-    )
-    sampler = w.node(
-        "KSampler",
-        column=3,
-        model=slg.out(),
-        positive=pos.out(),
-        negative=neg.out(),
-        latent_image=latent.out(),
-        seed=42,
-        steps=28,
-        cfg=4.5,
-        sampler_name="euler",
-        scheduler="sgm_uniform",
-        denoise=1.0,
-    )
-    report = w.node("FreeGuidanceEvaluationReport", column=4, model=slg.out(), latent=sampler.out())
-    decode = w.node("VAEDecode", column=4, samples=report.out(), vae=loader.out("VAE"))
-    w.node("SaveImage", column=5, images=decode.out(), filename_prefix="free-guidance/sd3")
-    w.note(
-        CFG_INTERVAL_NOTE + " SD3 has true CFG, so the interval saves real passes.",
-        column=3,
-        title="CFG Interval",
-    )
-    w.note(
-        "**Skip Layer Guidance (SD3)** (core node) is the DiT form of attention perturbation (like STG): an extra "
-        "pass with the listed joint blocks skipped, guided away from. Layers 7-9 suit SD3.5 Medium/Large; *scale* "
-        "2-4 between 1% and 15% of the schedule. The pack's STG node will replace it. " + AG_NOTE,
-        column=3,
-        title="Layer skipping",
-    )
-    w.note(COUNT_NOTE, column=5, title="Evaluations and telemetry")
-    w.group("Guidance", [count, interval, slg])
-    return w.to_json()
+    return loader, pos, neg
 
 
-def txt2img_flux(info: dict) -> dict:
-    w = UIWorkflow(info)
+def flux_loaders(w: UIWorkflow) -> tuple[Node, Node, Node]:
     unet = w.node("UNETLoader", column=0, unet_name="flux1-dev.safetensors", weight_dtype="default")
     clip = w.node(
         "DualCLIPLoader",
@@ -157,60 +112,200 @@ def txt2img_flux(info: dict) -> dict:
         type="flux",
     )
     vae = w.node("VAELoader", column=0, vae_name="ae.safetensors")
-    pos = w.node(
-        "CLIPTextEncode",
-        column=1,
-        title="Positive",
-        clip=clip.out(),
-        text="a lighthouse on a cliff at dusk, dramatic clouds, photograph",
+    return unet, clip, vae
+
+
+FLUX_NO_CFG = (
+    "Flux dev is guidance-distilled: there is **no real CFG**. *FluxGuidance* sets the distilled strength "
+    "(3.5) and the sampler's *cfg* stays 1, so ComfyUI never runs an unconditional pass. That is why "
+    "**Adaptive Guidance is absent**: it saves compute by skipping the unconditional pass once it agrees with "
+    "the conditional one, and here there is none to skip (the same holds for CFG Interval, CFG Schedule and "
+    "the CFG++ samplers)."
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue #5: text-to-image, video and inpainting with the pack's guidance nodes
+
+
+def txt2img_unet(info: dict, ckpt: str, size: int, name: str, perturbation: str) -> dict:
+    """SD1.5 / SDXL: Adaptive Guidance + PAG (or SEG)."""
+    w = UIWorkflow(info)
+    loader, pos, neg = checkpoint_prompts(w, ckpt, UNET_PROMPT)
+    latent = w.node("EmptyLatentImage", column=1, width=size, height=size, batch_size=1)
+    count = counted(w, loader.out("MODEL"))
+    ag = w.node(
+        "FreeGuidanceAdaptiveGuidance", column=2, model=count.out(), threshold=0.991, start_percent=0.0
     )
-    flux_guidance = w.node("FluxGuidance", column=1, conditioning=pos.out(), guidance=3.5)
-    neg = w.node("ConditioningZeroOut", column=1, conditioning=pos.out())
-    latent = w.node("EmptySD3LatentImage", column=1, width=1024, height=1024, batch_size=1)
-    count = w.node("FreeGuidanceCountEvaluations", column=2, model=unet.out())
-    slg = w.node(
-        "SkipLayerGuidanceDiT",
-        column=2,
-        model=count.out(),
-        double_layers="",
-        single_layers="7, 8, 9",
-        scale=2.0,
-        start_percent=0.01,
-        end_percent=0.3,
-        rescaling_scale=0.0,
-    )
-    sampler = w.node(
-        "KSampler",
+    if perturbation == "pag":
+        attention = w.node(
+            "FreeGuidancePAG",
+            column=2,
+            model=ag.out(),
+            scale=3.0,
+            blocks="auto",
+            start_percent=0.0,
+            end_percent=1.0,
+            schedule="constant",
+            batched=True,
+            rescale=0.0,
+        )
+        attention_note = PAG_NOTE.format(blocks="the UNet's middle block, core PAG's choice")
+        attention_title = "Perturbed-Attention Guidance"
+    else:
+        attention = w.node(
+            "FreeGuidanceSEG",
+            column=2,
+            model=ag.out(),
+            scale=3.0,
+            blocks="auto",
+            start_percent=0.0,
+            end_percent=1.0,
+            schedule="constant",
+            batched=True,
+            rescale=0.0,
+            blur_sigma=9999.0,
+        )
+        attention_note = SEG_NOTE
+        attention_title = "Smoothed Energy Guidance"
+    sampler = ksampler(w, attention.out(), pos.out(), neg.out(), latent.out(), steps=25, cfg=7.0)
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=attention.out(), latent=sampler.out())
+    save_image(w, report, loader.out("VAE"), name)
+    note(w, AG_NOTE, column=3, title="Adaptive Guidance")
+    note(
+        w,
+        attention_note + " Adaptive Guidance decides when CFG stops; the attention guidance keeps running to "
+        "the end (one extra pass per step), so the two stack.",
         column=3,
-        model=slg.out(),
-        positive=flux_guidance.out(),
-        negative=neg.out(),
-        latent_image=latent.out(),
-        seed=42,
-        steps=20,
-        cfg=1.0,
-        sampler_name="euler",
-        scheduler="simple",
-        denoise=1.0,
+        title=attention_title,
     )
-    report = w.node("FreeGuidanceEvaluationReport", column=4, model=slg.out(), latent=sampler.out())
-    decode = w.node("VAEDecode", column=4, samples=report.out(), vae=vae.out())
-    w.node("SaveImage", column=5, images=decode.out(), filename_prefix="free-guidance/flux")
-    w.note(
-        "Flux dev is guidance-distilled: there is **no real CFG** (KSampler *cfg* stays 1, *FluxGuidance* sets "
-        "the distilled strength), so CFG-family nodes (CFG Interval, Adaptive Guidance) have no unconditional "
-        "pass to skip and are left out. **Skip Layer Guidance DiT** (core node, STG-like) adds one extra pass "
-        "with the listed single blocks skipped; *scale* 1-3 early in the schedule. The pack's STG/PAG nodes will "
-        "replace it.",
-        column=3,
-        title="Guidance on Flux",
-    )
-    w.note(COUNT_NOTE, column=5, title="Evaluations and telemetry")
-    w.group("Guidance", [count, slg])
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+    w.group("Guidance", [count, ag, attention])
     return w.to_json()
 
 
+def txt2img_sd3(info: dict) -> dict:
+    """SD3.5 (true CFG): Adaptive Guidance + STG-R on the SD3.5 skip-layer blocks."""
+    w = UIWorkflow(info)
+    loader, pos, neg = checkpoint_prompts(w, SD35, SD3_PROMPT)
+    latent = w.node("EmptySD3LatentImage", column=1, width=1024, height=1024, batch_size=1)
+    count = counted(w, loader.out("MODEL"))
+    ag = w.node(
+        "FreeGuidanceAdaptiveGuidance", column=2, model=count.out(), threshold=0.991, start_percent=0.0
+    )
+    stg = w.node(
+        "FreeGuidanceSTG",
+        column=2,
+        model=ag.out(),
+        scale=3.0,
+        blocks="auto",
+        start_percent=0.0,
+        end_percent=0.15,
+        schedule="constant",
+        batched=True,
+        rescale=0.0,
+        mode="STG-R (skip block)",
+    )
+    sampler = ksampler(
+        w, stg.out(), pos.out(), neg.out(), latent.out(), steps=28, cfg=4.5, scheduler="sgm_uniform"
+    )
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=stg.out(), latent=sampler.out())
+    save_image(w, report, loader.out("VAE"), "sd3")
+    note(
+        w,
+        AG_NOTE + " SD3.5 has true CFG, so every skipped step saves a real pass.",
+        column=3,
+        title="Adaptive Guidance",
+    )
+    note(
+        w,
+        "**Spatiotemporal Skip Guidance**, mode STG-R, is the DiT form of attention perturbation (the "
+        "skip-layer guidance of SD3.5): one extra conditional pass per step with whole blocks skipped, and the "
+        "image pushed away from it. *blocks* `auto` = joint blocks 7, 8, 9, the blocks known to work on SD3.5 "
+        "Medium and Large. Here it follows the SD3.5 skip-layer recipe: *scale* 3 over the first 15% of the "
+        "schedule (*end_percent*), no *rescale* (STG's 0.7 rescale is meant for video). Lower *scale* if "
+        "anatomy or text looks overcooked; widen the interval for a stronger effect.",
+        column=3,
+        title="Skip guidance (STG-R)",
+    )
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+    w.group("Guidance", [count, ag, stg])
+    return w.to_json()
+
+
+def txt2img_flux(info: dict) -> dict:
+    """Flux dev (distilled guidance): PAG only."""
+    w = UIWorkflow(info)
+    unet, clip, vae = flux_loaders(w)
+    pos = w.node("CLIPTextEncode", column=1, title="Positive", clip=clip.out(), text=FLUX_PROMPT)
+    flux_guidance = w.node("FluxGuidance", column=1, conditioning=pos.out(), guidance=3.5)
+    neg = w.node("ConditioningZeroOut", column=1, conditioning=pos.out())
+    latent = w.node("EmptySD3LatentImage", column=1, width=1024, height=1024, batch_size=1)
+    count = counted(w, unet.out())
+    pag = w.node(
+        "FreeGuidancePAG",
+        column=2,
+        model=count.out(),
+        scale=2.0,
+        blocks="auto",
+        start_percent=0.0,
+        end_percent=0.5,
+        schedule="constant",
+        batched=True,
+        rescale=0.0,
+    )
+    sampler = ksampler(
+        w, pag.out(), flux_guidance.out(), neg.out(), latent.out(), steps=20, cfg=1.0, scheduler="simple"
+    )
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=pag.out(), latent=sampler.out())
+    save_image(w, report, vae.out(), "flux")
+    note(w, FLUX_NO_CFG, column=3, title="Why no Adaptive Guidance")
+    note(
+        w,
+        "Attention-perturbation guidance needs no unconditional pass: **Perturbed-Attention Guidance** makes "
+        "its own extra conditional pass with the self-attention of the chosen blocks replaced by the identity, "
+        "and pushes the image away from it. *blocks* `auto` = double blocks 7, 8, 9 and single blocks 7, 8, 9. "
+        "*scale* 2 over the first half of the schedule (*end_percent* 0.5) firms up structure without "
+        "flattening Flux's detail; try 1-3. One extra network evaluation per step inside the interval. "
+        "Spatiotemporal Skip Guidance (STG-R, the skip-layer guidance of Flux) is the alternative.",
+        column=3,
+        title="Perturbed-Attention Guidance on Flux",
+    )
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+    w.group("Guidance", [count, pag])
+    return w.to_json()
+
+
+VIDEO_NOTES = {
+    "schedule": (
+        "**CFG Schedule** (Wang et al., TMLR 2024) lets the guidance weight change over sampling; the "
+        "sampler's *cfg* becomes its average. *linear* rises steadily from about 1 at the first step to "
+        "2·cfg−1 at the last: little guidance while the noisy early steps lay out motion, more while detail forms (the paper "
+        "finds such rising schedules beat a constant cfg). Try *cosine* for the same idea with a softer "
+        "start, *constant* to compare with plain CFG. At weight exactly 1 the unconditional pass is skipped."
+    ),
+    "ag": (
+        "**Adaptive Guidance** then decides when CFG may stop: once the conditional and unconditional "
+        "predictions agree beyond *threshold* it skips the unconditional pass for the rest of the run. Since "
+        "the schedule puts the highest weight at the end, *threshold* is set to 0.996, the cautious end of the "
+        "paper's 0.991-0.996: it stops only when guidance no longer changes the prediction. Lower it to save "
+        "more evaluations."
+    ),
+}
+
+
+def stg_video_note(family: str, blocks: str) -> str:
+    return (
+        "**Spatiotemporal Skip Guidance** (Hyung et al., CVPR 2025) adds one conditional pass per step with "
+        f"whole blocks skipped (STG-R) and pushes the video away from it: steadier motion and structure. The "
+        f"defaults follow the official {family} recipe: *blocks* `auto` = {blocks}, *scale* 1, *rescale* 0.7 (it "
+        "keeps the contrast of the conditional prediction; lower it if the video looks flat). Raise *scale* "
+        "towards 2 for more effect; STG-A (skip attention only) is milder."
+    )
+
+
 def video_wan(info: dict) -> dict:
+    """Wan 2.1 T2V: CFG Schedule + Adaptive Guidance + STG."""
     w = UIWorkflow(info)
     unet = w.node(
         "UNETLoader", column=0, unet_name="wan2.1_t2v_1.3B_fp16.safetensors", weight_dtype="default"
@@ -224,45 +319,16 @@ def video_wan(info: dict) -> dict:
         clip=clip.out(),
         text="a fox running through a snowy forest, tracking shot",
     )
-    neg = w.node(
-        "CLIPTextEncode",
-        column=1,
-        title="Negative",
-        clip=clip.out(),
-        text="static, blurry, low quality, subtitles, watermark",
-    )
+    neg = w.node("CLIPTextEncode", column=1, title="Negative", clip=clip.out(), text=VIDEO_NEGATIVE)
     latent = w.node("EmptyHunyuanLatentVideo", column=1, width=832, height=480, length=33, batch_size=1)
     shift = w.node("ModelSamplingSD3", column=2, model=unet.out(), shift=8.0)
-    count = w.node("FreeGuidanceCountEvaluations", column=2, model=shift.out())
-    interval = w.node(
-        "FreeGuidanceCFGInterval", column=2, model=count.out(), start_percent=0.1, end_percent=0.8
-    )
-    slg = w.node(
-        "SkipLayerGuidanceDiT",
-        column=2,
-        model=interval.out(),
-        double_layers="9",
-        single_layers="",
-        scale=3.0,
-        start_percent=0.1,
-        end_percent=1.0,
-        rescaling_scale=0.0,
-    )
-    sampler = w.node(
-        "KSampler",
-        column=3,
-        model=slg.out(),
-        positive=pos.out(),
-        negative=neg.out(),
-        latent_image=latent.out(),
-        seed=42,
-        steps=30,
-        cfg=6.0,
-        sampler_name="uni_pc",
+    count = counted(w, shift.out())
+    schedule, ag, stg = video_guidance(w, count.out())
+    sampler = ksampler(
+        w, stg.out(), pos.out(), neg.out(), latent.out(), steps=30, cfg=6.0, sampler_name="uni_pc",
         scheduler="simple",
-        denoise=1.0,
-    )
-    report = w.node("FreeGuidanceEvaluationReport", column=4, model=slg.out(), latent=sampler.out())
+    )  # fmt: skip
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=stg.out(), latent=sampler.out())
     decode = w.node("VAEDecode", column=4, samples=report.out(), vae=vae.out())
     video = w.node("CreateVideo", column=5, images=decode.out(), fps=16.0)
     w.node(
@@ -273,25 +339,49 @@ def video_wan(info: dict) -> dict:
         format="auto",
         codec="auto",
     )
-    w.note(
-        CFG_INTERVAL_NOTE
-        + " For video it doubles as a simple CFG schedule: guidance only where it shapes motion "
-        "and layout. The pack's CFG schedule node will add smooth schedules.",
-        column=3,
-        title="CFG Interval as a schedule",
-    )
-    w.note(
-        "**Skip Layer Guidance DiT** (core node) on Wan is spatiotemporal skip guidance (STG-like): one extra "
-        "pass with block 9 skipped; *scale* 1-3. The pack's STG node will replace it. " + AG_NOTE,
-        column=3,
-        title="STG",
-    )
-    w.note(COUNT_NOTE, column=5, title="Evaluations and telemetry")
-    w.group("Guidance", [count, interval, slg])
+    video_notes(w, "Wan 2.1", "block 2")
+    w.group("Guidance", [count, schedule, ag, stg])
     return w.to_json()
 
 
+def video_guidance(w: UIWorkflow, model: Out) -> tuple[Node, Node, Node]:
+    schedule = w.node(
+        "FreeGuidanceCFGSchedule",
+        column=2,
+        model=model,
+        schedule="linear",
+        axis="step",
+        clamp=0.0,
+        exponent=1.0,
+    )
+    ag = w.node(
+        "FreeGuidanceAdaptiveGuidance", column=2, model=schedule.out(), threshold=0.996, start_percent=0.0
+    )
+    stg = w.node(
+        "FreeGuidanceSTG",
+        column=2,
+        model=ag.out(),
+        scale=1.0,
+        blocks="auto",
+        start_percent=0.0,
+        end_percent=1.0,
+        schedule="constant",
+        batched=True,
+        rescale=0.7,
+        mode="STG-R (skip block)",
+    )
+    return schedule, ag, stg
+
+
+def video_notes(w: UIWorkflow, family: str, blocks: str) -> None:
+    note(w, VIDEO_NOTES["schedule"], column=3, title="CFG Schedule")
+    note(w, VIDEO_NOTES["ag"], column=3, title="Adaptive Guidance")
+    note(w, stg_video_note(family, blocks), column=3, title="Spatiotemporal Skip Guidance")
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+
+
 def video_ltxv(info: dict) -> dict:
+    """LTX-Video T2V: CFG Schedule + Adaptive Guidance + STG."""
     w = UIWorkflow(info)
     ckpt = w.node("CheckpointLoaderSimple", column=0, ckpt_name="ltx-video-2b-v0.9.safetensors")
     clip = w.node("CLIPLoader", column=0, clip_name="t5xxl_fp16.safetensors", type="ltxv")
@@ -302,30 +392,11 @@ def video_ltxv(info: dict) -> dict:
         clip=clip.out(),
         text="waves crashing on black rocks, slow motion, cinematic",
     )
-    neg = w.node(
-        "CLIPTextEncode",
-        column=1,
-        title="Negative",
-        clip=clip.out(),
-        text="low quality, worst quality, deformed, distorted, motion smear",
-    )
+    neg = w.node("CLIPTextEncode", column=1, title="Negative", clip=clip.out(), text=VIDEO_NEGATIVE)
     cond = w.node("LTXVConditioning", column=1, positive=pos.out(), negative=neg.out(), frame_rate=25.0)
     latent = w.node("EmptyLTXVLatentVideo", column=1, width=768, height=512, length=97, batch_size=1)
-    count = w.node("FreeGuidanceCountEvaluations", column=2, model=ckpt.out("MODEL"))
-    interval = w.node(
-        "FreeGuidanceCFGInterval", column=2, model=count.out(), start_percent=0.0, end_percent=0.8
-    )
-    slg = w.node(
-        "SkipLayerGuidanceDiT",
-        column=2,
-        model=interval.out(),
-        double_layers="14",
-        single_layers="",
-        scale=1.0,
-        start_percent=0.0,
-        end_percent=1.0,
-        rescaling_scale=0.7,
-    )
+    count = counted(w, ckpt.out("MODEL"))
+    schedule, ag, stg = video_guidance(w, count.out())
     scheduler = w.node(
         "LTXVScheduler",
         column=2,
@@ -340,7 +411,7 @@ def video_ltxv(info: dict) -> dict:
     sampler = w.node(
         "SamplerCustom",
         column=3,
-        model=slg.out(),
+        model=stg.out(),
         add_noise=True,
         noise_seed=42,
         cfg=3.0,
@@ -350,7 +421,7 @@ def video_ltxv(info: dict) -> dict:
         sigmas=scheduler.out(),
         latent_image=latent.out(),
     )
-    report = w.node("FreeGuidanceEvaluationReport", column=4, model=slg.out(), latent=sampler.out(0))
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=stg.out(), latent=sampler.out(0))
     decode = w.node("VAEDecode", column=4, samples=report.out(), vae=ckpt.out("VAE"))
     video = w.node("CreateVideo", column=5, images=decode.out(), fps=25.0)
     w.node(
@@ -361,23 +432,13 @@ def video_ltxv(info: dict) -> dict:
         format="auto",
         codec="auto",
     )
-    w.note(
-        CFG_INTERVAL_NOTE + " Here it ends guidance at 80%: the last steps only refine detail.",
-        column=3,
-        title="CFG Interval as a schedule",
-    )
-    w.note(
-        "**Skip Layer Guidance DiT** (core node) with block 14 skipped and rescaling 0.7 is the STG recipe "
-        "LTX-Video recommends; *scale* ~1. The pack's STG node will replace it. " + AG_NOTE,
-        column=3,
-        title="STG",
-    )
-    w.note(COUNT_NOTE, column=5, title="Evaluations and telemetry")
-    w.group("Guidance", [count, interval, slg])
+    video_notes(w, "LTX-Video", "block 19")
+    w.group("Guidance", [count, schedule, ag, stg])
     return w.to_json()
 
 
 def inpaint_sd15(info: dict) -> dict:
+    """SD1.5 inpainting model with InpaintModelConditioning: Adaptive Guidance."""
     w = UIWorkflow(info)
     ckpt = w.node("CheckpointLoaderSimple", column=0, ckpt_name="sd-v1-5-inpainting.ckpt")
     image = w.node("LoadImage", column=0, image="fg_inpaint_example.png")
@@ -408,38 +469,221 @@ def inpaint_sd15(info: dict) -> dict:
         mask=image.out("MASK"),
         noise_mask=True,
     )
-    count = w.node("FreeGuidanceCountEvaluations", column=2, model=ckpt.out("MODEL"))
-    interval = w.node(
-        "FreeGuidanceCFGInterval", column=2, model=count.out(), start_percent=0.2, end_percent=0.9
+    count = counted(w, ckpt.out("MODEL"))
+    ag = w.node(
+        "FreeGuidanceAdaptiveGuidance", column=2, model=count.out(), threshold=0.991, start_percent=0.0
     )
-    sampler = w.node(
-        "KSampler",
-        column=3,
-        model=interval.out(),
-        positive=cond.out(0),
-        negative=cond.out(1),
-        latent_image=cond.out(2),
-        seed=42,
-        steps=25,
-        cfg=7.0,
-        sampler_name="euler",
-        scheduler="normal",
-        denoise=1.0,
-    )
-    report = w.node("FreeGuidanceEvaluationReport", column=4, model=interval.out(), latent=sampler.out())
-    decode = w.node("VAEDecode", column=4, samples=report.out(), vae=ckpt.out("VAE"))
-    w.node("SaveImage", column=5, images=decode.out(), filename_prefix="free-guidance/inpaint")
-    w.note(
+    sampler = ksampler(w, ag.out(), cond.out(0), cond.out(1), cond.out(2), steps=25, cfg=7.0)
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=ag.out(), latent=sampler.out())
+    save_image(w, report, ckpt.out("VAE"), "inpaint")
+    note(
+        w,
         "Load an image whose **alpha channel** marks the area to repaint (right-click the image → *Open in "
-        "MaskEditor*). **InpaintModelConditioning** gives the inpainting model its masked image and mask. "
-        + CFG_INTERVAL_NOTE
-        + " "
-        + AG_NOTE,
+        "MaskEditor*). **InpaintModelConditioning** gives the inpainting model its masked image and mask; "
+        "*noise_mask* keeps the unmasked area untouched. The guidance nodes work on the inpainting model like "
+        "on any SD1.5 model.",
         column=3,
-        title="Inpainting with CFG Interval",
+        title="Inpainting",
     )
-    w.note(COUNT_NOTE, column=5, title="Evaluations and telemetry")
-    w.group("Guidance", [count, interval])
+    note(
+        w,
+        AG_NOTE
+        + " Alternative: the **CFG++ Sampler** node (sampling/guidance/samplers) in SamplerCustom with "
+        "this conditioning, *cfg* 0.6 (CFG++'s λ is between 0 and 1).",
+        column=3,
+        title="Adaptive Guidance",
+    )
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+    w.group("Guidance", [count, ag])
+    return w.to_json()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue #6: high resolution without training
+
+FOURISCALE_NOTE = (
+    "**FouriScale** (Huang et al., ECCV 2024) lets the model sample above its training size without repeated "
+    "objects: its ResNet convolutions are dilated by the size ratio and their inputs low-passed in the "
+    "Fourier domain, and a third, weakly filtered branch guides CFG. Keep its *width/height* equal to the "
+    "empty latent's. *base_resolution* is the model's training size ({base}); the dilation is then "
+    "ceil(size / base) = 2. *start/stop*: from *start* of the steps the dilation ramps down to 1, from *stop* "
+    "the original model and plain CFG run ({timing}). {extra}While active, each step evaluates 3 branches "
+    "in one batched model call (the evaluation counter sees the usual 2 passes: the third rides inside the "
+    "conditional call); after *stop*, plain CFG."
+)
+
+
+def fouriscale(info: dict, ckpt: str, native: int, name: str) -> dict:
+    """SD1.5 / SDXL at 2x the native size with FouriScale."""
+    w = UIWorkflow(info)
+    size = 2 * native
+    loader = w.node("CheckpointLoaderSimple", column=0, ckpt_name=ckpt)
+    if ckpt == SDXL:
+        # the paper conditions SDXL on its base size (original and target 1024), not the sampled size
+        encoders = [
+            w.node(
+                "CLIPTextEncodeSDXL",
+                column=1,
+                title=title,
+                clip=loader.out("CLIP"),
+                width=native,
+                height=native,
+                crop_w=0,
+                crop_h=0,
+                target_width=native,
+                target_height=native,
+                text_g=text,
+                text_l=text,
+            )
+            for title, text in (("Positive", UNET_PROMPT), ("Negative", NEGATIVE))
+        ]
+        timing = "the released SDXL config: 0.4 and 0.7 of 50 steps"
+        extra = (
+            "The text encoders get the base size 1024 as original and target size, as in the paper. "
+            "*mask_floor* −1 = SDXL's released 0.6. For a non-square size set *base_resolution* 0 (the "
+            "SDXL training bucket of the aspect ratio). "
+        )
+    else:
+        encoders = [
+            w.node("CLIPTextEncode", column=1, title=title, clip=loader.out("CLIP"), text=text)
+            for title, text in (("Positive", UNET_PROMPT), ("Negative", NEGATIVE))
+        ]
+        timing = "the released SD1.5 2x config: 0.2 and 0.6 of 50 steps"
+        extra = "The authors' scripts also enable FreeU; stack core FreeU_V2 before it if you like. "
+    pos, neg = encoders
+    latent = w.node("EmptyLatentImage", column=1, width=size, height=size, batch_size=1)
+    count = counted(w, loader.out("MODEL"))
+    start, stop = (0.4, 0.7) if ckpt == SDXL else (0.2, 0.6)
+    fs = w.node(
+        "FreeGuidanceFouriScale",
+        column=2,
+        model=count.out(),
+        width=size,
+        height=size,
+        start=start,
+        stop=stop,
+        base_resolution=native,
+        dilation=0,
+        progressive=True,
+        low_pass=True,
+        mask_floor=-1.0,
+    )
+    sampler = ksampler(w, fs.out(), pos.out(), neg.out(), latent.out(), steps=50, cfg=7.5)
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=fs.out(), latent=sampler.out())
+    save_image(w, report, loader.out("VAE"), name)
+    note(
+        w,
+        FOURISCALE_NOTE.format(base=native, timing=timing, extra=extra),
+        column=3,
+        title="FouriScale at 2x",
+    )
+    note(w, COUNT_SHORT, column=5, title="Evaluations")
+    w.group("High resolution", [count, fs])
+    return w.to_json()
+
+
+DIFFUSEHIGH_NOTE = (
+    "**DiffuseHigh** (Kim et al., AAAI 2025) turns the native-size image into a 2x one without training: it "
+    "upscales the first pass (bicubic, sharpened), re-noises it to the last *renoise* part of the schedule "
+    "and denoises it again, replacing the low-frequency wavelet band of the model's estimate with the "
+    "upscaled image's for the first *structure_steps* steps, so the layout stays while the model adds detail. "
+    "Knobs: *renoise* 0.3 (paper: the last 15 of 50 steps; more = more new detail, less fidelity), "
+    "*structure_steps* 5 (5-7 work), *sharpen* 1 (2 if the result is blurry), *stages* 1 (for larger "
+    "targets the paper goes up one native size per stage: 3 stages for 1024 → 4096), *guidance_space* image "
+    "(the paper; `latent` skips the VAE round trip per guided step, cheaper). It runs in **SamplerCustom** "
+    "with *add_noise* off, the first pass as *latent_image* and a full schedule as *sigmas* "
+    "({steps} steps here)."
+)
+
+
+def diffusehigh(info: dict, family: str) -> dict:
+    """A native-size pass, then DiffuseHigh to 2x in SamplerCustom (SDXL, SD3.5, Flux dev)."""
+    w = UIWorkflow(info)
+    native = 1024
+    if family == "flux":
+        unet, clip, vae_loader = flux_loaders(w)
+        model, vae = unet.out(), vae_loader.out()
+        text = w.node("CLIPTextEncode", column=1, title="Positive", clip=clip.out(), text=FLUX_PROMPT)
+        pos = w.node("FluxGuidance", column=1, conditioning=text.out(), guidance=3.5)
+        neg = w.node("ConditioningZeroOut", column=1, conditioning=text.out())
+        latent = w.node("EmptySD3LatentImage", column=1, width=native, height=native, batch_size=1)
+        first = dict(steps=20, cfg=1.0, scheduler="simple")
+        second_cfg, steps, scheduler = 1.0, 30, "simple"
+    else:
+        loader, pos, neg = checkpoint_prompts(
+            w, SDXL if family == "sdxl" else SD35, UNET_PROMPT if family == "sdxl" else SD3_PROMPT
+        )
+        model, vae = loader.out("MODEL"), loader.out("VAE")
+        if family == "sdxl":
+            latent = w.node("EmptyLatentImage", column=1, width=native, height=native, batch_size=1)
+            first = dict(steps=30, cfg=7.0)
+            second_cfg, steps, scheduler = 10.0, 50, "normal"
+        else:
+            latent = w.node("EmptySD3LatentImage", column=1, width=native, height=native, batch_size=1)
+            first = dict(steps=28, cfg=4.5, scheduler="sgm_uniform")
+            second_cfg, steps, scheduler = 4.5, 30, "sgm_uniform"
+    count = counted(w, model)
+    first_pass = ksampler(w, count.out(), pos.out(), neg.out(), latent.out(), **first)
+    first_report = w.node(
+        "FreeGuidanceEvaluationReport",
+        column=3,
+        title="Evaluations: native pass",
+        model=count.out(),
+        latent=first_pass.out(),
+    )
+    preview = w.node("VAEDecode", column=3, samples=first_report.out(), vae=vae)
+    w.node("PreviewImage", column=3, images=preview.out())
+    dh = w.node(
+        "FreeGuidanceDiffuseHigh",
+        column=4,
+        vae=vae,
+        width=2 * native,
+        height=2 * native,
+        stages=1,
+        renoise=0.3,
+        structure_steps=5,
+        sharpen=1.0,
+        guidance_space="image",
+    )
+    sigmas = w.node(
+        "BasicScheduler", column=4, model=count.out(), scheduler=scheduler, steps=steps, denoise=1.0
+    )
+    second = w.node(
+        "SamplerCustom",
+        column=5,
+        model=count.out(),
+        add_noise=False,
+        noise_seed=42,
+        cfg=second_cfg,
+        positive=pos.out(),
+        negative=neg.out(),
+        sampler=dh.out(),
+        sigmas=sigmas.out(),
+        latent_image=first_report.out(),
+    )
+    report = w.node(
+        "FreeGuidanceEvaluationReport",
+        column=5,
+        title="Evaluations: DiffuseHigh",
+        model=count.out(),
+        latent=second.out(0),
+    )
+    decode = w.node("VAEDecode", column=6, samples=report.out(), vae=vae)
+    w.node("SaveImage", column=6, images=decode.out(), filename_prefix=f"free-guidance/{family}_diffusehigh")
+    cfg_text = {
+        "sdxl": " The paper uses CFG 10 at the high-resolution stage on SDXL (the SamplerCustom *cfg*).",
+        "sd3": " SamplerCustom's *cfg* is the first pass's 4.5.",
+        "flux": " On Flux dev *cfg* stays 1 (distilled guidance through FluxGuidance), as in the first pass.",
+    }[family]
+    note(w, DIFFUSEHIGH_NOTE.format(steps=steps) + cfg_text, column=4, title="DiffuseHigh to 2x")
+    note(
+        w,
+        "Two **Network Evaluation Report** nodes: one after the native pass, one after DiffuseHigh (which "
+        "only evaluates the model on the re-noised tail of its schedule). " + COUNT_SHORT,
+        column=6,
+        title="Evaluations",
+    )
+    w.group("High resolution", [dh, sigmas, second])
     return w.to_json()
 
 
@@ -454,13 +698,18 @@ def converter_features(info: dict) -> dict:
     latent = w.node("EmptyLatentImage", column=1, width=512, height=512, batch_size=1)
     count = w.node("FreeGuidanceCountEvaluations", column=2, model=ckpt.out("MODEL"))
     bypassed = w.node(
-        "FreeGuidanceCFGInterval", column=2, model=count.out(), start_percent=0.3, end_percent=0.6, mode=4
+        "FreeGuidanceCFGInterval",
+        column=2,
+        model=count.out(),
+        start_percent=0.3,
+        end_percent=0.6,
+        node_mode=4,
     )
     route = w.reroute(bypassed.out(), column=2)
     interval = w.node(
         "FreeGuidanceCFGInterval", column=2, model=route.out(), start_percent=0.1, end_percent=0.9
     )
-    muted_pag = w.node("PerturbedAttentionGuidance", column=2, model=interval.out(), scale=3.0, mode=2)
+    muted_pag = w.node("PerturbedAttentionGuidance", column=2, model=interval.out(), scale=3.0, node_mode=2)
     sampler = w.node(
         "KSampler",
         column=3,
@@ -504,17 +753,18 @@ def converter_features(info: dict) -> dict:
 
 
 TEMPLATES = {
-    "sd15_txt2img_cfg_interval_pag": lambda info: txt2img_unet(
-        info, "v1-5-pruned-emaonly-fp16.safetensors", 512, "sd15"
-    ),
-    "sdxl_txt2img_cfg_interval_pag": lambda info: txt2img_unet(
-        info, "sd_xl_base_1.0.safetensors", 1024, "sdxl"
-    ),
-    "sd3_txt2img_cfg_interval_slg": txt2img_sd3,
-    "flux_dev_txt2img_slg": txt2img_flux,
-    "wan21_t2v_cfg_interval_stg": video_wan,
-    "ltxv_t2v_cfg_interval_stg": video_ltxv,
-    "sd15_inpaint_cfg_interval": inpaint_sd15,
+    "sd15_txt2img_ag_pag": lambda info: txt2img_unet(info, SD15, 512, "sd15", "pag"),
+    "sdxl_txt2img_ag_seg": lambda info: txt2img_unet(info, SDXL, 1024, "sdxl", "seg"),
+    "sd3_txt2img_ag_stg": txt2img_sd3,
+    "flux_dev_txt2img_pag": txt2img_flux,
+    "wan21_t2v_cfg_schedule_ag_stg": video_wan,
+    "ltxv_t2v_cfg_schedule_ag_stg": video_ltxv,
+    "sd15_inpaint_ag": inpaint_sd15,
+    "sd15_txt2img_fouriscale_2x": lambda info: fouriscale(info, SD15, 512, "sd15_fouriscale"),
+    "sdxl_txt2img_fouriscale_2x": lambda info: fouriscale(info, SDXL, 1024, "sdxl_fouriscale"),
+    "sdxl_diffusehigh_2x": lambda info: diffusehigh(info, "sdxl"),
+    "sd3_diffusehigh_2x": lambda info: diffusehigh(info, "sd3"),
+    "flux_dev_diffusehigh_2x": lambda info: diffusehigh(info, "flux"),
 }
 FIXTURES = {"converter_features": converter_features}
 
@@ -531,6 +781,9 @@ def main() -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(workflow, indent=2) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
+    stale = sorted(set((ROOT / "workflows").glob("*.json")) - set(outputs))
+    for path in stale:
+        print(f"not made by this script (delete it if it is an old template): {path.relative_to(ROOT)}")
     return 0
 
 

@@ -66,23 +66,57 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
-def test_there_are_templates_for_every_pipeline():
-    names = " ".join(p.stem for p in TEMPLATES)
-    for pipeline in (
-        "sd15_txt2img",
-        "sdxl_txt2img",
-        "sd3_txt2img",
-        "flux",
-        "wan21_t2v",
-        "ltxv_t2v",
-        "inpaint",
-    ):
-        assert pipeline in names, pipeline
+# pipeline → the pack's nodes its template must wire (issue #5: guidance; issue #6: high resolution)
+PIPELINES = {
+    "sd15_txt2img_ag_pag": {"FreeGuidanceAdaptiveGuidance", "FreeGuidancePAG"},
+    "sdxl_txt2img_ag_seg": {"FreeGuidanceAdaptiveGuidance", "FreeGuidanceSEG"},
+    "sd3_txt2img_ag_stg": {"FreeGuidanceAdaptiveGuidance", "FreeGuidanceSTG"},
+    "flux_dev_txt2img_pag": {"FreeGuidancePAG"},
+    "wan21_t2v_cfg_schedule_ag_stg": {
+        "FreeGuidanceCFGSchedule",
+        "FreeGuidanceAdaptiveGuidance",
+        "FreeGuidanceSTG",
+    },
+    "ltxv_t2v_cfg_schedule_ag_stg": {
+        "FreeGuidanceCFGSchedule",
+        "FreeGuidanceAdaptiveGuidance",
+        "FreeGuidanceSTG",
+    },
+    "sd15_inpaint_ag": {"FreeGuidanceAdaptiveGuidance", "InpaintModelConditioning"},
+    "sd15_txt2img_fouriscale_2x": {"FreeGuidanceFouriScale"},
+    "sdxl_txt2img_fouriscale_2x": {"FreeGuidanceFouriScale"},
+    "sdxl_diffusehigh_2x": {"FreeGuidanceDiffuseHigh", "SamplerCustom"},
+    "sd3_diffusehigh_2x": {"FreeGuidanceDiffuseHigh", "SamplerCustom"},
+    "flux_dev_diffusehigh_2x": {"FreeGuidanceDiffuseHigh", "SamplerCustom"},
+}
+
+
+COUNTERS = {"FreeGuidanceCountEvaluations", "FreeGuidanceEvaluationReport"}
+
+
+def test_there_are_templates_for_every_pipeline(object_info):
+    names = {p.stem for p in TEMPLATES}
+    assert set(PIPELINES) <= names, set(PIPELINES) - names
     for path in TEMPLATES:
         workflow = json.loads(path.read_text())
         types = {n["type"] for n in workflow["nodes"]}
         assert types & {"Note", "MarkdownNote"}, f"{path.name}: no note explaining the knobs"
         assert "FreeGuidanceCountEvaluations" in types and "FreeGuidanceEvaluationReport" in types, path.name
+        assert PIPELINES.get(path.stem, set()) <= types, (path.name, PIPELINES[path.stem] - types)
+        # the core stand-ins of the first templates are gone: the pack's own nodes do their job
+        assert not types & {"PerturbedAttentionGuidance", "SkipLayerGuidanceSD3", "SkipLayerGuidanceDiT"}, (
+            path.name
+        )
+        notes = " ".join(
+            n["widgets_values"][0] for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")
+        )
+        for node_type in types:
+            if node_type.startswith("FreeGuidance") and node_type not in COUNTERS:
+                title = object_info[node_type]["display_name"].removesuffix(" (Free Guidance)")
+                assert f"**{title}**" in notes, f"{path.name}: no note explains {title}"
+    flux = json.loads((ROOT / "workflows" / "flux_dev_txt2img_pag.json").read_text())
+    flux_notes = " ".join(n["widgets_values"][0] for n in flux["nodes"] if n["type"] == "MarkdownNote")
+    assert "Adaptive Guidance is absent" in flux_notes and "no real CFG" in flux_notes
 
 
 def test_the_cli_does_not_import_comfyui():
@@ -153,9 +187,17 @@ def test_runs_headless_through_the_cli(path, server, tmp_path):
     counts = summary["evaluations"]
     assert counts and counts[0]["total"] > 0
     types = {n["type"] for n in json.loads(path.read_text())["nodes"]}
-    if "FreeGuidanceCFGInterval" in types:
-        records = [r for r in summary["telemetry"] if r["title"] == "CFG Interval"]
-        assert len(records) == 1, "no CFG Interval telemetry in the history"
+    if types & {"FreeGuidanceFouriScale", "FreeGuidanceDiffuseHigh"}:
+        # the sizes shrink together (template_models.shrink): the smallest is 64 px, a 2x target stays 2x
+        from PIL import Image
+
+        sizes = {Image.open(f).size for f in summary["files"] if f.endswith(".png")}
+        assert sizes == {(128, 128)}, sizes
+    for title in ("CFG Interval", "Adaptive Guidance"):
+        if TELEMETRY_NODES[title] not in types:
+            continue
+        records = [r for r in summary["telemetry"] if r["title"] == title]
+        assert len(records) == 1, f"no {title} telemetry in the history"
         steps = records[0]["steps"]
         assert len(steps) >= 3  # one record per main evaluation (3 steps)
         # every unconditional evaluation the counter saw is a recorded step where the uncond pass ran
@@ -167,27 +209,36 @@ def test_runs_headless_through_the_cli(path, server, tmp_path):
                 assert step["scale"] > 1.0 and -1.0 <= step["cosine"] <= 1.0
 
 
+TELEMETRY_NODES = {
+    "CFG Interval": "FreeGuidanceCFGInterval",
+    "Adaptive Guidance": "FreeGuidanceAdaptiveGuidance",
+}
+
+
 def test_queue_shows_the_servers_node_errors(server):
-    path = ROOT / "workflows" / "sd15_txt2img_cfg_interval_pag.json"
+    path = ROOT / "workflows" / "sd15_txt2img_ag_pag.json"
     result = cli(
         "queue", str(path), "--server", server.url, "--quiet",
-        "--set", "FreeGuidanceCFGInterval.start_percent=0.9", "--set", "FreeGuidanceCFGInterval.end_percent=0.1",
+        "--set", "FreeGuidanceAdaptiveGuidance.threshold=1.5",
     )  # fmt: skip
     assert result.returncode == 2, result.stdout + result.stderr
     assert "server rejected the prompt" in result.stderr
-    assert "FreeGuidanceCFGInterval" in result.stderr and "start_percent" in result.stderr, result.stderr
+    assert "FreeGuidanceAdaptiveGuidance" in result.stderr and "threshold" in result.stderr, result.stderr
 
 
 def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor, server):
-    """Queue the SD1.5 template from the editor itself; the CFG Interval node gets its chart."""
-    path = ROOT / "workflows" / "sd15_txt2img_cfg_interval_pag.json"
+    """Queue the SD1.5 template from the editor itself; the Adaptive Guidance node gets its chart.
+
+    Threshold −1 makes the switch deterministic: step 0 runs CFG, every later step skips the uncond pass.
+    """
+    path = ROOT / "workflows" / "sd15_txt2img_ag_pag.json"
     editor.load(json.loads(path.read_text()), "telemetry-chart")
     page = editor.page
     node_id = page.evaluate(
         """() => {
-          const node = app.graph.nodes.find((n) => n.type === "FreeGuidanceCFGInterval");
+          const node = app.graph.nodes.find((n) => n.type === "FreeGuidanceAdaptiveGuidance");
           const set = (n, name, value) => { n.widgets.find((w) => w.name === name).value = value; };
-          set(node, "start_percent", 0.3); set(node, "end_percent", 0.7);
+          set(node, "threshold", -1.0);
           for (const n of app.graph.nodes) {
             if (n.type === "EmptyLatentImage") { set(n, "width", 64); set(n, "height", 64); }
             if (n.type === "KSampler") { set(n, "steps", 6); }
@@ -214,7 +265,8 @@ def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor, s
     steps = chart["record"]["steps"]
     assert len(steps) == 6
     skipped = [bool(s["skipped"]) for s in steps]
-    assert any(skipped) and not all(skipped), skipped  # interval 0.3–0.7 of 6 steps
+    assert skipped == [False] + [True] * 5, skipped  # switched after the first step
+    assert -1.0 <= steps[0]["cosine"] <= 1.0 and steps[0]["scale"] == 7.0
     assert [b["skipped"] for b in chart["chart"]["bars"]] == skipped
     editor.screenshot("telemetry-chart")
 
