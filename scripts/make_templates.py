@@ -54,8 +54,8 @@ AG_NOTE = (
 PAG_NOTE = (
     "**Perturbed-Attention Guidance** (Ahn et al., ECCV 2024) adds one conditional pass per step in which the "
     "self-attention of the chosen blocks is replaced by the identity, and pushes the image away from that "
-    "degraded prediction: firmer structure and detail. *scale* is the knob: 3 is the paper's default, lower it "
-    "(1-2) if colours burn or the image gets busy. *blocks* `auto` is the family's default ({blocks}). "
+    "degraded prediction: firmer structure and detail. *scale* is the knob: 3 (the default), lower it (1-2) "
+    "if colours burn or the image gets busy. *blocks* `auto` is the family's default ({blocks}). "
     "*start/end_percent* limit it to part of the schedule; *batched* runs the extra pass in the same forward as "
     "cond/uncond (faster on GPUs)."
 )
@@ -549,7 +549,9 @@ def fouriscale(info: dict, ckpt: str, native: int, name: str) -> dict:
             for title, text in (("Positive", UNET_PROMPT), ("Negative", NEGATIVE))
         ]
         timing = "the released SD1.5 2x config: 0.2 and 0.6 of 50 steps"
-        extra = "The authors' scripts also enable FreeU; stack core FreeU_V2 before it if you like. "
+        extra = (
+            "The authors' scripts also enable FreeU; add core FreeU_V2 on the model if you want that too. "
+        )
     pos, neg = encoders
     latent = w.node("EmptyLatentImage", column=1, width=size, height=size, batch_size=1)
     count = counted(w, loader.out("MODEL"))
