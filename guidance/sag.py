@@ -1,16 +1,17 @@
 """Self-Attention Guidance: blur what the model attends to, and guide away from the blurred prediction.
 
-Implements Hong, Jang, Ahn, Kim, "Improving Sample Quality of Diffusion Models Using Self-Attention Guidance"
-(ICCV 2023, arXiv:2210.00939), Sec. 4 (Eqs. 13-16):
+Implements Hong, Lee, Jang, Kim, "Improving Sample Quality of Diffusion Models Using Self-Attention Guidance"
+(ICCV 2023, arXiv:2210.00939), its self-attention guidance (the mask, the masked blur, the re-noising and
+the guidance equation; written here without the paper's equation numbers, which were not checked):
 
 1. The self-attention map ``A = softmax(Q Kᵀ / √d)`` of one layer, averaged over heads and summed over the
    queries, gives the attention mass each key token receives. Every row of ``A`` sums to 1, so the mass has
    mean exactly 1 over the keys; the mask keeps the keys above the threshold (1.0: above the mean), reshaped to
-   the token grid and upsampled (nearest) to the latent (Eq. 13).
-2. The predicted clean image is blurred where the mask is set: ``x̄₀ = m ⊙ Blur(x̂₀) + (1 − m) ⊙ x̂₀`` (Eq. 14).
+   the token grid and upsampled (nearest) to the latent.
+2. The predicted clean image is blurred where the mask is set: ``x̄₀ = m ⊙ Blur(x̂₀) + (1 − m) ⊙ x̂₀``.
 3. It is re-noised with the prediction's own noise: ``x̄_t = a(σ) x̄₀ + b(σ) ε̂``. With ``x = a x̂₀ + b ε̂`` this
-   is ``x̄_t = x + a(σ) (x̄₀ − x̂₀)``; ``a = 1`` for ε/v models, ``a = 1 − σ`` for flow models (Eq. 15).
-4. Guidance in ε-space: ``ε̃ = ε_cfg + s (ε(x_t) − ε(x̄_t))`` (Eq. 16, written around the CFG result). In
+   is ``x̄_t = x + a(σ) (x̄₀ − x̂₀)``; ``a = 1`` for ε/v models, ``a = 1 − σ`` for flow models.
+4. Guidance in ε-space: ``ε̃ = ε_cfg + s (ε(x_t) − ε(x̄_t))`` (written around the CFG result). In
    ComfyUI's denoised space, for any affine ``x = a D + b ε`` and with the re-noising of step 3, this is exactly
    ``D̃ = D_cfg + s (x̄₀ − D(x̄_t))``: the model's prediction at the degraded input is compared with the degraded
    image itself, not with the original prediction.
@@ -143,5 +144,5 @@ def renoise(x: torch.Tensor, denoised: torch.Tensor, degraded: torch.Tensor, sig
 def sag_guidance(
     guided: torch.Tensor, degraded: torch.Tensor, degraded_prediction: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """``D_cfg + s (x̄₀ − D(x̄_t))`` (Eq. 16 in denoised space)."""
+    """``D_cfg + s (x̄₀ − D(x̄_t))``: the paper's ε-space guidance in denoised space."""
     return guided + (degraded - degraded_prediction) * scale

@@ -159,7 +159,7 @@ def _unet_capture(key, call: _CallState, previous):
     return replace
 
 
-def _dit_capture(key, layout: engine.ModelLayout, call: _CallState, previous):
+def _dit_capture(key, layout: engine.ModelLayout, call: _CallState, previous_block):
     spec = layout.spec
 
     def run_block(args, extra):
@@ -204,8 +204,8 @@ def _dit_capture(key, layout: engine.ModelLayout, call: _CallState, previous):
         block_options = {"transformer_options": dict(block_transformer_options)}
         toolkit.chain_attention_override(block_options, override)
         inner = dict(args, transformer_options=block_options["transformer_options"])
-        if previous is not None:
-            return previous(inner, extra)
+        if previous_block is not None:
+            return previous_block(inner, extra)
         return extra["original_block"](inner)
 
     return run_block
