@@ -280,7 +280,8 @@ def test_each_samples_mask_equals_the_mask_of_that_sample_alone(pack, family, ch
         torch.testing.assert_close(mass_both, mass_alone, rtol=1e-4, atol=1e-5)
         settled = (mass_alone - 1.0).abs() > 1e-4
         assert torch.equal((mass_both > 1.0)[settled], (mass_alone > 1.0)[settled])
-        assert torch.equal(guides[0][2][row], guides_alone[0][2][0])
+        if bool(settled.all()):  # no token within float noise of the threshold: the masks are identical
+            assert torch.equal(guides[0][2][row], guides_alone[0][2][0])
     # the two rows' masks differ (the maps are really per row)
     assert not torch.equal(guides[0][2][0], guides[0][2][1])
 
