@@ -12,6 +12,7 @@ from . import (
     linear_ag,
     pag,
     pcg,
+    sag,
     seg,
     stg,
 )
@@ -27,6 +28,7 @@ NODE_MODULES = [
     pag,
     seg,
     stg,
+    sag,
     fouriscale,
     diffusehigh,
     evaluation_counter,

@@ -1,0 +1,525 @@
+"""Self-Attention Guidance (Hong et al., ICCV 2023) on every family the attention engine knows.
+
+Hooks (all chainable, on a clone):
+- A CALC_COND_BATCH wrapper marks the sampler's main cond/uncond call (``toolkit.is_main_call``): on a copy of
+  its ``model_options`` it installs a capture at the one chosen block, an ``attn1`` replace on UNets or a
+  ``patches_replace["dit"]`` replace with a runtime attention override on DiTs (the engine's paths). The
+  capture computes the attention map there, in chunks, only for the rows of one cond chunk: the uncond rows
+  when the forward has them, else the cond rows. It stores the attention mass per batch row and per cond chunk
+  (``transformer_options["cond_or_uncond"]``), accumulating over every forward of the call (chunked cond and
+  uncond forwards, several entries of one conditioning) and starting afresh with each main call.
+- A post-CFG function builds the mask from the uncond map when the uncond really ran (else from the cond map:
+  Adaptive Guidance, CFG Interval, cfg 1), blurs that branch's prediction under the mask, re-noises it, runs
+  one extra pass with the same conditioning (``toolkit.extra_cond_pass``) and combines
+  ``D = D_cfg + s (x̄₀ − D(x̄_t))`` (see ``guidance/sag.py``).
+
+Differences from core ``SelfAttentionGuidance``: core keeps the map of one forward only and forces the uncond
+pass at cfg 1 (``disable_cfg1_optimization``); here maps are per row and per chunk over all forwards, and at
+cfg 1 (or when another node skipped the uncond) the cond branch is degraded instead. Core skips latents with a
+side ≤ 4; here the blur kernel shrinks to fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import comfy.model_patcher
+import torch
+from comfy.ldm.modules import attention as comfy_attention
+
+from ..guidance import perturbation as schedule_math
+from ..guidance import sag as sag_math
+from . import attention_engine as engine
+from . import telemetry, toolkit
+from .common import CATEGORY, MODEL_TOOLTIP
+
+NODE = "Self-Attention Guidance"
+PASS_NAME = "sag"
+# A diagnostic hook: an object placed at this transformer_options key gets ``capture(block, chunk, mass, grid)``
+# for every map captured and ``guide(sigma, chunk, mask)`` for every guided step. Used by the tests.
+TRACE_KEY = toolkit.KEY_PREFIX + "sag_trace"
+SCALE_RANGE = (-2.0, 100.0)
+BLUR_RANGE = (0.0, 10.0)
+THRESHOLD_RANGE = (0.0, 100.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass
+class _Entry:
+    """The attention mass of one cond entry of one forward: (rows, keys), on its token ``grid``."""
+
+    mass: torch.Tensor
+    grid: tuple
+    spatial: tuple  # UNet: the spatial size of the input the UNet saw (areas differ); DiT: the grid
+
+
+@dataclass
+class _RunState:
+    captures: dict = field(default_factory=dict)  # cond chunk index -> [_Entry]
+    uncond_ran: bool = False
+    warned: bool = False
+
+
+@dataclass
+class _CallState:
+    """One main call's capture (an object: transformer_options dicts get copied on every forward)."""
+
+    run: _RunState
+    grid: tuple  # DiT image-token grid of the call's latent
+    tracer: object | None = None
+    text_tokens: int | None = None
+
+    def target(self, chunks: list) -> int | None:
+        """The cond chunk to capture in a forward: the uncond when it is there, else the cond (once)."""
+        if 1 in chunks:
+            return 1
+        if 0 in chunks and 1 not in self.run.captures:
+            return 0
+        return None
+
+    def store(self, block, chunk: int, mass: torch.Tensor, grid: tuple, spatial: tuple) -> None:
+        self.run.captures.setdefault(chunk, []).append(_Entry(mass, grid, spatial))
+        if self.tracer is not None and hasattr(self.tracer, "capture"):
+            self.tracer.capture(block, chunk, mass, grid)
+
+
+def _chunk_rows(chunks: list, target: int, batch: int) -> list[range]:
+    """Row ranges of every entry of cond chunk ``target`` in a forward of ``batch`` rows."""
+    per = batch // len(chunks)
+    return [range(j * per, (j + 1) * per) for j, chunk in enumerate(chunks) if chunk == target]
+
+
+def _capture(call: _CallState, block, chunks, q, k, *, queries=None, keys=None, mask=None):
+    """Mass of the target chunk's rows from q, k (B, H, N, D); returns {chunk: [(rows, keys) per entry]}."""
+    target = call.target(list(chunks))
+    if target is None:
+        return None
+    out = []
+    for rows in _chunk_rows(list(chunks), target, q.shape[0]):
+        index = slice(rows.start, rows.stop)
+        entry_mask = mask
+        if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0]:
+            entry_mask = mask[index]
+        out.append(sag_math.attention_mass(q[index], k[index], queries=queries, keys=keys, mask=entry_mask))
+    return target, out
+
+
+def _canonical(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """(B, H, N, D) from the layouts attention functions receive ([B, N, H*D] or already [B, H, N, D])."""
+    if skip_reshape:
+        return t
+    b, n = t.shape[0], t.shape[1]
+    return t.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def _normalise_mask(mask):
+    if mask is None or not torch.is_tensor(mask):
+        return None
+    if mask.ndim == 2:
+        return mask[None, None]
+    if mask.ndim == 3:
+        return mask[:, None]
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Capture hooks
+
+
+def _unet_capture(key, call: _CallState, previous):
+    def replace(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if previous is not None:
+            out = previous(q, k, v, extra_options)
+        else:
+            out = comfy_attention.optimized_attention(
+                q,
+                k,
+                v,
+                heads,
+                attn_precision=extra_options.get("attn_precision"),
+                transformer_options=extra_options,
+            )
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        found = _capture(call, key, chunks, _canonical(q, heads, False), _canonical(k, heads, False))
+        if found is not None:
+            grid = tuple(extra_options["activations_shape"][-2:])
+            spatial = tuple(extra_options.get("original_shape", [0, 0, *grid])[2:])
+            target, masses = found
+            for mass in masses:
+                call.store(key, target, mass, grid, spatial)
+        return out
+
+    return replace
+
+
+def _dit_capture(key, layout: engine.ModelLayout, call: _CallState, previous_block):
+    spec = layout.spec
+
+    def run_block(args, extra):
+        if spec.text_first and key[0] == "double_block":
+            call.text_tokens = args["txt"].shape[1]
+        block_transformer_options = args["transformer_options"]
+        calls = [0]
+
+        def override(func, *a, previous=None, **kw):
+            index = calls[0]
+            calls[0] += 1
+            out = toolkit.call_attention(func, previous, *a, **kw)
+            if index != 0:  # call 0 is the block's self (or joint) attention on every family
+                return out
+            chunks = block_transformer_options.get("cond_or_uncond") or [0]
+            heads = a[3] if len(a) > 3 else kw.get("heads")
+            skip_reshape = kw.get("skip_reshape", False)
+            q = _canonical(a[0], heads, skip_reshape)
+            k = _canonical(a[1], heads, skip_reshape)
+            count = math.prod(call.grid)
+            start = 0
+            if spec.text_first:
+                if call.text_tokens is None:
+                    raise RuntimeError(
+                        "free guidance SAG: the text length of this joint attention is unknown"
+                    )
+                start = call.text_tokens
+            if start + count > q.shape[2]:
+                raise RuntimeError(
+                    f"free guidance SAG: {q.shape[2]} attention tokens cannot hold {count} image tokens "
+                    f"(grid {call.grid}) after {start} text tokens"
+                )
+            mask = _normalise_mask(kw.get("mask", a[4] if len(a) > 4 else None))
+            span = (start, start + count)
+            found = _capture(call, key, chunks, q, k, queries=span, keys=span, mask=mask)
+            if found is not None:
+                target, masses = found
+                for mass in masses:
+                    call.store(key, target, mass, call.grid, call.grid)
+            return out
+
+        block_options = {"transformer_options": dict(block_transformer_options)}
+        toolkit.chain_attention_override(block_options, override)
+        inner = dict(args, transformer_options=block_options["transformer_options"])
+        if previous_block is not None:
+            return previous_block(inner, extra)
+        return extra["original_block"](inner)
+
+    return run_block
+
+
+def install_capture(model_options: dict, selection: engine.Selection, call: _CallState) -> None:
+    """Install the capture at the chosen block on ``model_options`` (a copy for one main call)."""
+    layout = selection.layout
+    (key,) = selection.keys
+    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
+    if layout.spec.kind == "unet":
+        existing = replaces.get("attn1", {})
+        previous = existing.get(key, existing.get(key[:2]))
+        comfy.model_patcher.set_model_options_patch_replace(
+            model_options, _unet_capture(key, call, previous), "attn1", *key
+        )
+        return
+    existing = replaces.get("dit", {})
+    comfy.model_patcher.set_model_options_patch_replace(
+        model_options, _dit_capture(key, layout, call, existing.get(key)), "dit", *key
+    )
+    if layout.spec.text_first and key[0] != "double_block":
+        first = ("double_block", 0)
+        comfy.model_patcher.set_model_options_patch_replace(
+            model_options, engine._text_length_recorder(call, existing.get(first)), "dit", *first
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks, model sampling
+
+
+def default_blocks(layout: engine.ModelLayout) -> str:
+    """The paper's UNet layer (core's and diffusers' middle block, first transformer); on DiTs, for want of a
+    paper default, the middle double (joint) block."""
+    if layout.spec.kind == "unet":
+        return "middle.0.0"
+    return f"double:{layout.blocks.get('double', 1) // 2}"
+
+
+def parse_sag_blocks(text: str, layout: engine.ModelLayout) -> engine.Selection:
+    """One attention layer from an engine block string ('auto' = ``default_blocks``)."""
+    if isinstance(text, str) and text.strip().lower() in ("", "auto"):
+        if layout.spec.kind == "unet" and ("middle", 0) not in layout.blocks:
+            raise toolkit.GuidanceInputError(
+                NODE,
+                "blocks",
+                f"is 'auto', but this UNet has no self-attention in its middle block; choose one of: "
+                f"{layout.describe_blocks()}",
+            )
+        text = default_blocks(layout)
+    selection = engine.parse_blocks(NODE, "blocks", text, layout)
+    if len(selection.keys) != 1:
+        raise toolkit.GuidanceInputError(
+            NODE,
+            "blocks",
+            f"selects {len(selection.keys)} attention layers ({selection.describe()}); SAG reads the map of one "
+            f"layer: name one transformer block, e.g. 'middle.0.0' on a UNet or 'double:2' on a DiT",
+        )
+    return selection
+
+
+def signal_scale(model_sampling, sigma: float) -> float:
+    """``a(σ)`` of the model's own ``x = a(σ) x₀ + b(σ) ε``: 1 for ε/v models, 1 − σ for flow (CONST) models."""
+    probe = model_sampling.noise_scaling(
+        torch.tensor([float(sigma)]), torch.zeros(1, 1), torch.ones(1, 1), max_denoise=False
+    )
+    return float(probe.reshape(-1)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The patch
+
+
+def apply_sag(
+    model,
+    scale: float = 0.5,
+    blur_sigma: float = 2.0,
+    threshold: float = 1.0,
+    blocks: str = "auto",
+    start_percent: float = 0.0,
+    end_percent: float = 1.0,
+    schedule: str = "constant",
+    node_id=None,
+):
+    """A clone of ``model`` with Self-Attention Guidance at one attention layer (``blocks``)."""
+    toolkit.check_range(NODE, "scale", scale, *SCALE_RANGE)
+    toolkit.check_range(NODE, "blur_sigma", blur_sigma, *BLUR_RANGE)
+    toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
+    toolkit.check_percent_interval(NODE, start_percent, end_percent)
+    if schedule not in schedule_math.SCHEDULES:
+        raise toolkit.GuidanceInputError(
+            NODE, "schedule", f"must be one of {', '.join(schedule_math.SCHEDULES)}, got {schedule!r}"
+        )
+    layout = engine.detect_layout(model, NODE)
+    selection = parse_sag_blocks(blocks, layout)
+    patched = model.clone()
+    settings = engine.GuidanceSettings(
+        float(scale), toolkit.SigmaInterval.from_percent(patched, start_percent, end_percent), 0.0, schedule
+    )
+    key = f"{toolkit.KEY_PREFIX}{PASS_NAME}.{uuid.uuid4().hex[:12]}"
+    toolkit.install_run_state(patched, key, _RunState)
+
+    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
+        run = toolkit.run_state(model_options, key)
+        if run is None or not toolkit.is_main_call(conds, model_options):
+            return executor(model, conds, x_in, timestep, model_options)
+        run.captures = {}
+        run.uncond_ran = False
+        if engine._step_scale(settings, toolkit.sigma_value(timestep), model_options) == 0:
+            out = executor(model, conds, x_in, timestep, model_options)
+        else:
+            options = comfy.model_patcher.create_model_options_clone(model_options)
+            grid = engine.token_grid(layout, x_in.shape) if layout.spec.kind == "dit" else ()
+            tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
+            install_capture(options, selection, _CallState(run, grid, tracer))
+            out = executor(model, conds, x_in, timestep, options)
+        run.uncond_ran = conds[1] is not None and toolkit.uncond_evaluated(out)
+        return out
+
+    patched.add_wrapper_with_key(toolkit.WrappersMP.CALC_COND_BATCH, key, calc_cond_batch)
+
+    def post_cfg(args):
+        denoised = args["denoised"]
+        model_options = args["model_options"]
+        sigma = toolkit.sigma_value(args["sigma"])
+        run = toolkit.run_state(model_options, key)
+        uncond_ran = run is not None and run.uncond_ran
+        main = ["cond", "uncond"] if uncond_ran else ["cond"]
+        not_run = [] if uncond_ran else ["uncond"]
+        step_scale = engine._step_scale(settings, sigma, model_options) if run is not None else 0.0
+        if step_scale == 0:
+            telemetry.record(
+                model_options, node_id, sigma=sigma, ran=main, skipped=not_run + ["sag"], scale=0.0
+            )
+            return denoised
+        x = args["input"]
+        use_uncond = uncond_ran and 1 in run.captures and args.get("uncond") is not None
+        chunk = 1 if use_uncond else 0
+        if layout.spec.kind == "dit":
+            grid = engine.token_grid(layout, x.shape)
+            entries = [e for e in run.captures.get(chunk, []) if e.grid == grid]
+        else:
+            entries = [e for e in run.captures.get(chunk, []) if e.spatial == tuple(x.shape[2:])]
+            grid = entries[0].grid if entries else ()
+            entries = [e for e in entries if e.grid == grid]
+        entries = [e for e in entries if e.mass.shape[0] == x.shape[0]]
+        run.captures = {}
+        if not entries:
+            if not run.warned:
+                run.warned = True
+                logging.warning(
+                    "free guidance SAG: no self-attention map of the main pass at this step (a guider with its "
+                    "own cond lists, area conditioning or context windows); the step is left unguided"
+                )
+            telemetry.record(
+                model_options, node_id, sigma=sigma, ran=main, skipped=not_run + ["sag"], scale=0.0
+            )
+            return denoised
+        mass = torch.stack([e.mass for e in entries]).mean(dim=0)
+        mask = sag_math.upsample_mask(
+            sag_math.mass_to_mask(mass, grid, settings_threshold), tuple(x.shape[2:])
+        )
+        source = args["uncond_denoised"] if use_uncond else args["cond_denoised"]
+        conditioning = args["uncond"] if use_uncond else args["cond"]
+        degraded = sag_math.degrade(source, mask, blur)
+        a = signal_scale(args["model"].model_sampling, sigma)
+        noised = sag_math.renoise(x, source, degraded, a)
+        prediction = toolkit.extra_cond_pass(
+            args["model"], conditioning, noised, args["sigma"], model_options, name=PASS_NAME
+        )
+        tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
+        if tracer is not None and hasattr(tracer, "guide"):
+            tracer.guide(sigma, chunk, mask)
+        telemetry.record(
+            model_options,
+            node_id,
+            sigma=sigma,
+            ran=main + [PASS_NAME],
+            skipped=not_run,
+            scale=step_scale,
+        )
+        return sag_math.sag_guidance(denoised, degraded, prediction, step_scale)
+
+    settings_threshold = float(threshold)
+    blur = float(blur_sigma)
+    telemetry.enable(patched, node_id, NODE)
+    patched.set_model_sampler_post_cfg_function(post_cfg)
+    return patched
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The node
+
+
+class SelfAttentionGuidance:
+    DESCRIPTION = (
+        "Self-Attention Guidance (Hong et al., ICCV 2023): at each step the self-attention map of one layer "
+        "marks the regions the model attends to (keys that receive more than the threshold times the average "
+        "attention); the prediction is blurred there, re-noised with its own noise and passed through the "
+        "model once more, and the result is pushed away from that degraded prediction: "
+        "D = D_cfg + scale (blurred - D(blurred, re-noised)). Uses the unconditional branch (the cond branch "
+        "when the uncond pass did not run: cfg 1, Adaptive Guidance, CFG Interval). Works on SD1.5/SDXL "
+        "(UNet blocks) and SD3, Flux, Wan 2.1, LTXV, HunyuanVideo (the image tokens of a DiT block). One "
+        "extra network evaluation per step inside the interval."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The model with Self-Attention Guidance installed.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        common = engine.common_inputs(scale_default=0.5)
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
+                "scale": (
+                    "FLOAT",
+                    {
+                        "default": 0.5,
+                        "min": SCALE_RANGE[0],
+                        "max": SCALE_RANGE[1],
+                        "step": 0.01,
+                        "round": 0.01,
+                        "tooltip": "Guidance strength s in D = D_cfg + s (blurred - D(blurred)). 0 turns the node "
+                        "off (no extra network evaluation). ComfyUI core defaults to 0.5; the paper reports "
+                        "0.5-0.8 on unconditional ImageNet-256 and about 1 on class-conditional models.",
+                    },
+                ),
+                "blur_sigma": (
+                    "FLOAT",
+                    {
+                        "default": 2.0,
+                        "min": BLUR_RANGE[0],
+                        "max": BLUR_RANGE[1],
+                        "step": 0.1,
+                        "tooltip": "Standard deviation of the Gaussian blur (9x9 kernel, in latent pixels) applied "
+                        "where the mask is set. ComfyUI core: 2.0; diffusers' SAG pipeline: 1.0. 0 = no blur "
+                        "(no guidance).",
+                    },
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": THRESHOLD_RANGE[0],
+                        "max": THRESHOLD_RANGE[1],
+                        "step": 0.01,
+                        "tooltip": "Mask = tokens whose received attention exceeds this multiple of the mean "
+                        "(the paper's 1.0: above-average attention). Higher = smaller blurred regions.",
+                    },
+                ),
+                "blocks": (
+                    "STRING",
+                    {
+                        "default": "auto",
+                        "multiline": False,
+                        "tooltip": "The one attention layer whose map makes the mask. 'auto' = the paper's UNet "
+                        "middle block (first transformer, 'middle.0.0', as core) and on DiTs the middle double "
+                        "block (our choice; the paper has no DiT default). UNet: 'middle.0.0', 'output.1.0' "
+                        "(part.block.transformer); DiT: 'double:9' or 'single:3'. It must select exactly one layer.",
+                    },
+                ),
+                "start_percent": common["start_percent"],
+                "end_percent": common["end_percent"],
+                "schedule": common["schedule"],
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls, scale=None, blur_sigma=None, threshold=None, start_percent=None, end_percent=None
+    ):
+        try:
+            if scale is not None:
+                toolkit.check_range(NODE, "scale", scale, *SCALE_RANGE)
+            if blur_sigma is not None:
+                toolkit.check_range(NODE, "blur_sigma", blur_sigma, *BLUR_RANGE)
+            if threshold is not None:
+                toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
+            if start_percent is not None and end_percent is not None:
+                toolkit.check_percent_interval(NODE, start_percent, end_percent)
+        except toolkit.GuidanceInputError as error:
+            return str(error)
+        return True
+
+    def patch(
+        self,
+        model,
+        scale,
+        blur_sigma,
+        threshold,
+        blocks,
+        start_percent,
+        end_percent,
+        schedule,
+        unique_id=None,
+    ):
+        return (
+            apply_sag(
+                model,
+                scale,
+                blur_sigma,
+                threshold,
+                blocks,
+                start_percent,
+                end_percent,
+                schedule,
+                node_id=unique_id,
+            ),
+        )
+
+
+NODE_CLASS_MAPPINGS = {"FreeGuidanceSAG": SelfAttentionGuidance}
+NODE_DISPLAY_NAME_MAPPINGS = {"FreeGuidanceSAG": "Self-Attention Guidance (Free Guidance)"}
