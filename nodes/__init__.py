@@ -14,6 +14,7 @@ from . import (
     pcg,
     seg,
     stg,
+    tsg,
 )
 
 NODE_MODULES = [
@@ -24,6 +25,7 @@ NODE_MODULES = [
     cfg_pp,
     pcg,
     icg,
+    tsg,
     pag,
     seg,
     stg,
