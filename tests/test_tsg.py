@@ -255,7 +255,7 @@ def expected_delta(pack, emb, settings, step, t_normalized):
     return (settings["noise_scale"] * t_normalized ** settings["alpha"] * std * n).to(emb.dtype)
 
 
-REACH = [(f, n) for f in ["sd3", "flux", "wan21", "ltxv", "hunyuan_video"] for n in (0, 1)]
+REACH = [(f, n) for f in ["sd3", "flux", "wan21_2layer", "ltxv_2layer", "hunyuan_video"] for n in (0, 1)]
 
 
 @pytest.mark.parametrize("family, first_n", REACH)
