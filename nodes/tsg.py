@@ -54,6 +54,8 @@ KEY = toolkit.KEY_PREFIX + "tsg"
 # block whose embedding the perturbed pass changed ("emb" for the UNet's whole-model emb_patch).
 TRACE_KEY = toolkit.KEY_PREFIX + "tsg_trace"
 MAX_SEED = 2**63 - 1
+# t is recovered from a float32 sigma (about 3e-5 off on the 0-1000 scale): a step on a window edge counts as in.
+T_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -286,8 +288,8 @@ def apply_tsg(
         denoised = args["denoised"]
         sigma = args["sigma"]
         model_options = args["model_options"]
-        t = step_time(args["model"].model_sampling, sigma)
-        if settings.w == 1.0 or not tsg.in_window(t, settings.t_min, settings.t_max):
+        t = None if settings.w == 1.0 else step_time(args["model"].model_sampling, sigma)
+        if t is None or not tsg.in_window(t, settings.t_min - T_TOLERANCE, settings.t_max + T_TOLERANCE):
             telemetry.record(model_options, node_id, sigma=sigma, skipped=[PASS_NAME], scale=1.0)
             return denoised
         state = PassPerturbation(

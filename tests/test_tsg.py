@@ -170,6 +170,14 @@ def test_window_outside_the_schedule_costs_nothing_and_partial_windows_count_the
     patched = pack.nodes.tsg.apply_tsg(counted, t_min=low, t_max=high)
     assert torch.equal(sampling.ksample(patched, family, steps=steps), plain)
     assert counter.last.extra == {} and counter.last.total == 2 * steps
+    # the normal schedule of an eps model puts its 4 steps at t = 1000, 2000/3, 1000/3, 0 (float32 sigmas: about
+    # 3e-5 off); a window whose edges sit exactly on a step includes it
+    assert times == pytest.approx([1000.0, 2000.0 / 3, 1000.0 / 3, 0.0], abs=1e-3)
+    sampling.ksample(
+        pack.nodes.tsg.apply_tsg(counted, t_min=2000.0 / 3, t_max=2000.0 / 3), family, steps=steps
+    )
+    assert counter.last.extra == {"tsg": 1}
+    assert [s for s, what in counter.last.events if what == "tsg"] == [float(sigmas[1])]
     for t_min, t_max in [(400.0, 1000.0), (100.0, 900.0), (0.0, 1000.0)]:
         patched = pack.nodes.tsg.apply_tsg(counted, t_min=t_min, t_max=t_max)
         out = sampling.ksample(patched, family, steps=steps)
