@@ -15,6 +15,7 @@ from . import (
     sag,
     seg,
     stg,
+    tsg,
 )
 
 NODE_MODULES = [
@@ -25,6 +26,7 @@ NODE_MODULES = [
     cfg_pp,
     pcg,
     icg,
+    tsg,
     pag,
     seg,
     stg,

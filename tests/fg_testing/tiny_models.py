@@ -14,6 +14,7 @@ cannot be detected; ``build_model("flux")`` builds it directly through ComfyUI's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -244,6 +245,16 @@ FAMILIES: dict[str, TinyFamily] = {
         ),
     ]
 }
+
+# Two-block variants of the one-block video DiTs, for tests that need blocks on both sides of a cut (not swept).
+for _base in ("wan21", "ltxv"):
+    _deep = dataclasses.replace(
+        FAMILIES[_base],
+        name=f"{_base}_2layer",
+        config={**FAMILIES[_base].config, "num_layers": 2},
+        sweep=False,
+    )
+    FAMILIES[_deep.name] = _deep
 
 IMAGE_FAMILIES = [n for n, f in FAMILIES.items() if not f.video and f.sweep]
 VIDEO_FAMILIES = [n for n, f in FAMILIES.items() if f.video and f.sweep]
