@@ -370,6 +370,7 @@ def test_without_a_node_id_nothing_is_installed(pack):
         nodes.cfg_schedule.apply_cfg_schedule(model),
         nodes.icg.apply_icg_mode(model, "gaussian", 0),
         nodes.cfg_pp.apply_cfg_pp_euler(model),
+        nodes.fouriscale.apply_fouriscale(cached_model("sd15_deep"), 64, 64, base_resolution=32),
     ]
     for p in patched:
         keys = [key for by_key in p.wrappers.values() for key in by_key]
