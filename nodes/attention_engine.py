@@ -43,7 +43,7 @@ from comfy.ldm.wan import model as wan_model
 
 from ..guidance import perturbation as guidance_math
 from ..guidance import seg as seg_math
-from . import toolkit
+from . import telemetry, toolkit
 
 # A diagnostic hook: an object with ``record(block, kind)`` placed at this transformer_options key is told of
 # every perturbation the engine applies (block key, "identity" | "blur" | "skip"). Used by the tests.
@@ -627,6 +627,7 @@ def apply_perturbation_guidance(
     schedule: str = "constant",
     batched: bool = False,
     check: Callable[[ModelLayout], None] | None = None,
+    node_id=None,
 ):
     """Validate everything against the model and return a clone with the guidance installed.
 
@@ -634,6 +635,9 @@ def apply_perturbation_guidance(
     technique refuse a family (e.g. STG-R on a UNet). ``batched``: run the perturbed pass in the same forward
     as the cond/uncond passes (one more chunk of the main call, perturbed alone) instead of a separate pass;
     where that cannot happen (a guider with its own cond lists) the separate pass runs.
+    With ``node_id`` (the node's UNIQUE_ID) every evaluation is recorded in the guidance telemetry: the main
+    cond/uncond passes, the perturbed pass ``name`` (ran, or skipped outside the interval) and the step's
+    scale after the schedule.
     """
     check_common(node, scale, start_percent, end_percent, rescale, schedule)
     layout = detect_layout(model, node)
@@ -675,7 +679,9 @@ def apply_perturbation_guidance(
         model_options = args["model_options"]
         step_scale = _step_scale(settings, sigma, model_options)
         if step_scale == 0:
+            telemetry.record(model_options, node_id, sigma=sigma, skipped=[name], scale=0.0, observed=True)
             return denoised
+        telemetry.record(model_options, node_id, sigma=sigma, ran=[name], scale=step_scale, observed=True)
         cond_denoised = args["cond_denoised"]
         stash = toolkit.run_state(model_options, key)
         entry = stash.pop("batched", None) if stash is not None else None
@@ -695,6 +701,8 @@ def apply_perturbation_guidance(
         guided = guidance_math.perturbation_guidance(denoised, cond_denoised, perturbed, step_scale)
         return guidance_math.std_rescale(guided, cond_denoised, settings.rescale)
 
+    telemetry.enable(patched, node_id, node)
+    telemetry.observe(patched, node_id)
     patched.set_model_sampler_post_cfg_function(post_cfg)
     return patched
 

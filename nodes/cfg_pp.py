@@ -12,7 +12,7 @@ import comfy.model_sampling
 import comfy.samplers
 
 from ..guidance import cfg_pp
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 SAMPLER_NODE = "CFG++ Sampler"
@@ -47,34 +47,63 @@ def check_lambda(node: str, guider) -> float:
 
 
 def sample_cfg_pp(
-    model, x, sigmas, extra_args=None, callback=None, disable=None, solver="euler", eta=1.0, s_noise=1.0
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    solver="euler",
+    eta=1.0,
+    s_noise=1.0,
+    node_id=None,
 ):
-    """KSAMPLER function: validates λ, captures ``D_u`` and runs the chosen ``guidance.cfg_pp`` solver."""
-    check_lambda(SAMPLER_NODE, toolkit.guider_of(model))
+    """KSAMPLER function: validates λ, captures ``D_u`` and runs the chosen ``guidance.cfg_pp`` solver.
+
+    With ``node_id`` (the sampler node's UNIQUE_ID) every step is recorded in the guidance telemetry: λ as the
+    scale, the unconditional prediction as the renoise pass and, for the deterministic Euler/DDIM update, the
+    plain-CFG weight that step equals (``cfg_equivalent`` = λ·a(s')·s/(s − s')).
+    """
+    lam = check_lambda(SAMPLER_NODE, toolkit.guider_of(model))
     extra_args = {} if extra_args is None else dict(extra_args)
-    capture = toolkit.capture_predictions(extra_args)
-    model_sampling = toolkit.guider_of(model).model_patcher.get_model_object("model_sampling")
-    alpha = alpha_of(model_sampling)
+    with telemetry.sampler_run(model, extra_args, node_id, SAMPLER_NODE) as run:
+        capture = toolkit.capture_predictions(extra_args)
+        model_sampling = toolkit.guider_of(model).model_patcher.get_model_object("model_sampling")
+        alpha = alpha_of(model_sampling)
+        first_order = solver == "euler" or (solver in ("euler_ancestral", "ddim") and eta == 0)
 
-    def uncond():
-        return capture.uncond
+        def uncond():
+            return capture.uncond
 
-    common = dict(extra_args=extra_args, callback=callback, disable=disable, uncond=uncond, alpha=alpha)
-    if solver == "euler":
-        return cfg_pp.sample_euler_cfg_pp(model, x, sigmas, **common)
-    if solver in ("euler_ancestral", "ddim"):
-        noise_sampler = k_sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
-        return cfg_pp.sample_euler_ancestral_cfg_pp(
-            model, x, sigmas, **common, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler
+        def recorded(x_in, sigma, **kwargs):
+            denoised = model(x_in, sigma, **kwargs)
+            fields = {"lambda": lam, "renoise": "uncond"}
+            sigma_next = next_sigma(sigmas, toolkit.sigma_value(sigma)) if first_order else None
+            if sigma_next is not None:
+                factor = cfg_pp.guidance_step_factor(
+                    toolkit.sigma_value(sigma), sigma_next, float(alpha(_tensor(sigma_next)))
+                )
+                fields["cfg_equivalent"] = lam * factor
+            run.step(sigma, scale=lam, **fields)
+            return denoised
+
+        guided = recorded if run.enabled else model
+        common = dict(extra_args=extra_args, callback=callback, disable=disable, uncond=uncond, alpha=alpha)
+        if solver == "euler":
+            return cfg_pp.sample_euler_cfg_pp(guided, x, sigmas, **common)
+        if solver in ("euler_ancestral", "ddim"):
+            noise_sampler = k_sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
+            return cfg_pp.sample_euler_ancestral_cfg_pp(
+                guided, x, sigmas, **common, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler
+            )
+        if solver == "dpmpp_2m":
+            return cfg_pp.sample_dpmpp_2m_cfg_pp(guided, x, sigmas, **common)
+        raise toolkit.GuidanceInputError(
+            SAMPLER_NODE, "solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}"
         )
-    if solver == "dpmpp_2m":
-        return cfg_pp.sample_dpmpp_2m_cfg_pp(model, x, sigmas, **common)
-    raise toolkit.GuidanceInputError(
-        SAMPLER_NODE, "solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}"
-    )
 
 
-def make_sampler(solver: str, eta: float, s_noise: float):
+def make_sampler(solver: str, eta: float, s_noise: float, node_id=None):
     if solver not in SOLVERS:
         raise toolkit.GuidanceInputError(
             SAMPLER_NODE, "solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}"
@@ -82,7 +111,7 @@ def make_sampler(solver: str, eta: float, s_noise: float):
     eta = toolkit.check_range(SAMPLER_NODE, "eta", eta, 0.0, 1.0)
     s_noise = toolkit.check_range(SAMPLER_NODE, "s_noise", s_noise, 0.0, 2.0)
     return comfy.samplers.KSAMPLER(
-        sample_cfg_pp, extra_options={"solver": solver, "eta": eta, "s_noise": s_noise}
+        sample_cfg_pp, extra_options={"solver": solver, "eta": eta, "s_noise": s_noise, "node_id": node_id}
     )
 
 
@@ -134,7 +163,8 @@ class CFGppSampler:
                         "tooltip": "Multiplier of the fresh noise of euler_ancestral / ddim (1 = as derived).",
                     },
                 ),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -148,8 +178,8 @@ class CFGppSampler:
             return str(error)
         return True
 
-    def build(self, solver, eta, s_noise):
-        return (make_sampler(solver, eta, s_noise),)
+    def build(self, solver, eta, s_noise, unique_id=None):
+        return (make_sampler(solver, eta, s_noise, node_id=unique_id),)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,13 +195,14 @@ def next_sigma(sample_sigmas, sigma: float) -> float | None:
     return None
 
 
-def apply_cfg_pp_euler(model):
+def apply_cfg_pp_euler(model, node_id=None):
     """A clone whose CFG result is turned into the CFG++ Euler step when sampled with the ``euler`` sampler.
 
     A post-CFG function multiplies the guidance part of whatever the CFG stack returned by
     ``f = a(s')·s/(s − s')`` (``guidance.cfg_pp.guidance_step_factor``): one plain Euler step with that result
     is exactly one CFG++ Euler step with λ = cfg. An OUTER_SAMPLE wrapper refuses other samplers and cfg
-    outside [0, 1] before sampling starts.
+    outside [0, 1] before sampling starts. With ``node_id`` every step is recorded in the guidance telemetry:
+    the effective CFG weight λ·f as the scale, λ, f and the unconditional prediction as the renoise pass.
     """
     patched = model.clone()
     model_sampling = patched.get_model_object("model_sampling")
@@ -189,6 +220,15 @@ def apply_cfg_pp_euler(model):
                 f"evaluated the model at sigma {sigma:.6g}, which is not on the schedule",
             )
         factor = cfg_pp.guidance_step_factor(sigma, sigma_next, float(alpha(_tensor(sigma_next))))
+        lam = float(args["cond_scale"])
+        telemetry.record(
+            args["model_options"],
+            node_id,
+            sigma=sigma,
+            scale=lam * factor,
+            observed=True,
+            **{"lambda": lam, "step_factor": factor, "renoise": "uncond"},
+        )
         return uncond + (denoised - uncond) * factor
 
     def outer_sample(executor, *args, **kwargs):
@@ -207,6 +247,8 @@ def apply_cfg_pp_euler(model):
 
     patched.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
     patched.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
+    telemetry.enable(patched, node_id, PATCH_NODE)
+    telemetry.observe(patched, node_id)
     return patched
 
 
@@ -230,10 +272,13 @@ class CFGppEuler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}}
+        return {
+            "required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
 
-    def patch(self, model):
-        return (apply_cfg_pp_euler(model),)
+    def patch(self, model, unique_id=None):
+        return (apply_cfg_pp_euler(model, node_id=unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceCFGppSampler": CFGppSampler, "FreeGuidanceCFGppEuler": CFGppEuler}

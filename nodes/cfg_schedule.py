@@ -10,7 +10,7 @@ the scheduled weight; on steps where the schedule's weight is exactly 1 the unco
 from __future__ import annotations
 
 from ..guidance import cfg_schedule
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 NODE = "CFG Schedule"
@@ -47,10 +47,13 @@ def apply_cfg_schedule(
     exponent: float = 1.0,
     *,
     trace: list | None = None,
+    node_id=None,
 ):
     """Return a clone of ``model`` whose CFG weight follows ``schedule`` with mean the sampler's cfg.
 
     ``trace``: an optional list; every run appends its list of (sigma, cfg used) per main pass.
+    With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry, with
+    the scheduled weight as its scale.
     """
     check_inputs(schedule, axis, clamp, exponent)
     clamp, exponent = float(clamp), float(exponent)
@@ -92,7 +95,37 @@ def apply_cfg_schedule(
             return out
         return [cfg_schedule.rescale_cond(out[0], out[1], cfg, target), *out[1:]]
 
-    toolkit.install_uncond_skip(patched, KEY, should_skip)
+    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
+        state = toolkit.run_state(ctx.model_options, KEY)
+        if state is None:
+            return
+        scheduled = weight(state, state.info.cfg, ctx.sigma)
+        if skipped or not toolkit.uncond_evaluated(out):
+            # weight 1 here, or an inner skip wrapper (another node) left the step conditional-only
+            telemetry.record(
+                ctx.model_options,
+                node_id,
+                sigma=ctx.sigma,
+                ran=["cond"],
+                skipped=["uncond"],
+                scale=1.0,
+                scheduled=scheduled,
+            )
+        else:
+            telemetry.record(
+                ctx.model_options,
+                node_id,
+                sigma=ctx.sigma,
+                ran=["cond", "uncond"],
+                scale=scheduled,
+                cosine=telemetry.cosine(out[0], out[1]),
+                scheduled=scheduled,
+            )
+
+    telemetry.enable(patched, node_id, "CFG Schedule")
+    toolkit.install_uncond_skip(
+        patched, KEY, should_skip, after_pass=after_pass if node_id is not None else None
+    )
     patched.set_model_sampler_pre_cfg_function(pre_cfg)
     return patched
 
@@ -158,7 +191,8 @@ class CFGSchedule:
                         "Small values raise the weight early, large ones late; the paper tunes it per model.",
                     },
                 ),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -172,8 +206,8 @@ class CFGSchedule:
             return str(error)
         return True
 
-    def patch(self, model, schedule: str, axis: str, clamp: float, exponent: float):
-        return (apply_cfg_schedule(model, schedule, axis, clamp, exponent),)
+    def patch(self, model, schedule: str, axis: str, clamp: float, exponent: float, unique_id=None):
+        return (apply_cfg_schedule(model, schedule, axis, clamp, exponent, node_id=unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceCFGSchedule": CFGSchedule}

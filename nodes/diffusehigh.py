@@ -11,7 +11,7 @@ import comfy.samplers
 import torch
 
 from ..guidance import diffusehigh
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY
 
 NODE = "DiffuseHigh"
@@ -80,8 +80,15 @@ def sample_diffusehigh(
     structure_steps: int,
     sharpen: float,
     guidance_space: str,
+    node_id=None,
 ):
-    extra_args = {} if extra_args is None else extra_args
+    """KSAMPLER function: the DiffuseHigh stages on the tail of ``sigmas``.
+
+    With ``node_id`` (the sampler node's UNIQUE_ID) every step is recorded in the guidance telemetry with its
+    ``stage`` (1-based, of ``stages``), the stage's ``resolution`` ([width, height] in pixels) and whether
+    ``structure_guidance`` replaced the estimate's low band at that step.
+    """
+    extra_args = {} if extra_args is None else dict(extra_args)
     base = _base_model(model)
     latent = getattr(model, "latent_image", None)  # the clean input latent (in the model's latent space)
     if latent is None:
@@ -114,34 +121,43 @@ def sample_diffusehigh(
     total = (len(tail) - 1) * len(sizes)
     z = latent
     done = 0
-    for stage_h, stage_w in sizes:
-        reference = diffusehigh.upscale(decode(z), stage_h, stage_w)
-        blur_sigma = 0.1 + 1.9 * float(torch.rand((), generator=generator))
-        reference = diffusehigh.sharpen(reference, sharpen, blur_sigma)
-        z = encode(reference)
-        reference_ll = diffusehigh.dwt2(z if guidance_space == "latent" else reference)[0]
-        if len(tail) < 2:
-            continue
-        noise = torch.randn(z.shape, generator=generator).to(z)
-        z = sampling.noise_scaling(tail[0].to(z), noise, z)
-        s_in = z.new_ones([z.shape[0]])
-        for i in range(len(tail) - 1):
-            sigma, sigma_next = tail[i], tail[i + 1]
-            denoised = model(z, sigma * s_in, **extra_args)
-            if i < structure_steps:
-                denoised = guide(denoised, reference_ll)
-            if callback is not None:
-                callback(
-                    {
-                        "x": z,
-                        "i": min(done, total - 1),
-                        "sigma": sigma,
-                        "sigma_hat": sigma,
-                        "denoised": denoised,
-                    }
+    with telemetry.sampler_run(model, extra_args, node_id, NODE) as run:
+        for stage, (stage_h, stage_w) in enumerate(sizes, start=1):
+            reference = diffusehigh.upscale(decode(z), stage_h, stage_w)
+            blur_sigma = 0.1 + 1.9 * float(torch.rand((), generator=generator))
+            reference = diffusehigh.sharpen(reference, sharpen, blur_sigma)
+            z = encode(reference)
+            reference_ll = diffusehigh.dwt2(z if guidance_space == "latent" else reference)[0]
+            if len(tail) < 2:
+                continue
+            noise = torch.randn(z.shape, generator=generator).to(z)
+            z = sampling.noise_scaling(tail[0].to(z), noise, z)
+            s_in = z.new_ones([z.shape[0]])
+            for i in range(len(tail) - 1):
+                sigma, sigma_next = tail[i], tail[i + 1]
+                denoised = model(z, sigma * s_in, **extra_args)
+                structure = i < structure_steps
+                if structure:
+                    denoised = guide(denoised, reference_ll)
+                run.step(
+                    sigma,
+                    stage=stage,
+                    stages=len(sizes),
+                    resolution=[stage_w, stage_h],
+                    structure_guidance=structure,
                 )
-            z = diffusehigh.euler_step(z, denoised, sigma, sigma_next)
-            done += 1
+                if callback is not None:
+                    callback(
+                        {
+                            "x": z,
+                            "i": min(done, total - 1),
+                            "sigma": sigma,
+                            "sigma_hat": sigma,
+                            "denoised": denoised,
+                        }
+                    )
+                z = diffusehigh.euler_step(z, denoised, sigma, sigma_next)
+                done += 1
     return z
 
 
@@ -238,7 +254,8 @@ class DiffuseHigh:
                         "guided step). latent: the DWT on the latent itself, no VAE round trip (cheaper).",
                     },
                 ),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -248,7 +265,9 @@ class DiffuseHigh:
                 return f"{NODE}: input '{name}' must be a positive multiple of 8 (the VAE's latent factor), got {value}"
         return True
 
-    def build(self, vae, width, height, stages, renoise, structure_steps, sharpen, guidance_space):
+    def build(
+        self, vae, width, height, stages, renoise, structure_steps, sharpen, guidance_space, unique_id=None
+    ):
         options = dict(
             vae=vae,
             width=int(width),
@@ -258,6 +277,7 @@ class DiffuseHigh:
             structure_steps=int(toolkit.check_range(NODE, "structure_steps", structure_steps, 0, 1000)),
             sharpen=toolkit.check_range(NODE, "sharpen", sharpen, 0.0, 10.0),
             guidance_space=guidance_space,
+            node_id=unique_id,
         )
         if guidance_space not in GUIDANCE_SPACES:
             raise toolkit.GuidanceInputError(NODE, "guidance_space", f"must be one of {GUIDANCE_SPACES}")

@@ -28,6 +28,9 @@ class CountNetworkEvaluations:
     def patch(self, model):
         patched = model.clone()
         toolkit.EvalCounter.install(patched)
+        # The telemetry hub lives here too, so every guidance node and sampler downstream reports into the
+        # lineage the report node reads, whichever model of it the report is given.
+        telemetry.TelemetryHub.ensure(patched)
         return (patched,)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance import fouriscale
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 NODE = "FouriScale"
@@ -221,22 +221,26 @@ class Settings:
     latent_size: tuple[int, int]
 
 
+def call_dilation(settings: Settings, transformer_options: dict, sigma) -> float:
+    """The dilation d of the current call (> 1: the FouriScale branch runs; <= 1: the original model)."""
+    position = step_index(transformer_options, sigma)
+    if position is None:
+        return float(settings.dilation)
+    step, steps = position
+    return fouriscale.step_dilation(
+        settings.dilation,
+        step,
+        round(settings.start * steps),
+        round(settings.stop * steps),
+        settings.progressive,
+    )
+
+
 def _install(patched, settings: Settings, runtime: Runtime) -> None:
     warned = []
 
     def apply_model(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        position = step_index(transformer_options, t)
-        if position is None:
-            d = float(settings.dilation)
-        else:
-            step, steps = position
-            d = fouriscale.step_dilation(
-                settings.dilation,
-                step,
-                round(settings.start * steps),
-                round(settings.stop * steps),
-                settings.progressive,
-            )
+        d = call_dilation(settings, transformer_options, t)
         if d <= 1.0:  # the original convolutions: the guidance branch would equal the conditional branch
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         if tuple(x.shape[-2:]) != settings.latent_size and not warned:
@@ -315,8 +319,15 @@ def apply_fouriscale(
     progressive: bool = True,
     low_pass: bool = True,
     mask_floor: float = -1.0,
+    node_id=None,
 ):
-    """Return a FouriScale clone of ``model`` for sampling at ``width × height`` pixels."""
+    """Return a FouriScale clone of ``model`` for sampling at ``width × height`` pixels.
+
+    With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry: the
+    step's dilation and branch ("fouriscale": dilated, low-passed, with the weak-filtered guidance branch; the
+    pass "fouriscale" is skipped where d <= 1 and the original model runs). The guidance branch rides as
+    extra rows of the conditional call, so it adds no evaluation of its own to the record.
+    """
     profile = profile_for(model)
     for name, value in (("width", width), ("height", height)):
         if not isinstance(value, int) or value <= 0 or value % LATENT_FACTOR:
@@ -386,6 +397,20 @@ def apply_fouriscale(
         )
     _install(patched, settings, runtime)
     patched.set_attachments(KEY, runtime)
+
+    def describe(model_options: dict, sigma: float) -> dict:
+        d = call_dilation(settings, model_options.get("transformer_options", {}), sigma)
+        active = d > 1.0
+        return {
+            "ran": ["fouriscale"] if active else [],
+            "skipped": [] if active else ["fouriscale"],
+            "evaluations": 0,
+            "dilation": d,
+            "branch": "fouriscale" if active else "original",
+        }
+
+    telemetry.enable(patched, node_id, NODE)
+    telemetry.observe(patched, node_id, describe)
     return patched
 
 
@@ -505,6 +530,7 @@ class FouriScale:
                     },
                 ),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -539,6 +565,7 @@ class FouriScale:
         progressive=True,
         low_pass=True,
         mask_floor=-1.0,
+        unique_id=None,
     ):
         return (
             apply_fouriscale(
@@ -552,6 +579,7 @@ class FouriScale:
                 progressive,
                 low_pass,
                 mask_floor,
+                node_id=unique_id,
             ),
         )
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from ..guidance import icg
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 NODE = "ICG"
@@ -25,8 +25,12 @@ MODES = ("random_tokens", "gaussian")
 Draw = Callable[[dict, int, torch.Generator], dict]
 
 
-def apply_icg(model, draw: Draw, seed: int):
-    """A clone whose sampling runs use ``draw(...)`` as the negative conditioning (the independent condition)."""
+def apply_icg(model, draw: Draw, seed: int, *, node_id=None, mode: str = ""):
+    """A clone whose sampling runs use ``draw(...)`` as the negative conditioning (the independent condition).
+
+    With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry; the
+    unconditional pass is the one fed the independent condition.
+    """
     patched = model.clone()
 
     def outer_sample(executor, *args, **kwargs):
@@ -50,6 +54,10 @@ def apply_icg(model, draw: Draw, seed: int):
             conds["negative"] = original
 
     patched.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
+    telemetry.enable(patched, node_id, "ICG")
+    # the unconditional slot is fed the independent condition; "uncond_input" says which kind
+    fields = {"uncond_input": mode or "independent"}
+    telemetry.observe(patched, node_id, lambda options, sigma: fields)
     return patched
 
 
@@ -118,7 +126,7 @@ def random_token_draw(clip) -> Draw:
     return draw
 
 
-def apply_icg_mode(model, mode: str, seed: int, clip=None):
+def apply_icg_mode(model, mode: str, seed: int, clip=None, node_id=None):
     if mode not in MODES:
         raise toolkit.GuidanceInputError(NODE, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
     if not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
@@ -130,8 +138,8 @@ def apply_icg_mode(model, mode: str, seed: int, clip=None):
             raise toolkit.GuidanceInputError(
                 NODE, "clip", "is required by mode 'random_tokens' (connect the text encoder of your prompt)"
             )
-        return apply_icg(model, random_token_draw(clip), seed)
-    return apply_icg(model, gaussian_draw, seed)
+        return apply_icg(model, random_token_draw(clip), seed, node_id=node_id, mode=mode)
+    return apply_icg(model, gaussian_draw, seed, node_id=node_id, mode=mode)
 
 
 class ICG:
@@ -179,10 +187,11 @@ class ICG:
                     },
                 ),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def patch(self, model, mode, seed, clip=None):
-        return (apply_icg_mode(model, mode, seed, clip),)
+    def patch(self, model, mode, seed, clip=None, unique_id=None):
+        return (apply_icg_mode(model, mode, seed, clip, node_id=unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceICG": ICG}

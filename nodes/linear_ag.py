@@ -9,7 +9,7 @@ ran (``guidance.linear_ag.OnlineLinearAG``), and says so in its description.
 from __future__ import annotations
 
 from ..guidance import linear_ag
-from . import toolkit
+from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
 
 NODE = "LinearAG"
@@ -25,10 +25,11 @@ class _RunState:
             trace.append(self.lag)
 
 
-def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = None):
+def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = None, node_id=None):
     """Return a clone of ``model`` whose uncond pass is regressed on alternate steps before ``end_percent``.
 
     ``trace``: an optional list; every run appends its ``OnlineLinearAG`` (fits, regressed steps).
+    With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
     end_percent = toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
     patched = model.clone()
@@ -49,11 +50,37 @@ def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = Non
 
     def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
         state = toolkit.run_state(ctx.model_options, KEY)
-        if state is None or ctx.sigma_float <= 0:
+        if state is None:
             return
         real = not skipped and toolkit.uncond_evaluated(out)
-        state.lag.record(ctx.x, ctx.sigma_float, out[0], out[1], real)
+        _record(ctx, out, skipped, real)
+        if ctx.sigma_float > 0:
+            state.lag.record(ctx.x, ctx.sigma_float, out[0], out[1], real)
 
+    def _record(ctx: toolkit.PassContext, out: list, skipped: bool, real: bool) -> None:
+        if node_id is None:
+            return
+        options, cfg = ctx.model_options, telemetry.run_cfg(ctx.model_options, node_id)
+        if real:
+            cosine = telemetry.cosine(out[0], out[1])
+            telemetry.record(
+                options, node_id, sigma=ctx.sigma, ran=["cond", "uncond"], scale=cfg, cosine=cosine
+            )
+        elif skipped:
+            # CFG runs at full scale with the regressed estimate in the unconditional slot.
+            telemetry.record(
+                options,
+                node_id,
+                sigma=ctx.sigma,
+                ran=["cond"],
+                skipped=["uncond"],
+                scale=cfg,
+                uncond="estimated",
+            )
+        else:  # an inner skip wrapper (another node) filled the slot: conditional-only
+            telemetry.record(options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0)
+
+    telemetry.enable(patched, node_id, "LinearAG")
     toolkit.install_uncond_skip(patched, KEY, should_skip, fill=fill, after_pass=after_pass)
     return patched
 
@@ -90,7 +117,8 @@ class LinearAG:
                         "steps always run both passes to fit the coefficients. 0 = plain CFG.",
                     },
                 ),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -102,8 +130,8 @@ class LinearAG:
             return str(error)
         return True
 
-    def patch(self, model, end_percent: float):
-        return (apply_linear_ag(model, end_percent),)
+    def patch(self, model, end_percent: float, unique_id=None):
+        return (apply_linear_ag(model, end_percent, node_id=unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceLinearAG": LinearAG}

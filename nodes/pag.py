@@ -18,6 +18,7 @@ def apply_pag(
     schedule: str = "constant",
     rescale: float = 0.0,
     batched: bool = True,
+    node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with identity self-attention in ``blocks``."""
     return engine.apply_perturbation_guidance(
@@ -32,6 +33,7 @@ def apply_pag(
         rescale=rescale,
         schedule=schedule,
         batched=batched,
+        node_id=node_id,
     )
 
 
@@ -50,7 +52,7 @@ class PerturbedAttentionGuidance:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": engine.common_inputs(scale_default=3.0)}
+        return {"required": engine.common_inputs(scale_default=3.0), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
@@ -58,8 +60,22 @@ class PerturbedAttentionGuidance:
             NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
         )
 
-    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, batched):
-        return (apply_pag(model, scale, blocks, start_percent, end_percent, schedule, rescale, batched),)
+    def patch(
+        self, model, scale, blocks, start_percent, end_percent, schedule, rescale, batched, unique_id=None
+    ):
+        return (
+            apply_pag(
+                model,
+                scale,
+                blocks,
+                start_percent,
+                end_percent,
+                schedule,
+                rescale,
+                batched,
+                node_id=unique_id,
+            ),
+        )
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidancePAG": PerturbedAttentionGuidance}

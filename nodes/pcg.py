@@ -11,7 +11,7 @@ import comfy.k_diffusion.sampling as k_sampling
 import comfy.samplers
 
 from ..guidance import pcg
-from . import toolkit
+from . import telemetry, toolkit
 from .cfg_pp import alpha_of
 from .common import CATEGORY
 
@@ -31,7 +31,14 @@ def sample_pcg(
     gamma_rule=GAMMA_RULES[0],
     step_scale=1.0,
     s_noise=1.0,
+    node_id=None,
 ):
+    """KSAMPLER function: PCG_DDIM with the guider's cfg as the CFG scale γ.
+
+    With ``node_id`` (the sampler node's UNIQUE_ID) every step is recorded in the guidance telemetry: all its
+    evaluations (K correctors and the conditional predictor), the corrector power γ' as the scale and the
+    number of corrector calls (``correctors``).
+    """
     guider = toolkit.guider_of(model)
     if "negative" not in (getattr(guider, "conds", None) or {}):
         raise toolkit.GuidanceInputError(
@@ -42,38 +49,53 @@ def sample_pcg(
         raise toolkit.GuidanceInputError(NODE, "guider", "has no cfg; use CFGGuider or the KSampler")
     gamma = pcg.corrector_gamma(float(cfg), match_ddpm=gamma_rule == GAMMA_RULES[0])
     extra_args = {} if extra_args is None else dict(extra_args)
-    predictor_args = dict(extra_args)
-    predictor_args["model_options"] = toolkit.options_without_uncond(extra_args.get("model_options", {}), KEY)
-    corrector_args = dict(extra_args)
-    capture = toolkit.capture_predictions(corrector_args)
+    with telemetry.sampler_run(model, extra_args, node_id, NODE) as run:
+        predictor_args = dict(extra_args)
+        predictor_args["model_options"] = toolkit.options_without_uncond(
+            extra_args.get("model_options", {}), KEY
+        )
+        corrector_args = dict(extra_args)
+        capture = toolkit.capture_predictions(corrector_args)
+        correctors = [0]  # corrector calls since the last predictor
 
-    def cond_and_uncond(x_in, sigma):
-        model(x_in, sigma, **corrector_args)
-        return capture.cond, capture.uncond
+        def cond_and_uncond(x_in, sigma):
+            model(x_in, sigma, **corrector_args)
+            correctors[0] += 1
+            return capture.cond, capture.uncond
 
-    def cond_only(x_in, sigma):
-        return model(x_in, sigma, **predictor_args)
+        def cond_only(x_in, sigma):
+            cond = model(x_in, sigma, **predictor_args)
+            # the predictor ends the step: one record for the step's correctors and predictor
+            run.step(
+                sigma,
+                scale=gamma if correctors[0] else 1.0,
+                gamma=gamma,
+                correctors=correctors[0],
+                predictor="cond",
+            )
+            correctors[0] = 0
+            return cond
 
-    alpha = alpha_of(guider.model_patcher.get_model_object("model_sampling"))
-    return pcg.sample_pcg(
-        model,
-        x,
-        sigmas,
-        extra_args,
-        callback,
-        disable,
-        cond_and_uncond=cond_and_uncond,
-        cond_only=cond_only,
-        gamma=gamma,
-        langevin_steps=langevin_steps,
-        step_scale=step_scale,
-        s_noise=s_noise,
-        alpha=alpha,
-        noise_sampler=k_sampling.default_noise_sampler(x, seed=extra_args.get("seed")),
-    )
+        alpha = alpha_of(guider.model_patcher.get_model_object("model_sampling"))
+        return pcg.sample_pcg(
+            model,
+            x,
+            sigmas,
+            extra_args,
+            callback,
+            disable,
+            cond_and_uncond=cond_and_uncond,
+            cond_only=cond_only,
+            gamma=gamma,
+            langevin_steps=langevin_steps,
+            step_scale=step_scale,
+            s_noise=s_noise,
+            alpha=alpha,
+            noise_sampler=k_sampling.default_noise_sampler(x, seed=extra_args.get("seed")),
+        )
 
 
-def make_sampler(langevin_steps: int, gamma_rule: str, step_scale: float, s_noise: float):
+def make_sampler(langevin_steps: int, gamma_rule: str, step_scale: float, s_noise: float, node_id=None):
     if not isinstance(langevin_steps, int) or not 0 <= langevin_steps <= 16:
         raise toolkit.GuidanceInputError(
             NODE, "langevin_steps", f"must be an integer between 0 and 16, got {langevin_steps!r}"
@@ -91,6 +113,7 @@ def make_sampler(langevin_steps: int, gamma_rule: str, step_scale: float, s_nois
             "gamma_rule": gamma_rule,
             "step_scale": step_scale,
             "s_noise": s_noise,
+            "node_id": node_id,
         },
     )
 
@@ -150,7 +173,8 @@ class PCGSampler:
                         "tooltip": "Multiplier of the Langevin noise (1 = as derived; 0 = deterministic gradient steps).",
                     },
                 ),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
@@ -168,8 +192,8 @@ class PCGSampler:
             return str(error)
         return True
 
-    def build(self, langevin_steps, gamma_rule, step_scale, s_noise):
-        return (make_sampler(langevin_steps, gamma_rule, step_scale, s_noise),)
+    def build(self, langevin_steps, gamma_rule, step_scale, s_noise, unique_id=None):
+        return (make_sampler(langevin_steps, gamma_rule, step_scale, s_noise, node_id=unique_id),)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidancePCGSampler": PCGSampler}

@@ -22,6 +22,7 @@ def apply_seg(
     schedule: str = "constant",
     rescale: float = 0.0,
     batched: bool = True,
+    node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with blurred self-attention queries in ``blocks``."""
     toolkit.check_range(NODE, "blur_sigma", blur_sigma, 0.0, MAX_SIGMA)
@@ -37,6 +38,7 @@ def apply_seg(
         rescale=rescale,
         schedule=schedule,
         batched=batched,
+        node_id=node_id,
     )
 
 
@@ -68,7 +70,7 @@ class SmoothedEnergyGuidance:
                 "the paper's default; 0 = no blur. The paper sweeps 1, 4, 16, ... and finds larger is stronger.",
             },
         )
-        return {"required": inputs}
+        return {"required": inputs, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None, blur_sigma=None):
@@ -82,10 +84,31 @@ class SmoothedEnergyGuidance:
                 return str(error)
         return result
 
-    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, blur_sigma, batched):
+    def patch(
+        self,
+        model,
+        scale,
+        blocks,
+        start_percent,
+        end_percent,
+        schedule,
+        rescale,
+        blur_sigma,
+        batched,
+        unique_id=None,
+    ):
         return (
             apply_seg(
-                model, scale, blur_sigma, blocks, start_percent, end_percent, schedule, rescale, batched
+                model,
+                scale,
+                blur_sigma,
+                blocks,
+                start_percent,
+                end_percent,
+                schedule,
+                rescale,
+                batched,
+                node_id=unique_id,
             ),
         )
 

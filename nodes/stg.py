@@ -21,6 +21,7 @@ def apply_stg(
     schedule: str = "constant",
     rescale: float = 0.7,
     batched: bool = True,
+    node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with the chosen blocks (or their attention) skipped."""
     if mode not in MODES:
@@ -48,6 +49,7 @@ def apply_stg(
         rescale=rescale,
         schedule=schedule,
         batched=batched,
+        node_id=node_id,
         check=check,
     )
 
@@ -77,7 +79,7 @@ class SpatiotemporalSkipGuidance:
                 "but makes their self-attention the identity.",
             },
         )
-        return {"required": inputs}
+        return {"required": inputs, "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
@@ -85,9 +87,32 @@ class SpatiotemporalSkipGuidance:
             NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
         )
 
-    def patch(self, model, scale, blocks, start_percent, end_percent, schedule, rescale, mode, batched):
+    def patch(
+        self,
+        model,
+        scale,
+        blocks,
+        start_percent,
+        end_percent,
+        schedule,
+        rescale,
+        mode,
+        batched,
+        unique_id=None,
+    ):
         return (
-            apply_stg(model, scale, mode, blocks, start_percent, end_percent, schedule, rescale, batched),
+            apply_stg(
+                model,
+                scale,
+                mode,
+                blocks,
+                start_percent,
+                end_percent,
+                schedule,
+                rescale,
+                batched,
+                node_id=unique_id,
+            ),
         )
 
 
