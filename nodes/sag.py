@@ -334,12 +334,10 @@ def apply_sag(
         sigma = toolkit.sigma_value(args["sigma"])
         run = toolkit.run_state(model_options, key)
         uncond_ran = run is not None and run.uncond_ran
-        main = ["cond", "uncond"] if uncond_ran else ["cond"]
-        not_run = [] if uncond_ran else ["uncond"]
         step_scale = engine._step_scale(settings, sigma, model_options) if run is not None else 0.0
         if step_scale == 0:
             telemetry.record(
-                model_options, node_id, sigma=sigma, ran=main, skipped=not_run + ["sag"], scale=0.0
+                model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True, sag_scale=0.0
             )
             return denoised
         x = args["input"]
@@ -362,7 +360,7 @@ def apply_sag(
                     "own cond lists, area conditioning or context windows); the step is left unguided"
                 )
             telemetry.record(
-                model_options, node_id, sigma=sigma, ran=main, skipped=not_run + ["sag"], scale=0.0
+                model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True, sag_scale=0.0
             )
             return denoised
         mass = torch.stack([e.mass for e in entries]).mean(dim=0)
@@ -381,18 +379,14 @@ def apply_sag(
         if tracer is not None and hasattr(tracer, "guide"):
             tracer.guide(sigma, chunk, mask)
         telemetry.record(
-            model_options,
-            node_id,
-            sigma=sigma,
-            ran=main + [PASS_NAME],
-            skipped=not_run,
-            scale=step_scale,
+            model_options, node_id, sigma=sigma, ran=[PASS_NAME], observed=True, sag_scale=step_scale
         )
         return sag_math.sag_guidance(denoised, degraded, prediction, step_scale)
 
     settings_threshold = float(threshold)
     blur = float(blur_sigma)
     telemetry.enable(patched, node_id, NODE)
+    telemetry.observe(patched, node_id)
     patched.set_model_sampler_post_cfg_function(post_cfg)
     return patched
 

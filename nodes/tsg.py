@@ -290,7 +290,7 @@ def apply_tsg(
         model_options = args["model_options"]
         t = None if settings.w == 1.0 else step_time(args["model"].model_sampling, sigma)
         if t is None or not tsg.in_window(t, settings.t_min - T_TOLERANCE, settings.t_max + T_TOLERANCE):
-            telemetry.record(model_options, node_id, sigma=sigma, skipped=[PASS_NAME], scale=1.0)
+            telemetry.record(model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True)
             return denoised
         state = PassPerturbation(
             settings,
@@ -311,10 +311,13 @@ def apply_tsg(
         finally:
             handover.delta = None
             handover.pass_state = None
-        telemetry.record(model_options, node_id, sigma=sigma, ran=[PASS_NAME], scale=settings.w)
+        telemetry.record(
+            model_options, node_id, sigma=sigma, ran=[PASS_NAME], observed=True, tsg_scale=settings.w
+        )
         return tsg.combine(denoised, args["cond_denoised"], perturbed, settings.w)
 
     telemetry.enable(patched, node_id, NODE)
+    telemetry.observe(patched, node_id)
     patched.set_model_sampler_post_cfg_function(post_cfg)
     return patched
 

@@ -373,7 +373,8 @@ def test_runs_on_every_family(run_prompt, family, batch):
     telemetry = result.outputs[ids["report"]]["free_guidance_telemetry"]
     (record,) = [r for r in telemetry if r["title"] == "Self-Attention Guidance"]
     assert [step["ran"] for step in record["steps"]] == [["cond", "uncond", "sag"]] * steps
-    assert [step["scale"] for step in record["steps"]] == [1.0] * steps
+    assert [step["sag_scale"] for step in record["steps"]] == [1.0] * steps
+    assert [step["evaluations"] for step in record["steps"]] == [3] * steps
 
 
 # ---------------------------------------------------------------------------------------------------------

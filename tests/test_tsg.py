@@ -399,9 +399,13 @@ def test_runs_on_every_family_through_ksampler(run_prompt, family, batch):
     telemetry = result.outputs[ids["report"]]["free_guidance_telemetry"]
     record = next(r for r in telemetry if r["title"] == "Time-Step Guidance")
     assert [step["evaluations"] for step in record["steps"]] == sorted(
-        [1] * expected + [0] * (steps - expected), reverse=True
+        [3] * expected + [2] * (steps - expected), reverse=True
     )
-    assert all(step["ran"] == ["tsg"] and step["scale"] == 4.0 for step in record["steps"][:expected])
+    assert sum(step["evaluations"] for step in record["steps"]) == c["total"]
+    assert all(
+        step["ran"] == ["cond", "uncond", "tsg"] and step["tsg_scale"] == 4.0
+        for step in record["steps"][:expected]
+    )
     assert all(step["skipped"] == ["tsg"] for step in record["steps"][expected:])
 
 
