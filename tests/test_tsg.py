@@ -384,10 +384,13 @@ def test_unet_whole_model_delta_is_the_formula_on_the_time_embedding(pack):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_runs_on_every_family_through_ksampler(run_prompt, family, batch):
+def test_runs_on_every_family_through_ksampler_and_sampler_custom_advanced(run_prompt, family, batch):
     steps, t_min = 2, 600.0  # the first step inside the window, the second outside
+    advanced = (
+        FAMILIES.index(family) + batch
+    ) % 2 == 0  # each sampler path sees every family at one batch size
     prompt, ids = tiny_txt2img(
-        family, batch=batch, steps=steps, patch=tsg_node(first_n_blocks=1, t_min=t_min)
+        family, batch=batch, steps=steps, patch=tsg_node(first_n_blocks=1, t_min=t_min), advanced=advanced
     )
     result = run_prompt(prompt)
     s = stats(result, ids)
@@ -438,18 +441,38 @@ def test_stacks_with_the_packs_cfg_nodes_and_core_cfg_nodes(run_prompt):
         model = tsg_node(t_min=0.0, first_n_blocks=1)(g, model)
         model = g.node("APG", model=model, eta=1.0, norm_threshold=5.0, momentum=0.0)
         model = g.node("CFGZeroStar", model=model)
+        model = g.node("TCFG", model=model)
         return g.node("RescaleCFG", model=model, multiplier=0.7)
+
+    def unet_core_chain(g, model):
+        model = g.node("PerturbedAttentionGuidance", model=model, scale=1.0)
+        return core_chain(g, model)
+
+    def dit_core_chain(g, model):
+        model = core_chain(g, model)
+        return g.node(
+            "SkipLayerGuidanceDiT",
+            model=model,
+            double_layers="0",
+            single_layers="0",
+            scale=1.0,
+            start_percent=0.0,
+            end_percent=1.0,
+            rescaling_scale=0.0,
+        )
 
     steps = 2
     plain, plain_ids = tiny_txt2img("sd15", steps=steps, count=False)
     before = stats(run_prompt(plain), plain_ids)["sha256"]
-    chains = [("sd15", core_chain), ("wan21", pack_chain), ("sd3", pack_chain), ("flux", core_chain)]
+    chains = [("sd15", unet_core_chain), ("wan21", pack_chain), ("sd3", pack_chain), ("flux", dit_core_chain)]
     for family, chain in chains:
         prompt, ids = tiny_txt2img(family, steps=steps, patch=chain)
         result = run_prompt(prompt)
         assert stats(result, ids)["finite"]
         c = counts(result, ids)
-        assert c["cond"] == steps and c["extra"] == {"tsg": steps}
+        # core PAG and SkipLayerGuidanceDiT run their perturbed pass as one more (untagged) conditional pass
+        core_guidance = chain in (unet_core_chain, dit_core_chain)
+        assert c["cond"] == (2 * steps if core_guidance else steps) and c["extra"] == {"tsg": steps}
         if chain is pack_chain:
             assert c["uncond"] < steps  # CFG Interval skipped the uncond outside [0.2, 0.8]; TSG still ran
     assert stats(run_prompt(plain), plain_ids)["sha256"] == before
