@@ -1,5 +1,5 @@
-"""Time per sampling step of PAG / SEG / STG (batched and separate perturbed pass) against plain CFG and the
-core PAG / SkipLayerGuidanceDiT nodes, on the tiny SD1.5 and Wan 2.1 models, in one run.
+"""Time per sampling step of PAG / SEG / STG (batched and separate perturbed pass) and SAG against plain CFG and
+the core PAG / SAG / SkipLayerGuidanceDiT nodes, on the tiny SD1.5 and Wan 2.1 models, in one run.
 
 Usage (from the repository root, after scripts/test.sh has set the host up):
 
@@ -27,7 +27,7 @@ from fg_testing.test_nodes import cached_model  # noqa: E402
 def configurations(pack, family):
     import nodes
 
-    pag, seg, stg = pack.nodes.pag, pack.nodes.seg, pack.nodes.stg
+    pag, seg, stg, sag = pack.nodes.pag, pack.nodes.seg, pack.nodes.stg, pack.nodes.sag
     configs = {"plain CFG": lambda m: m}
     if family == "sd15":
         core = nodes.NODE_CLASS_MAPPINGS["PerturbedAttentionGuidance"]
@@ -47,6 +47,10 @@ def configurations(pack, family):
             configs[f"STG-R, {how}"] = lambda m, b=batched: stg.apply_stg(
                 m, 3.0, "STG-R (skip block)", blocks, batched=b
             )
+    configs["SAG"] = lambda m: sag.apply_sag(m, 0.5, 2.0, 1.0, "auto")
+    if family == "sd15":
+        core_sag = nodes.NODE_CLASS_MAPPINGS["SelfAttentionGuidance"]
+        configs["core SAG"] = lambda m: core_sag.execute(m, 0.5, 2.0).result[0]
     return configs
 
 

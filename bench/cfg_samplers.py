@@ -31,7 +31,7 @@ def configurations(pack):
     """name -> (patch(model) -> model, sampler or None (plain euler), cfg)."""
     import comfy.samplers
 
-    cfg_pp, pcg, icg = pack.nodes.cfg_pp, pack.nodes.pcg, pack.nodes.icg
+    cfg_pp, pcg, icg, tsg = pack.nodes.cfg_pp, pack.nodes.pcg, pack.nodes.icg, pack.nodes.tsg
     euler = comfy.samplers.sampler_object("euler")
     rule = pcg.GAMMA_RULES[0]
     return {
@@ -42,6 +42,8 @@ def configurations(pack):
         "PCG K=1": (lambda m: m, pcg.make_sampler(1, rule, 1.0, 1.0), 4.0),
         "PCG K=2": (lambda m: m, pcg.make_sampler(2, rule, 1.0, 1.0), 4.0),
         "ICG gaussian": (lambda m: icg.apply_icg_mode(m, "gaussian", 0), euler, 3.0),
+        "TSG (paper's SD text defaults) on CFG": (tsg.apply_tsg, euler, 4.0),
+        "TSG alone (cfg 1, window 0-1000)": (lambda m: tsg.apply_tsg(m, t_min=0.0), euler, 1.0),
     }
 
 
@@ -96,13 +98,16 @@ def bench_family(pack, family, args):
             run(name)
     baseline = statistics.median(times["plain CFG (euler)"])
     print(f"\n{family}\n")
-    print("| configuration | evaluations (cond + uncond) | per step | time per image | vs plain CFG |")
+    print(
+        "| configuration | evaluations (cond + uncond + extra) | per step | time per image | vs plain CFG |"
+    )
     print("|---|---|---|---|---|")
     for name in prepared:
         e = evaluations[name]
         median = statistics.median(times[name])
         print(
-            f"| {name} | {e['total']} ({e['cond']} + {e['uncond']}) | {e['total'] / args.steps:g} | "
+            f"| {name} | {e['total']} ({e['cond']} + {e['uncond']} + {sum(e['extra'].values())}) | "
+            f"{e['total'] / args.steps:g} | "
             f"{median * 1000:.0f} ms | {median / baseline:.2f}x |"
         )
 
