@@ -27,6 +27,7 @@ from .common import CATEGORY, MODEL_TOOLTIP
 
 NODE = "FouriScale"
 KEY = toolkit.KEY_PREFIX + "fouriscale"
+PASS_NAME = "fouriscale"  # the guidance branch, as evaluation counters and telemetry name it
 LATENT_FACTOR = 8
 
 # The paper's layers (diffusers names, as in the authors' released layer settings).
@@ -268,6 +269,8 @@ def _install(patched, settings: Settings, runtime: Runtime) -> None:
         options = transformer_options.copy()
         cond_chunks = [c for c, kind in enumerate(cond_or_uncond) if kind == 0]
         options["cond_or_uncond"] = cond_or_uncond + [0] * len(cond_chunks)
+        appended = list(range(len(cond_or_uncond), len(cond_or_uncond) + len(cond_chunks)))
+        toolkit.mark_appended_chunks(transformer_options, options, appended, PASS_NAME)
         uuids = options.get("uuids")
         if isinstance(uuids, list) and len(uuids) == len(cond_or_uncond):
             options["uuids"] = uuids + [uuids[c] for c in cond_chunks]
@@ -326,7 +329,7 @@ def apply_fouriscale(
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry: the
     step's dilation and branch ("fouriscale": dilated, low-passed, with the weak-filtered guidance branch; the
     pass "fouriscale" is skipped where d <= 1 and the original model runs). The guidance branch rides as
-    extra rows of the conditional call, so it adds no evaluation of its own to the record.
+    extra rows of the conditional call; it is counted as one "fouriscale" evaluation per conditional chunk.
     """
     profile = profile_for(model)
     for name, value in (("width", width), ("height", height)):
@@ -402,9 +405,11 @@ def apply_fouriscale(
         d = call_dilation(settings, model_options.get("transformer_options", {}), sigma)
         active = d > 1.0
         return {
-            "ran": ["fouriscale"] if active else [],
-            "skipped": [] if active else ["fouriscale"],
-            "evaluations": 0,
+            "ran": [PASS_NAME] if active else [],
+            "skipped": [] if active else [PASS_NAME],
+            "evaluations": 1
+            if active
+            else 0,  # the guidance branch: a copy of the cond chunk in the same call
             "dilation": d,
             "branch": "fouriscale" if active else "original",
         }

@@ -47,6 +47,10 @@ EXTRA_PASS_KEY = "free_guidance_pass"
 # transformer_options key of a main call that carries extra conds batched in by this pack: {cond index: name}.
 BATCHED_EXTRA_KEY = "free_guidance_batched"
 COUNTER_KEY = KEY_PREFIX + "eval_counter"
+# Chunks a wrapper appends inside one model call (FouriScale's guidance branch). On the options it passes
+# inward: {chunk position in cond_or_uncond: pass name}; on the options it received: [(pass name, chunks)].
+APPENDED_CHUNKS_KEY = "free_guidance_appended"
+APPENDED_NOTE_KEY = "free_guidance_appended_note"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,6 +450,20 @@ def call_attention(func, previous, *args, **kwargs):
 # Network-evaluation counter
 
 
+def mark_appended_chunks(received: dict, passed_on: dict, positions: list[int], name: str) -> None:
+    """Tell evaluation counters that the chunks at ``positions`` of ``passed_on["cond_or_uncond"]`` were appended
+    inside this model call by a wrapper and are pass ``name``.
+
+    A counter inside the wrapper reads the positions from ``passed_on``; one outside it (it counted the call
+    before the chunks existed) reads the note left on ``received``, the call's own transformer_options.
+    """
+    passed_on[APPENDED_CHUNKS_KEY] = {
+        **passed_on.get(APPENDED_CHUNKS_KEY, {}),
+        **dict.fromkeys(positions, name),
+    }
+    received.setdefault(APPENDED_NOTE_KEY, []).append((name, len(positions)))
+
+
 @dataclass
 class RunCounts:
     """Network evaluations of one sampling run.
@@ -512,8 +530,14 @@ class EvalCounter:
         transformer_options = kwargs.get("transformer_options")
         if transformer_options is None and len(args) >= 4:
             transformer_options = args[3]
-        self._record(transformer_options or {}, t)
-        return executor(x, t, *args, **kwargs)
+        transformer_options = transformer_options if transformer_options is not None else {}
+        self._record(transformer_options, t)
+        noted = len(transformer_options.get(APPENDED_NOTE_KEY, []))
+        try:
+            return executor(x, t, *args, **kwargs)
+        finally:  # chunks appended by a wrapper inside this one (mark_appended_chunks)
+            for name, chunks in transformer_options.get(APPENDED_NOTE_KEY, [])[noted:]:
+                self._count(name, chunks, sigma_value(t))
 
     def _record(self, transformer_options: dict, t: torch.Tensor) -> None:
         if not self.runs:  # a forward outside a sampler run (e.g. a direct apply_model)
@@ -523,7 +547,11 @@ class EvalCounter:
         sigma = sigma_value(t)
         extra = transformer_options.get(EXTRA_PASS_KEY)
         batched = transformer_options.get(BATCHED_EXTRA_KEY, {})
-        for index in transformer_options.get("cond_or_uncond", [0]):
+        appended = transformer_options.get(APPENDED_CHUNKS_KEY, {})
+        for position, index in enumerate(transformer_options.get("cond_or_uncond", [0])):
+            if position in appended:
+                self._count(appended[position], 1, sigma)
+                continue
             if extra is not None or index in batched:
                 what = extra if extra is not None else batched[index]
                 run.extra[what] = run.extra.get(what, 0) + 1
@@ -534,3 +562,10 @@ class EvalCounter:
                 what = "cond"
                 run.cond += 1
             run.events.append((sigma, what))
+
+    def _count(self, name: str, chunks: int, sigma: float) -> None:
+        if not self.runs:
+            self.runs.append(RunCounts())
+        run = self.runs[-1]
+        run.extra[name] = run.extra.get(name, 0) + chunks
+        run.events.extend([(sigma, name)] * chunks)

@@ -508,8 +508,8 @@ FOURISCALE_NOTE = (
     "empty latent's. *base_resolution* is the model's training size ({base}); the dilation is then "
     "ceil(size / base) = 2. *start/stop*: from *start* of the steps the dilation ramps down to 1, from *stop* "
     "the original model and plain CFG run ({timing}). {extra}While active, each step evaluates 3 branches "
-    "in one batched model call (the evaluation counter sees the usual 2 passes: the third rides inside the "
-    "conditional call); after *stop*, plain CFG."
+    "in one batched model call (the evaluation counter reports the third as *fouriscale*); after *stop*, plain "
+    "CFG."
 )
 
 

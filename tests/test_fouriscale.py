@@ -247,13 +247,41 @@ def test_weight_patches_reach_the_patched_convolutions(pack):
 
 
 @pytest.mark.parametrize("family", ["sd15_deep", "sdxl"])
-def test_two_times_native_through_ksampler(run_prompt, family):
+def test_two_times_native_through_ksampler(run_prompt, pack, family):
     prompt, ids = tiny_txt2img(family, steps=3, batch=2, patch=fouriscale(start=0.3, stop=0.7))
     result = run_prompt(prompt)
     stats = digest(result, ids)
     assert stats["finite"] and stats["shape"] == list(tiny_models.latent_shape(family, 2, 8, 8))
     counts = result.outputs[ids["report"]]["free_guidance_evaluations"][0]
-    assert counts["cond"] == counts["uncond"] == 3  # the guidance branch runs inside the same model call
+    # the guidance branch rides in the same model call, as extra chunks that the counter names
+    dilations = [
+        pack.guidance.fouriscale.step_dilation(2.0, i, round(0.3 * 3), round(0.7 * 3), True) for i in range(3)
+    ]
+    active = sum(1 for d in dilations if d > 1)
+    assert 0 < active < 3
+    assert (counts["cond"], counts["uncond"], counts["extra"]) == (3, 3, {"fouriscale": active})
+    assert counts["forward_calls"] == 3
+
+
+@pytest.mark.parametrize("counter_first", [True, False], ids=["counter-outside", "counter-inside"])
+def test_the_guidance_branch_is_counted_wherever_the_counter_sits(pack, counter_first):
+    model = cached_model("sd15_deep")
+
+    def fouriscale_clone(m):
+        return pack.nodes.fouriscale.apply_fouriscale(
+            m, SIZE, SIZE, base_resolution=BASE, start=1.0, stop=1.0
+        )
+
+    if counter_first:
+        counted = model.clone()
+        counter = pack.nodes.toolkit.EvalCounter.install(counted)
+        patched = fouriscale_clone(counted)
+    else:
+        patched = fouriscale_clone(model)
+        counter = pack.nodes.toolkit.EvalCounter.install(patched)
+    sampling.ksample(patched, "sd15_deep", steps=2, batch=2)
+    counts = counter.last.as_dict()
+    assert (counts["cond"], counts["uncond"], counts["extra"]) == (2, 2, {"fouriscale": 2})
 
 
 # ---- errors before sampling

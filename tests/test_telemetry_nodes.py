@@ -187,7 +187,8 @@ def test_fouriscale_records_the_dilation_and_branch(run_prompt, pack):
         active = d > 1
         assert step["branch"] == ("fouriscale" if active else "original")
         assert ("fouriscale" in step["ran"]) == active and ("fouriscale" in step["skipped"]) == (not active)
-        assert step["evaluations"] == 2  # the guidance branch rides in the conditional call
+        assert step["evaluations"] == (3 if active else 2)  # the branch: a chunk of the conditional call
+    assert counts["extra"] == {"fouriscale": sum(1 for d in expected if d > 1)}
 
 
 def test_cfg_pp_for_ksampler_records_the_effective_cfg(run_prompt):
