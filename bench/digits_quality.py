@@ -133,6 +133,52 @@ TECHNIQUES: list[Technique] = [
             ("STG", {"mode": "STG-R (skip block)"}),
         )
     ],
+    *[
+        patched(
+            f"SAG scale {scale:g}",
+            "SAG",
+            (
+                "FreeGuidanceSAG",
+                {
+                    "scale": scale,
+                    "blur_sigma": 2.0,
+                    "threshold": 1.0,
+                    "blocks": "auto",
+                    "start_percent": 0.0,
+                    "end_percent": 1.0,
+                    "schedule": "constant",
+                },
+            ),
+            scale=scale,
+        )
+        for scale in (0.5, 1.0)
+    ],
+    # TSG with the paper's SD text-conditional settings, on top of CFG and alone (cfg 1: the paper's use).
+    *[
+        Technique(
+            f"TSG w {w:g} @ cfg {cfg:g}",
+            "TSG" if cfg > 1 else "TSG alone",
+            cfg,
+            (
+                (
+                    "FreeGuidanceTSG",
+                    {
+                        "scale": w,
+                        "noise_scale": 3.0,
+                        "alpha": 0.25,
+                        "t_min": 400.0,
+                        "t_max": 1000.0,
+                        "first_n_blocks": 0,
+                        "std_scaling": True,
+                        "seed": 0,
+                    },
+                ),
+            ),
+            reference=BASELINE if cfg == 1 else f"CFG {cfg:g}",
+            params={"w": w},
+        )
+        for w, cfg in ((1.5, BASELINE_CFG), (2.0, 1.0), (4.0, 1.0))
+    ],
 ]
 
 
