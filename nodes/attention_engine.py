@@ -515,7 +515,7 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
     return run_block
 
 
-def _text_length_recorder(state: PassState, previous):
+def text_length_recorder(state: PassState, previous):
     def record(args, extra):
         state.text_tokens = args["txt"].shape[1]
         if previous is not None:
@@ -548,7 +548,7 @@ def install_perturbation(
     if needs_text and not any(kind == "double_block" for kind, _ in selection.keys):
         first = ("double_block", 0)
         comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _text_length_recorder(state, existing.get(first)), "dit", *first
+            model_options, text_length_recorder(state, existing.get(first)), "dit", *first
         )
 
 
@@ -585,7 +585,7 @@ class GuidanceSettings:
     schedule: str = "constant"
 
 
-def _step_scale(settings: GuidanceSettings, sigma: float, model_options: dict) -> float:
+def step_scale(settings: GuidanceSettings, sigma: float, model_options: dict) -> float:
     interval = settings.interval
     if not interval.contains(sigma):
         return 0.0
@@ -659,7 +659,7 @@ def apply_perturbation_guidance(
         if (
             stash is None
             or not toolkit.is_main_call(conds, model_options)
-            or _step_scale(settings, toolkit.sigma_value(timestep), model_options) == 0
+            or step_scale(settings, toolkit.sigma_value(timestep), model_options) == 0
         ):
             return executor(model, conds, x_in, timestep, model_options)
         options, longer, index = toolkit.append_batched_cond(model_options, conds, conds[0], name)
@@ -677,11 +677,11 @@ def apply_perturbation_guidance(
         denoised = args["denoised"]
         sigma = toolkit.sigma_value(args["sigma"])
         model_options = args["model_options"]
-        step_scale = _step_scale(settings, sigma, model_options)
-        if step_scale == 0:
+        scale_now = step_scale(settings, sigma, model_options)
+        if scale_now == 0:
             telemetry.record(model_options, node_id, sigma=sigma, skipped=[name], scale=0.0, observed=True)
             return denoised
-        telemetry.record(model_options, node_id, sigma=sigma, ran=[name], scale=step_scale, observed=True)
+        telemetry.record(model_options, node_id, sigma=sigma, ran=[name], scale=scale_now, observed=True)
         cond_denoised = args["cond_denoised"]
         stash = toolkit.run_state(model_options, key)
         entry = stash.pop("batched", None) if stash is not None else None
@@ -698,7 +698,7 @@ def apply_perturbation_guidance(
                 perturbation,
                 name=name,
             )
-        guided = guidance_math.perturbation_guidance(denoised, cond_denoised, perturbed, step_scale)
+        guided = guidance_math.perturbation_guidance(denoised, cond_denoised, perturbed, scale_now)
         return guidance_math.std_rescale(guided, cond_denoised, settings.rescale)
 
     telemetry.enable(patched, node_id, node)

@@ -230,7 +230,7 @@ def install_capture(model_options: dict, selection: engine.Selection, call: _Cal
     if layout.spec.text_first and key[0] != "double_block":
         first = ("double_block", 0)
         comfy.model_patcher.set_model_options_patch_replace(
-            model_options, engine._text_length_recorder(call, existing.get(first)), "dit", *first
+            model_options, engine.text_length_recorder(call, existing.get(first)), "dit", *first
         )
 
 
@@ -315,7 +315,7 @@ def apply_sag(
             return executor(model, conds, x_in, timestep, model_options)
         run.captures = {}
         run.uncond_ran = False
-        if engine._step_scale(settings, toolkit.sigma_value(timestep), model_options) == 0:
+        if engine.step_scale(settings, toolkit.sigma_value(timestep), model_options) == 0:
             out = executor(model, conds, x_in, timestep, model_options)
         else:
             options = comfy.model_patcher.create_model_options_clone(model_options)
@@ -334,7 +334,7 @@ def apply_sag(
         sigma = toolkit.sigma_value(args["sigma"])
         run = toolkit.run_state(model_options, key)
         uncond_ran = run is not None and run.uncond_ran
-        step_scale = engine._step_scale(settings, sigma, model_options) if run is not None else 0.0
+        step_scale = engine.step_scale(settings, sigma, model_options) if run is not None else 0.0
         if step_scale == 0:
             telemetry.record(
                 model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True, sag_scale=0.0

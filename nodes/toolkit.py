@@ -120,6 +120,21 @@ def sigma_value(sigma: float | torch.Tensor) -> float:
     return float(sigma)
 
 
+def schedule_step_index(sigmas, sigma: float | torch.Tensor) -> int:
+    """The index i of the step whose sigma interval [sigmas[i+1], sigmas[i]] of the schedule ``sigmas`` (first,
+    noisiest, to last) holds ``sigma``, clamped to [0, steps - 1]; an intermediate evaluation counts as its step."""
+    values = sigmas.reshape(-1).tolist() if isinstance(sigmas, torch.Tensor) else list(sigmas)
+    steps = max(len(values) - 1, 0)
+    value = sigma_value(sigma)
+    index = 0
+    for i in range(steps):
+        if values[i] * (1 + 1e-6) >= value:
+            index = i
+        else:
+            break
+    return min(index, max(steps - 1, 0))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Per-run state
 
@@ -141,14 +156,7 @@ class RunInfo:
         Exact for samplers that evaluate on the grid; an intermediate evaluation (Heun, DPM++ 2S, churn) counts
         as the step it lies in. Clamped to [0, steps - 1].
         """
-        value = sigma_value(sigma)
-        index = 0
-        for i in range(self.steps):
-            if self.sigmas[i] * (1 + 1e-6) >= value:
-                index = i
-            else:
-                break
-        return min(index, max(self.steps - 1, 0))
+        return schedule_step_index(self.sigmas, sigma)
 
 
 def install_run_state(model_patcher, key: str, factory: Callable[..., Any]) -> None:

@@ -227,8 +227,7 @@ def step_index(model_options: dict, sigma: float) -> int:
     sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
     if sigmas is None or len(sigmas) == 0:
         return int(round(sigma * 1e6))  # no schedule known: still deterministic in the step's sigma
-    values = sigmas.reshape(-1).tolist()
-    return max(sum(1 for v in values[:-1] if v >= sigma * (1 - 1e-6)) - 1, 0)
+    return toolkit.schedule_step_index(sigmas, sigma)
 
 
 def step_time(model_sampling, sigma) -> float:

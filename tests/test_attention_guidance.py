@@ -245,34 +245,6 @@ def test_stg_r_equals_core_skip_layer_guidance(pack, comfy_host, family, layers)
 # The perturbation reaches exactly the chosen blocks, and changes the prediction
 
 
-def block_modules(family, dm):
-    """{block key: module} for every attention block of the tiny model, keyed like the engine's selection."""
-    if family in ("sd15", "sdxl"):
-        import comfy.ldm.modules.attention as attention
-
-        out = {}
-        for part, modules in (
-            ("input", dm.input_blocks),
-            ("middle", [dm.middle_block]),
-            ("output", dm.output_blocks),
-        ):
-            for index, block in enumerate(modules):
-                for layer in block:
-                    if isinstance(layer, attention.SpatialTransformer):
-                        for t, transformer in enumerate(layer.transformer_blocks):
-                            out[(part, index, t)] = transformer
-        return out
-    if family == "sd3":
-        return {("double_block", i): b for i, b in enumerate(dm.joint_blocks)}
-    if family == "wan21":
-        return {("double_block", i): b for i, b in enumerate(dm.blocks)}
-    if family == "ltxv":
-        return {("double_block", i): b for i, b in enumerate(dm.transformer_blocks)}
-    out = {("double_block", i): b for i, b in enumerate(dm.double_blocks)}
-    out.update({("single_block", i): b for i, b in enumerate(dm.single_blocks)})
-    return out
-
-
 def relative_change(a, b, x) -> float:
     """|a − b| relative to |b − x|: the change of the predicted noise direction (denoised = x − σ ε)."""
     return float((a - b).norm() / (b - x).norm())
@@ -334,7 +306,7 @@ def test_perturbation_reaches_exactly_the_chosen_blocks(pack, family, name, bloc
     model = cached_model(family)
     selection = engine.parse_blocks("Test", "blocks", blocks, engine.detect_layout(model, "Test"))
     probe = model.clone()
-    tracer = Tracer(block_modules(family, model.get_model_object("diffusion_model")))
+    tracer = Tracer(tiny_models.block_modules(family, model.get_model_object("diffusion_model")))
     seen = []
 
     def post_cfg(args):

@@ -290,33 +290,6 @@ def test_each_samples_mask_equals_the_mask_of_that_sample_alone(pack, family, ch
 # Reach: captured exactly at the chosen block, on every family
 
 
-def block_modules(family, dm):
-    if family in ("sd15", "sdxl"):
-        import comfy.ldm.modules.attention as attention
-
-        out = {}
-        for part, modules in (
-            ("input", dm.input_blocks),
-            ("middle", [dm.middle_block]),
-            ("output", dm.output_blocks),
-        ):
-            for index, block in enumerate(modules):
-                for layer in block:
-                    if isinstance(layer, attention.SpatialTransformer):
-                        for t, transformer in enumerate(layer.transformer_blocks):
-                            out[(part, index, t)] = transformer
-        return out
-    if family == "sd3":
-        return {("double_block", i): b for i, b in enumerate(dm.joint_blocks)}
-    if family == "wan21":
-        return {("double_block", i): b for i, b in enumerate(dm.blocks)}
-    if family == "ltxv":
-        return {("double_block", i): b for i, b in enumerate(dm.transformer_blocks)}
-    out = {("double_block", i): b for i, b in enumerate(dm.double_blocks)}
-    out.update({("single_block", i): b for i, b in enumerate(dm.single_blocks)})
-    return out
-
-
 REACH_CASES = [
     ("sd15", "auto", ("middle", 0, 0)),
     ("sd15", "output.1.0", ("output", 1, 0)),
@@ -336,7 +309,7 @@ def test_map_is_captured_exactly_at_the_chosen_block_and_guides(pack, family, bl
     model = cached_model(family)
     steps, batch = (1, 1) if family == "sdxl" else (2, 2)
     sag = pack.nodes.sag.apply_sag(model, scale=1.0, blocks=blocks)
-    trace = Trace(block_modules(family, model.get_model_object("diffusion_model")))
+    trace = Trace(tiny_models.block_modules(family, model.get_model_object("diffusion_model")))
     try:
         guided = sampling.ksample(traced(pack, sag, trace), family, steps=steps, batch=batch)
     finally:

@@ -369,3 +369,31 @@ def latent_shape(name: str, batch: int = 1, height: int = 16, width: int = 16, f
 
 def empty_latent(name: str, batch: int = 1, height: int = 16, width: int = 16, frames: int = 3) -> dict:
     return {"samples": torch.zeros(latent_shape(name, batch, height, width, frames))}
+
+
+def block_modules(family: str, dm) -> dict:
+    """{block key: module} for every attention block of the tiny model, keyed like the engine's selection."""
+    if family in ("sd15", "sdxl"):
+        import comfy.ldm.modules.attention as attention
+
+        out = {}
+        for part, modules in (
+            ("input", dm.input_blocks),
+            ("middle", [dm.middle_block]),
+            ("output", dm.output_blocks),
+        ):
+            for index, block in enumerate(modules):
+                for layer in block:
+                    if isinstance(layer, attention.SpatialTransformer):
+                        for t, transformer in enumerate(layer.transformer_blocks):
+                            out[(part, index, t)] = transformer
+        return out
+    if family == "sd3":
+        return {("double_block", i): b for i, b in enumerate(dm.joint_blocks)}
+    if family == "wan21":
+        return {("double_block", i): b for i, b in enumerate(dm.blocks)}
+    if family == "ltxv":
+        return {("double_block", i): b for i, b in enumerate(dm.transformer_blocks)}
+    out = {("double_block", i): b for i, b in enumerate(dm.double_blocks)}
+    out.update({("single_block", i): b for i, b in enumerate(dm.single_blocks)})
+    return out
