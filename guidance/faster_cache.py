@@ -111,7 +111,8 @@ class FeatureCache:
 
     ``store(feature, chunks, step)``: ``feature`` (batch first) is split into ``len(chunks)`` equal chunks, chunk
     k stored under ``(chunks[k], tag)``. A chunk stored twice at the same step is ambiguous (two different
-    conditionings under one chunk id): its history is dropped, so it is computed again next time.
+    conditionings under one chunk id): its history is dropped, so it is computed again next time. Stored
+    tensors are kept, not copied: nothing may modify them in place afterwards.
     """
 
     slots: dict[Hashable, _Slot] = field(default_factory=dict)
