@@ -1,7 +1,7 @@
 """CFG-Cache: rebuild the unconditional prediction from the conditional one and a cached frequency residual.
 
 Implements the CFG-Cache of Lv, Si, Song, Yang, Qiao, Liu, Wong, "FasterCache: Training-Free Video Diffusion
-Model Acceleration with High Quality" (ICLR 2025, arXiv:2410.19355), §3.3 and its eq. 11:
+Model Acceleration with High Quality" (ICLR 2025, arXiv:2410.19355), its eq. 11:
 
 * On a full step both branches run. The residual between them is cached, split per frame into low and high
   frequencies: with ``F(·) = fftshift(fft2(·))`` over the last two axes (H, W; a video latent (B, C, T, H, W)
@@ -29,10 +29,10 @@ and may be set either way.
 
 **Default schedule: the official CogVideoX one** (50 steps; the counter is the 1-based call index): CFG-Cache
 from call 18, a full step whenever ``call % 5 == 0``, the low band boosted ×1.1 while ``call ≤ 40`` and the high
-band ×1.1 while ``call ≥ 30``. It is the smallest boost of the official schedules (the others use 1.15–1.25),
-the only one written for a 50-step sampler, and the one diffusers' generic defaults restate in timesteps
-(α 1.1 for both bands, uncond skip range 5). As progress fractions: reuse from step 17/50, low band until
-40/50, high band from 29/50 (0-based steps). The refresh rule is relative to ``start`` (the first reuse step is
+band ×1.1 while ``call ≥ 30``. It has the smallest boost of the official schedules (Open-Sora and Mochi use
+1.15–1.25; Latte's 1.1 reaches the high band only from call 45) with both bands active, and it is the closest to
+diffusers' generic defaults (×1.1 for both bands, a full step every 5). As progress fractions of 0-based
+steps: reuse from step 17/50, low band until step 39/50, high band from step 29/50. The refresh rule is relative to ``start`` (the first reuse step is
 ``start``, a full step every ``interval`` steps after the one before ``start``) instead of the official absolute
 ``call % 5``, so the pattern does not depend on where ``start`` falls; ``OFFICIAL`` keeps the exact call rules.
 
@@ -312,8 +312,8 @@ class OfficialCFGCache:
         return call >= self.reuse_from and call % self.period != 0
 
 
-# techniques-cfg.md §7 (official repository @02d05ef); "<" / ">" bounds written as inclusive ranges. Open-Sora-Plan
-# and Vchitect-2.0 are left out: their step counts are not in the notes.
+# From the official scripts (github.com/Vchitect/FasterCache @02d05ef); "<" / ">" bounds written as inclusive
+# ranges. Open-Sora-Plan and Vchitect-2.0 are left out: their step counts are not recorded here.
 OFFICIAL: dict[str, OfficialCFGCache] = {
     "cogvideox": OfficialCFGCache(50, 18, 5, 1.1, (1, 40), 1.1, (30, 50)),
     "open-sora-1.2": OfficialCFGCache(30, 12, 5, 1.15, (1, 25), 1.15, (20, 30)),

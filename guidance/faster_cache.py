@@ -1,7 +1,7 @@
 """FasterCache's dynamic feature reuse: extrapolate an attention module's output on the steps it is skipped.
 
 Implements the dynamic feature reuse of Lv, Si, Song, Yang, Qiao, Liu, Wong, "FasterCache: Training-Free Video
-Diffusion Model Acceleration with High Quality" (ICLR 2025, arXiv:2410.19355), §3.2: attention outputs of
+Diffusion Model Acceleration with High Quality" (ICLR 2025, arXiv:2410.19355): attention outputs of
 adjacent steps are similar but not equal, so instead of reusing the last one unchanged, each attention module
 keeps its last two *computed* outputs ``F_a`` (latest) and ``F_b`` (the one before) and, on a skipped step,
 returns the linear extrapolation
@@ -187,8 +187,8 @@ class OfficialFeatureReuse:
         return call >= self.reuse_from and call % self.period != self.compute_residue
 
 
-# techniques-cfg.md §7 and techniques-attention-video.md §8 (official repository @02d05ef). Open-Sora-Plan
-# (no weight in the notes) and Vchitect (a block-range residual instead) are left out.
+# From the official scripts (github.com/Vchitect/FasterCache @02d05ef). Open-Sora-Plan (its weight is not
+# recorded here) and Vchitect (a block-range residual instead) are left out.
 OFFICIAL: dict[str, OfficialFeatureReuse] = {
     "cogvideox": OfficialFeatureReuse(50, 15, 18, 3, 0, _constant(0.3)),
     "open-sora-1.2": OfficialFeatureReuse(30, 5, 8, 2, 1, lambda call: 0.9 * (call - 7) / 20),

@@ -118,6 +118,14 @@ def test_official_cogvideox_calls():
     assert reuse[:3] == [18, 19, 21] and 20 not in reuse and 25 not in reuse
     assert len(reuse) == 33 - 7  # calls 18..50 less the multiples of 5
     assert not cc.OFFICIAL["mochi"].is_reuse(63)
+    # the default config is this schedule in progress fractions (call c is 0-based step c - 1)
+    default = cc.CFGCacheConfig()
+    assert default.start_step(50) == sched.reuse_from - 1
+    assert default.low_window[1] == (sched.low_calls[1] - 1) / 50
+    assert default.high_window[0] == (sched.high_calls[0] - 1) / 50
+    assert (default.alpha_low, default.alpha_high) == pytest.approx(
+        (sched.low_factor - 1, sched.high_factor - 1)
+    )
 
 
 def test_bias_weights_per_window():
