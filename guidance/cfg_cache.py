@@ -32,9 +32,10 @@ from call 18, a full step whenever ``call % 5 == 0``, the low band boosted ×1.1
 band ×1.1 while ``call ≥ 30``. It has the smallest boost of the official schedules (Open-Sora and Mochi use
 1.15–1.25; Latte's 1.1 reaches the high band only from call 45) with both bands active, and it is the closest to
 diffusers' generic defaults (×1.1 for both bands, a full step every 5). As progress fractions of 0-based
-steps: reuse from step 17/50, low band until step 39/50, high band from step 29/50. The refresh rule is relative to ``start`` (the first reuse step is
-``start``, a full step every ``interval`` steps after the one before ``start``) instead of the official absolute
-``call % 5``, so the pattern does not depend on where ``start`` falls; ``OFFICIAL`` keeps the exact call rules.
+steps: reuse from step 17/50, low band until step 39/50, high band from step 29/50. The refresh rule is
+relative to ``start`` (the first reuse step is ``start``, a full step every ``interval`` steps after the one
+before ``start``) instead of the official absolute ``call % 5``, so the pattern does not depend on where
+``start`` falls; ``OFFICIAL`` keeps the exact call rules.
 
 **Which space.** The paper caches the network output (ε or v). In ComfyUI's denoised space that is
 ``(x − D)/σ`` (``x − D = σ·ε`` for ε models, ``σ·v`` for flow models): ``to_output_space`` and

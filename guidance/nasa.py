@@ -1,7 +1,7 @@
 """Negative prompts inside attention: SNOOPI's NASA, and NAG as a second mode.
 
 **NASA** (Negative-Away Steer Attention) implements Nguyen et al., "SNOOPI: Supercharged One-step Diffusion
-Distillation with Proper Guidance" (arXiv:2412.02687, v3), §5 and Supplementary Algorithm 1. In each
+Distillation with Proper Guidance" (arXiv:2412.02687, v3), its Supplementary Algorithm 1. In each
 cross-attention layer the image queries attend to the positive and to the negative prompt with the layer's own
 projections, and the negative output is subtracted on the head-merged attention output, *before* the output
 projection (``to_out``)::
@@ -13,14 +13,15 @@ equal to the positive gives ``(1 − α) Z⁺``. The paper's α (NASA–I): 0.1 
 SD2.1-based, 0.5 for PixArt-α-based (``NASA_ALPHA``); v3 names none for SDXL, Flux or video models.
 
 DiTs with a separate cross-attention (PixArt, Wan, LTXV, Cosmos) take ``nasa_cross_attention`` as UNets do.
-**Joint-attention DiTs** (SD3, Flux, Chroma, HunyuanVideo, Qwen-Image) have no separate cross-attention; the paper (v3) says FLUX-schnell works because its joint blocks contain image–text
-cross-attention operations, without per-block details. What is computed here (``nasa_joint``): for the image
-queries only, the block's joint attention over [text⁺, image] keys is kept as Z⁺, and the negative term is the
-image queries' attention to the negative text keys alone, ``Z⁻ = softmax(Q_img K⁻_txtᵀ/√d) V⁻_txt`` (the
-image-query × text-key block taken as a separate cross-attention, as the paper describes); the text queries'
-outputs are unchanged. ``text_share=True`` instead takes Z⁻ as the negative text keys' share of the joint
-softmax over [text⁻, image] keys (the rows no longer sum to 1; with a negative equal to the positive the text
-share of Z⁺ is scaled by 1 − α).
+**Joint-attention DiTs** (SD3, Flux, Chroma, HunyuanVideo, Qwen-Image) have no separate cross-attention; the
+paper (v3) says FLUX-schnell works because its joint blocks contain image–text cross-attention operations,
+without per-block details. What is computed here (``nasa_joint``): for the image queries only, the block's
+joint attention over [text⁺, image] keys is kept as Z⁺, and the negative term is the image queries' attention
+to the negative text keys alone, ``Z⁻ = softmax(Q_img K⁻_txtᵀ/√d) V⁻_txt`` (the image-query × text-key block
+taken as a separate cross-attention, as the paper describes); the text queries' outputs are unchanged.
+``text_share=True`` instead takes Z⁻ as the negative text keys' share of the joint softmax over [text⁻, image]
+keys (the rows no longer sum to 1; with a negative equal to the positive the text share of Z⁺ is scaled by
+1 − α).
 
 **NAG** implements Chen, Bandyopadhyay, Zou, Song, "Normalized Attention Guidance: Universal Negative Guidance
 for Diffusion Models" (arXiv:2505.21179): extrapolate, clamp the per-token L1-norm ratio, blend::
@@ -28,7 +29,7 @@ for Diffusion Models" (arXiv:2505.21179): extrapolate, clamp the per-token L1-no
     Z̃ = φ·Z⁺ − (φ − 1)·Z⁻,   r = ‖Z̃‖₁ / ‖Z⁺‖₁ (per token, over channels),   Ẑ = Z̃ · min(r, τ)/r,
     Z = α·Ẑ + (1 − α)·Z⁺
 
-Defaults from the authors' pipelines and README: τ = 2.5, α = 0.25, φ = 5 (Flux schnell/dev), 3 (SDXL-DMD2),
+Defaults from the authors' pipelines and README: τ = 2.5, α = 0.25, φ = 5 (Flux schnell), 3 (SDXL-DMD2),
 9 (Wan 2.1 at CFG 5) (``NAG_SCALE``). φ = 1 or a negative equal to the positive leaves Z⁺.
 
 Tensors follow ComfyUI's attention convention: ``q``, ``k``, ``v`` are (B, N, heads·d), outputs head-merged
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 _CHUNK_ELEMENTS = 1 << 24  # logits materialised at once by the text-share mode
 
-# NASA–I α per model family (SNOOPI v3 §6). None: no paper value (the installer must take the user's α).
+# NASA–I α per model family (SNOOPI v3). None: no paper value (the installer must take the user's α).
 NASA_ALPHA: dict[str, float | None] = {
     "sd15": 0.1,
     "sd21": 0.2,
@@ -57,8 +58,8 @@ NASA_ALPHA: dict[str, float | None] = {
 
 NAG_TAU = 2.5
 NAG_ALPHA = 0.25
-# NAG's φ per family from the authors' README examples (Flux: guidance 0, 4 steps; SDXL: DMD2 4 steps; Wan 2.1:
-# 25 steps at CFG 5). None: no published value.
+# NAG's φ per family from the authors' README examples (Flux schnell: guidance 0, 4 steps; SDXL: DMD2, 4 steps;
+# Wan 2.1: 25 steps at CFG 5). None: no published value.
 NAG_SCALE: dict[str, float | None] = {"flux": 5.0, "sdxl": 3.0, "wan21": 9.0, "sd3": None}
 
 
