@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +208,60 @@ def scfg_combine(
     if isinstance(rate, torch.Tensor):
         rate = rate.to(cond.dtype)
     return uncond + cfg * rate * (cond - uncond)
+
+
+@dataclass
+class AttentionRecord:
+    """One layer's head-averaged probabilities for one CFG half: ``cross`` (B, N, T), ``self_attn`` (B, N, N)
+    or None, on a token ``grid`` (h, w) with N = h·w."""
+
+    cross: torch.Tensor
+    self_attn: torch.Tensor | None
+    grid: tuple[int, int]
+
+
+def region_scale_from_attention(
+    cond: Sequence[AttentionRecord],
+    uncond: Sequence[AttentionRecord],
+    delta: torch.Tensor,
+    cfg: float,
+    *,
+    out_grid: tuple[int, int] | None = None,
+    tokens: Sequence[int] | None = None,
+    powers: int = POWERS,
+    official_powers: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention maps → regions → per-pixel scale: ``(rate, masks, foreground)``.
+
+    Regions from the conditional half's records, the foreground from the unconditional half's, all refined on
+    ``out_grid`` (default: the finest grid recorded, the paper's ratio-R grid) and averaged over layers;
+    ``rate`` (B, 1, H, W) for ``delta`` = cond − uncond (B, C, H, W), masks at ``out_grid``.
+    """
+    if not cond or not uncond:
+        raise ValueError("S-CFG: attention maps of both CFG halves are needed")
+    grid = out_grid or max((r.grid for r in [*cond, *uncond]), key=lambda g: g[0] * g[1])
+
+    def refined(records: Sequence[AttentionRecord]) -> tuple[torch.Tensor, torch.Tensor]:
+        return average_maps(
+            [
+                refine_cross_attention(
+                    r.cross, r.grid, grid, r.self_attn, powers=powers, official_powers=official_powers
+                )
+                for r in records
+            ]
+        )
+
+    token_maps, _ = refined(cond)
+    _, pairs = refined(uncond)
+    masks = region_masks(token_maps, tokens)
+    foreground = foreground_mask(pairs)
+    return region_scale(delta, masks, foreground, cfg), masks, foreground
+
+
+def region_means(rate: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The mean scale per region (B, T) for telemetry (NaN for empty regions); masks upsampled as needed."""
+    if tuple(masks.shape[-2:]) != tuple(rate.shape[-2:]):
+        masks = F.interpolate(masks, size=tuple(rate.shape[-2:]), mode="nearest")
+    area = masks.sum(dim=(-2, -1))
+    total = (rate.double() * masks).sum(dim=(-2, -1))
+    return torch.where(area > 0, total / area.clamp_min(1.0), torch.full_like(total, float("nan")))

@@ -131,6 +131,45 @@ def test_joint_blocks_rows_sum_to_one():
     torch.testing.assert_close(own.sum(-1), torch.ones(2, 6, dtype=torch.float64))
 
 
+def _records(seed, grids=((4, 4), (2, 2)), tokens=6):
+    out = []
+    for i, (h, w) in enumerate(grids):
+        n = h * w
+        out.append(
+            sc.AttentionRecord(
+                _row_stochastic(2, n, tokens, seed + 2 * i),
+                _row_stochastic(2, n, n, seed + 2 * i + 1),
+                (h, w),
+            )
+        )
+    return out
+
+
+def test_attention_to_scale_pipeline():
+    uncond = _t(2, 4, 16, 16, seed=10)
+    cond = uncond + 0.5 * torch.sign(_t(2, 4, 16, 16, seed=11))
+    rate, masks, fg = sc.region_scale_from_attention(_records(20), _records(30), cond - uncond, 7.5)
+    assert rate.shape == (2, 1, 16, 16) and masks.shape == (2, 6, 4, 4) and fg.shape == (2, 1, 4, 4)
+    assert torch.equal(rate.float(), torch.ones(2, 1, 16, 16))  # constant norm: plain CFG
+    # the pipeline is the pieces composed: regions from the cond half, foreground from the uncond half
+    delta = _t(2, 4, 16, 16, seed=12)
+    rate, masks, fg = sc.region_scale_from_attention(_records(20), _records(30), delta, 7.5)
+    cond_maps, _ = sc.average_maps(
+        [sc.refine_cross_attention(r.cross, r.grid, (4, 4), r.self_attn) for r in _records(20)]
+    )
+    _, uncond_pairs = sc.average_maps(
+        [sc.refine_cross_attention(r.cross, r.grid, (4, 4), r.self_attn) for r in _records(30)]
+    )
+    assert torch.equal(masks, sc.region_masks(cond_maps)) and torch.equal(
+        fg, sc.foreground_mask(uncond_pairs)
+    )
+    assert torch.equal(rate, sc.region_scale(delta, masks, fg, 7.5))
+    means = sc.region_means(rate, masks)
+    assert means.shape == (2, 6)
+    present = masks.sum(dim=(-2, -1)) > 0
+    assert bool(torch.isfinite(means[present]).all()) and bool(torch.isnan(means[~present]).all())
+
+
 def test_errors():
     with pytest.raises(ValueError, match="powers"):
         sc.smooth_self_attention(torch.eye(3), powers=0)
@@ -138,3 +177,5 @@ def test_errors():
         sc.refine_cross_attention(torch.ones(1, 15, 3), (4, 4), (4, 4))
     with pytest.raises(ValueError, match="no attention maps"):
         sc.average_maps([])
+    with pytest.raises(ValueError, match="both CFG halves"):
+        sc.region_scale_from_attention([], _records(1), torch.zeros(1, 1, 4, 4), 5.0)
