@@ -55,7 +55,7 @@ def bench_family(pack, family: str, steps: int, repeats: int, threshold: float, 
     """Round-robin over the variants, ``repeats`` times, keeping each variant's best time: background load on
     a shared machine then hits every variant alike instead of whichever ran during a burst."""
     counted = cached_model(family).clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     models = [(name, make(counted)) for name, make in variants(pack, threshold)]
     for _, model in models:  # warm-up: weights loaded, kernels chosen, every code path run once
         sampling.ksample(model, family, steps=2, batch=batch)
@@ -86,7 +86,7 @@ def bench_mixture(pack, steps: int, threshold: float):
     rows = []
     mixture = gmm.GaussianMixture.make(classes=3, dim=gmm.dim_of("sd15"), separation=3.0, std=0.5)
     counted = gmm.gmm_model("sd15", mixture)
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     base_time, base = None, None
     for name, make in variants(pack, threshold):
         start = time.perf_counter()

@@ -75,7 +75,7 @@ def bench_family(pack, family, args):
     prepared = {}
     for name, (patch, sampler, cfg) in configurations(pack).items():
         counted = base.clone()
-        counter = pack.nodes.toolkit.EvalCounter.install(counted)
+        counter = pack.nodes.host.counter.EvalCounter.install(counted)
         prepared[name] = (patch(counted), counter, sampler, cfg)
     sigmas = sampling.sigmas_for(base, args.steps)
     times = {name: [] for name in prepared}

@@ -1,10 +1,10 @@
 """Adaptive Guidance node (Castillo et al., AAAI 2025): a MODEL patch that works in the plain KSampler.
 
-A chainable CALC_COND_BATCH wrapper (``toolkit.install_uncond_skip``) measures γ = cos(x − D_c, x − D_u) per
+A chainable CALC_COND_BATCH wrapper (``passes.install_uncond_skip``) measures γ = cos(x − D_c, x − D_u) per
 sample after every step on which both passes really ran; from the step after the whole batch converged, it
 drops the unconditional pass (the network is not evaluated) and fills its slot with ``D_c``, so CFG, post-CFG
 nodes and CFG++ samplers all see the conditional prediction. The switch state lives in the run's own
-``transformer_options`` (``toolkit.install_run_state``) and is made fresh for every sampling run.
+``transformer_options`` (``steps.install_run_state``) and is made fresh for every sampling run.
 
 A GUIDER form is not offered: the MODEL patch already works with SamplerCustomAdvanced (through CFGGuider) and
 stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
@@ -13,16 +13,17 @@ stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
 from __future__ import annotations
 
 from ..guidance import adaptive_guidance as ag
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import passes, steps, telemetry
 
 NODE = "Adaptive Guidance"
-KEY = toolkit.KEY_PREFIX + "adaptive_guidance"
+KEY = passes.KEY_PREFIX + "adaptive_guidance"
 THRESHOLD_RANGE = (-1.0, 1.01)
 
 
 class _RunState:
-    def __init__(self, info: toolkit.RunInfo, threshold: float, trace: list | None):
+    def __init__(self, info: steps.RunInfo, threshold: float, trace: list | None):
         self.info = info
         self.switch = ag.AdaptiveSwitch(threshold)
         self.passes = 0
@@ -44,39 +45,42 @@ def apply_adaptive_guidance(
     threshold = toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
     start_percent = toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
     patched = model.clone()
-    window = toolkit.SigmaInterval.from_percent(patched, start_percent, 1.0)
+    window = steps.Window(start_percent, 1.0)
 
-    toolkit.install_run_state(patched, KEY, lambda info: _RunState(info, threshold, trace))
+    steps.install_run_state(patched, KEY, lambda info: _RunState(info, threshold, trace))
 
-    def should_skip(ctx: toolkit.PassContext) -> bool:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def should_skip(ctx: passes.PassContext) -> bool:
+        state = steps.run_state(ctx.model_options, KEY)
         return state is not None and state.switch.cond_only
 
-    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def after_pass(ctx: passes.PassContext, out: list, skipped: bool) -> None:
+        state = steps.run_state(ctx.model_options, KEY)
         if state is None:
             return
         state.passes += 1
         # Only a real unconditional evaluation tells anything: an inner skip wrapper (CFG Interval, LinearAG)
         # may have filled the slot with D_c or an estimate.
-        if skipped or not toolkit.uncond_evaluated(out):
+        if skipped or not passes.uncond_evaluated(out):
             telemetry.record(
                 ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
             )
             return
         gammas = ag.noise_cosine(ctx.x, out[0], out[1])
-        state.switch.observe(state.step(ctx.sigma), gammas, allowed=window.contains(ctx.sigma))
+        state.switch.observe(state.step(ctx.sigma), gammas, allowed=window.contains(ctx.step))
         telemetry.record(
             ctx.model_options,
             node_id,
             sigma=ctx.sigma,
             ran=["cond", "uncond"],
             scale=telemetry.run_cfg(ctx.model_options, node_id),
-            cosine=float(gammas.min()),  # the batch switches when its least converged sample does
+            cosine_x0=telemetry.cosine(out[0], out[1]),
+            # AG's own γ: the noise-space cosine, the batch minimum (the batch switches when its least converged
+            # sample does)
+            cosine_noise_min=float(gammas.min()),
         )
 
     telemetry.enable(patched, node_id, "Adaptive Guidance")
-    toolkit.install_uncond_skip(patched, KEY, should_skip, after_pass=after_pass)
+    passes.install_uncond_skip(patched, KEY, should_skip, after_pass=after_pass)
     return patched
 
 

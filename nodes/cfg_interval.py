@@ -6,12 +6,12 @@ and CFG returns the conditional prediction, which is the paper's weight 1.
 
 from __future__ import annotations
 
-from ..guidance import cfg_interval
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import passes, steps, telemetry
 
 NODE = "CFG Interval"
-KEY = toolkit.KEY_PREFIX + "cfg_interval"
+KEY = passes.KEY_PREFIX + "cfg_interval"
 
 
 def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=None):
@@ -21,14 +21,14 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=
     """
     start_percent, end_percent = toolkit.check_percent_interval(NODE, start_percent, end_percent)
     patched = model.clone()
-    interval = toolkit.SigmaInterval.from_percent(patched, start_percent, end_percent)
+    interval = steps.Window(start_percent, end_percent)
 
-    def outside_interval(ctx: toolkit.PassContext) -> bool:
-        return not cfg_interval.in_interval(ctx.sigma_float, interval.sigma_start, interval.sigma_end)
+    def outside_interval(ctx: passes.PassContext) -> bool:
+        return not interval.contains(ctx.step)
 
-    def after_pass(ctx: toolkit.PassContext, outputs, skipped: bool) -> None:
+    def after_pass(ctx: passes.PassContext, outputs, skipped: bool) -> None:
         # A skip wrapper inside this one (another node) may have filled the uncond slot instead of evaluating it.
-        if skipped or not toolkit.uncond_evaluated(outputs):
+        if skipped or not passes.uncond_evaluated(outputs):
             telemetry.record(
                 ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
             )
@@ -39,11 +39,11 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=
                 sigma=ctx.sigma,
                 ran=["cond", "uncond"],
                 scale=telemetry.run_cfg(ctx.model_options, node_id),
-                cosine=telemetry.cosine(outputs[0], outputs[1]),
+                cosine_x0=telemetry.cosine(outputs[0], outputs[1]),
             )
 
     telemetry.enable(patched, node_id, "CFG Interval")
-    toolkit.install_uncond_skip(
+    passes.install_uncond_skip(
         patched, KEY, outside_interval, after_pass=after_pass if node_id is not None else None
     )
     return patched

@@ -12,12 +12,13 @@ import comfy.model_sampling
 import comfy.samplers
 
 from ..guidance import cfg_pp
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import passes, steps, telemetry
 
 SAMPLER_NODE = "CFG++ Sampler"
 PATCH_NODE = "CFG++ for KSampler Euler"
-PATCH_KEY = toolkit.KEY_PREFIX + "cfg_pp_euler"
+PATCH_KEY = passes.KEY_PREFIX + "cfg_pp_euler"
 
 SOLVERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m")
 LAMBDA_HELP = (
@@ -64,11 +65,11 @@ def sample_cfg_pp(
     scale, the unconditional prediction as the renoise pass and, for the deterministic Euler/DDIM update, the
     plain-CFG weight that step equals (``cfg_equivalent`` = λ·a(s')·s/(s − s')).
     """
-    lam = check_lambda(SAMPLER_NODE, toolkit.guider_of(model))
+    lam = check_lambda(SAMPLER_NODE, passes.guider_of(model))
     extra_args = {} if extra_args is None else dict(extra_args)
     with telemetry.sampler_run(model, extra_args, node_id, SAMPLER_NODE) as run:
-        capture = toolkit.capture_predictions(extra_args)
-        model_sampling = toolkit.guider_of(model).model_patcher.get_model_object("model_sampling")
+        capture = passes.capture_predictions(extra_args)
+        model_sampling = passes.guider_of(model).model_patcher.get_model_object("model_sampling")
         alpha = alpha_of(model_sampling)
         first_order = solver == "euler" or (solver in ("euler_ancestral", "ddim") and eta == 0)
 
@@ -78,10 +79,14 @@ def sample_cfg_pp(
         def recorded(x_in, sigma, **kwargs):
             denoised = model(x_in, sigma, **kwargs)
             fields = {"lambda": lam, "renoise": "uncond"}
-            sigma_next = next_sigma(sigmas, toolkit.sigma_value(sigma)) if first_order else None
+            sigma_next = (
+                steps.StepContext(steps.sigma_value(sigma), _values(sigmas)).next_sigma
+                if first_order
+                else None
+            )
             if sigma_next is not None:
                 factor = cfg_pp.guidance_step_factor(
-                    toolkit.sigma_value(sigma), sigma_next, float(alpha(_tensor(sigma_next)))
+                    steps.sigma_value(sigma), sigma_next, float(alpha(_tensor(sigma_next)))
                 )
                 fields["cfg_equivalent"] = lam * factor
             run.step(sigma, scale=lam, **fields)
@@ -186,13 +191,8 @@ class CFGppSampler:
 # KSampler form: exact for the Euler update through the step-dependent guidance factor.
 
 
-def next_sigma(sample_sigmas, sigma: float) -> float | None:
-    """The sigma after ``sigma`` in the run's schedule, or None when ``sigma`` is not on it."""
-    values = [float(s) for s in sample_sigmas]
-    for i in range(len(values) - 1):
-        if abs(values[i] - sigma) <= 1e-6 * max(1.0, abs(sigma)):
-            return values[i + 1]
-    return None
+def _values(sigmas) -> tuple[float, ...]:
+    return tuple(float(s) for s in sigmas.reshape(-1).tolist())
 
 
 def apply_cfg_pp_euler(model, node_id=None):
@@ -210,9 +210,8 @@ def apply_cfg_pp_euler(model, node_id=None):
 
     def post_cfg(args):
         denoised, uncond = args["denoised"], args["uncond_denoised"]
-        sigma = toolkit.sigma_value(args["sigma"])
-        sample_sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
-        sigma_next = next_sigma(sample_sigmas, sigma) if sample_sigmas is not None else None
+        sigma = steps.sigma_value(args["sigma"])
+        sigma_next = steps.StepContext.of(args["model_options"], sigma).next_sigma
         if sigma_next is None:
             raise toolkit.GuidanceInputError(
                 PATCH_NODE,
@@ -245,8 +244,8 @@ def apply_cfg_pp_euler(model, node_id=None):
         check_lambda(PATCH_NODE, executor.class_obj)
         return executor(*args, **kwargs)
 
-    patched.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
-    patched.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
+    passes.add_post_cfg(patched, post_cfg, disable_cfg1_optimization=True)
+    passes.add_outer_sample(patched, PATCH_KEY, outer_sample)
     telemetry.enable(patched, node_id, PATCH_NODE)
     telemetry.observe(patched, node_id)
     return patched

@@ -3,25 +3,26 @@
 The KSampler's cfg is the schedule's mean weight w̄. A ``sampler_pre_cfg_function`` (a list hook, so it stacks)
 rescales the guidance term so that ComfyUI's own CFG, any ``sampler_cfg_function`` and the post-CFG nodes see
 the scheduled weight; on steps where the schedule's weight is exactly 1 the unconditional pass is skipped
-(``toolkit.install_uncond_skip``). It combines with CFG Interval: outside the interval the uncond slot holds
+(``passes.install_uncond_skip``). It combines with CFG Interval: outside the interval the uncond slot holds
 ``D_c``, so the step is conditional-only whatever the schedule says.
 """
 
 from __future__ import annotations
 
 from ..guidance import cfg_schedule
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import passes, steps, telemetry
 
 NODE = "CFG Schedule"
-KEY = toolkit.KEY_PREFIX + "cfg_schedule"
+KEY = passes.KEY_PREFIX + "cfg_schedule"
 AXES = ("step", "sigma")
 CLAMP_RANGE = (0.0, 100.0)
 EXPONENT_RANGE = (0.01, 10.0)
 
 
 class _RunState:
-    def __init__(self, info: toolkit.RunInfo, model_sampling):
+    def __init__(self, info: steps.RunInfo, model_sampling):
         self.info = info
         self.model_sampling = model_sampling
         self.percent_cache: dict[float, float] = {}
@@ -60,47 +61,47 @@ def apply_cfg_schedule(
     patched = model.clone()
     model_sampling = patched.get_model_object("model_sampling")
 
-    def new_state(info: toolkit.RunInfo) -> _RunState:
+    def new_state(info: steps.RunInfo) -> _RunState:
         state = _RunState(info, model_sampling)
         if trace is not None:
             trace.append(state.weights)
         return state
 
-    toolkit.install_run_state(patched, KEY, new_state)
+    steps.install_run_state(patched, KEY, new_state)
 
     def progress(state: _RunState, sigma) -> float:
         if axis == "sigma" or not state.info.sigmas:
-            value = toolkit.sigma_value(sigma)
+            value = steps.sigma_value(sigma)
             if value not in state.percent_cache:
-                state.percent_cache[value] = toolkit.sigma_to_percent(state.model_sampling, value)
+                state.percent_cache[value] = steps.sigma_to_percent(state.model_sampling, value)
             return state.percent_cache[value]
         return cfg_schedule.step_progress(state.info.step_index(sigma), state.info.steps)
 
     def weight(state: _RunState, cfg: float, sigma) -> float:
         return cfg_schedule.scheduled_cfg(cfg, schedule, progress(state, sigma), clamp, exponent)
 
-    def should_skip(ctx: toolkit.PassContext) -> bool:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def should_skip(ctx: passes.PassContext) -> bool:
+        state = steps.run_state(ctx.model_options, KEY)
         return state is not None and weight(state, state.info.cfg, ctx.sigma) == 1.0
 
     def pre_cfg(args: dict):
         out = args["conds_out"]
-        state = toolkit.run_state(args["model_options"], KEY)
+        state = steps.run_state(args["model_options"], KEY)
         cfg = float(args["cond_scale"])
         if state is None or len(out) < 2 or args["conds"][1] is None or cfg == 0.0:
             return out
         target = weight(state, cfg, args["sigma"])
-        state.weights.append((toolkit.sigma_value(args["sigma"]), target))
+        state.weights.append((steps.sigma_value(args["sigma"]), target))
         if target == cfg:
             return out
         return [cfg_schedule.rescale_cond(out[0], out[1], cfg, target), *out[1:]]
 
-    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def after_pass(ctx: passes.PassContext, out: list, skipped: bool) -> None:
+        state = steps.run_state(ctx.model_options, KEY)
         if state is None:
             return
         scheduled = weight(state, state.info.cfg, ctx.sigma)
-        if skipped or not toolkit.uncond_evaluated(out):
+        if skipped or not passes.uncond_evaluated(out):
             # weight 1 here, or an inner skip wrapper (another node) left the step conditional-only
             telemetry.record(
                 ctx.model_options,
@@ -118,15 +119,15 @@ def apply_cfg_schedule(
                 sigma=ctx.sigma,
                 ran=["cond", "uncond"],
                 scale=scheduled,
-                cosine=telemetry.cosine(out[0], out[1]),
+                cosine_x0=telemetry.cosine(out[0], out[1]),
                 scheduled=scheduled,
             )
 
     telemetry.enable(patched, node_id, "CFG Schedule")
-    toolkit.install_uncond_skip(
+    passes.install_uncond_skip(
         patched, KEY, should_skip, after_pass=after_pass if node_id is not None else None
     )
-    patched.set_model_sampler_pre_cfg_function(pre_cfg)
+    passes.add_pre_cfg(patched, pre_cfg)
     return patched
 
 

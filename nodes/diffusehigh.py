@@ -11,8 +11,9 @@ import comfy.samplers
 import torch
 
 from ..guidance import diffusehigh
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY
+from .host import telemetry
 
 NODE = "DiffuseHigh"
 GUIDANCE_SPACES = ["image", "latent"]

@@ -7,8 +7,10 @@ puts the counts of the last run into the prompt's outputs: the history for headl
 
 from __future__ import annotations
 
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import counter as eval_counter
+from .host import telemetry
 
 
 class CountNetworkEvaluations:
@@ -27,7 +29,7 @@ class CountNetworkEvaluations:
 
     def patch(self, model):
         patched = model.clone()
-        toolkit.EvalCounter.install(patched)
+        eval_counter.EvalCounter.install(patched)
         # The telemetry hub lives here too, so every guidance node and sampler downstream reports into the
         # lineage the report node reads, whichever model of it the report is given.
         telemetry.TelemetryHub.ensure(patched)
@@ -63,14 +65,14 @@ class NetworkEvaluationReport:
         }
 
     def report(self, model, latent):
-        counter = toolkit.EvalCounter.of(model)
+        counter = eval_counter.EvalCounter.of(model)
         if counter is None:
             raise toolkit.GuidanceInputError(
                 "Network Evaluation Report",
                 "model",
                 "has no evaluation counter: put a Count Network Evaluations node before the sampler's model input",
             )
-        counts = counter.last.as_dict() if counter.last is not None else toolkit.RunCounts().as_dict()
+        counts = counter.last.as_dict() if counter.last is not None else eval_counter.RunCounts().as_dict()
         text = f"{counts['total']} evaluations: {counts['cond']} cond, {counts['uncond']} uncond"
         if counts["extra"]:
             text += ", " + ", ".join(f"{n} {name}" for name, n in counts["extra"].items())

@@ -14,11 +14,12 @@ from collections.abc import Callable
 import torch
 
 from ..guidance import icg
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import passes, telemetry
 
 NODE = "ICG"
-KEY = toolkit.KEY_PREFIX + "icg"
+KEY = passes.KEY_PREFIX + "icg"
 MODES = ("random_tokens", "gaussian")
 
 # draw(positive_entry, batch, generator) -> dict of conditioning keys to replace (cross_attn, pooled_output, ...)
@@ -53,7 +54,7 @@ def apply_icg(model, draw: Draw, seed: int, *, node_id=None, mode: str = ""):
         finally:
             conds["negative"] = original
 
-    patched.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
+    passes.add_outer_sample(patched, KEY, outer_sample)
     telemetry.enable(patched, node_id, "ICG")
     # the unconditional slot is fed the independent condition; "uncond_input" says which kind
     fields = {"uncond_input": mode or "independent"}

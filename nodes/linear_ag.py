@@ -9,15 +9,16 @@ ran (``guidance.linear_ag.OnlineLinearAG``), and says so in its description.
 from __future__ import annotations
 
 from ..guidance import linear_ag
-from . import telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import passes, steps, telemetry
 
 NODE = "LinearAG"
-KEY = toolkit.KEY_PREFIX + "linear_ag"
+KEY = passes.KEY_PREFIX + "linear_ag"
 
 
 class _RunState:
-    def __init__(self, info: toolkit.RunInfo, end_percent: float, trace: list | None):
+    def __init__(self, info: steps.RunInfo, end_percent: float, trace: list | None):
         self.info = info
         self.end_step = int(end_percent * info.steps + 1e-9)
         self.lag = linear_ag.OnlineLinearAG()
@@ -33,38 +34,38 @@ def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = Non
     """
     end_percent = toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
     patched = model.clone()
-    toolkit.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent, trace))
+    steps.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent, trace))
 
-    def should_skip(ctx: toolkit.PassContext) -> bool:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def should_skip(ctx: passes.PassContext) -> bool:
+        state = steps.run_state(ctx.model_options, KEY)
         if state is None or not state.info.sigmas or not state.lag.can_estimate():
             return False
         if state.lag.previous[0].shape != ctx.x.shape:
             return False
         return linear_ag.regressed(state.info.step_index(ctx.sigma), state.end_step)
 
-    def fill(ctx: toolkit.PassContext, cond):
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def fill(ctx: passes.PassContext, cond):
+        state = steps.run_state(ctx.model_options, KEY)
         state.lag.regressed_steps.append(state.info.step_index(ctx.sigma))
         return state.lag.estimate(ctx.x, ctx.sigma_float, cond)
 
-    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def after_pass(ctx: passes.PassContext, out: list, skipped: bool) -> None:
+        state = steps.run_state(ctx.model_options, KEY)
         if state is None:
             return
-        real = not skipped and toolkit.uncond_evaluated(out)
+        real = not skipped and passes.uncond_evaluated(out)
         _record(ctx, out, skipped, real)
         if ctx.sigma_float > 0:
             state.lag.record(ctx.x, ctx.sigma_float, out[0], out[1], real)
 
-    def _record(ctx: toolkit.PassContext, out: list, skipped: bool, real: bool) -> None:
+    def _record(ctx: passes.PassContext, out: list, skipped: bool, real: bool) -> None:
         if node_id is None:
             return
         options, cfg = ctx.model_options, telemetry.run_cfg(ctx.model_options, node_id)
         if real:
             cosine = telemetry.cosine(out[0], out[1])
             telemetry.record(
-                options, node_id, sigma=ctx.sigma, ran=["cond", "uncond"], scale=cfg, cosine=cosine
+                options, node_id, sigma=ctx.sigma, ran=["cond", "uncond"], scale=cfg, cosine_x0=cosine
             )
         elif skipped:
             # CFG runs at full scale with the regressed estimate in the unconditional slot.
@@ -81,7 +82,7 @@ def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = Non
             telemetry.record(options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0)
 
     telemetry.enable(patched, node_id, "LinearAG")
-    toolkit.install_uncond_skip(patched, KEY, should_skip, fill=fill, after_pass=after_pass)
+    passes.install_uncond_skip(patched, KEY, should_skip, fill=fill, after_pass=after_pass)
     return patched
 
 

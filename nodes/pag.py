@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from . import attention_engine as engine
+from . import common
 from .common import CATEGORY
+from .host import attention
 
 NODE = "Perturbed-Attention Guidance"
 PASS_NAME = "pag"
@@ -21,11 +22,11 @@ def apply_pag(
     node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with identity self-attention in ``blocks``."""
-    return engine.apply_perturbation_guidance(
+    return common.apply_perturbation_guidance(
         model,
         node=NODE,
         name=PASS_NAME,
-        perturbation=engine.Perturbation(engine.IDENTITY),
+        perturbation=attention.Perturbation(attention.IDENTITY),
         blocks=blocks,
         scale=scale,
         start_percent=start_percent,
@@ -52,11 +53,11 @@ class PerturbedAttentionGuidance:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": engine.common_inputs(scale_default=3.0), "hidden": {"unique_id": "UNIQUE_ID"}}
+        return {"required": common.common_inputs(scale_default=3.0), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
-        return engine.validate_common(
+        return common.validate_common(
             NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
         )
 

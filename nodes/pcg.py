@@ -1,7 +1,7 @@
 """PCG node (Bradley & Nakkiran, TMLR 2025): CFG as a predictor-corrector, as a SAMPLER.
 
-The predictor call runs the conditional evaluation only (``toolkit.options_without_uncond``); the corrector
-calls run both and read ``D_c``/``D_u`` through ``toolkit.capture_predictions``. Cost: 1 + 2K evaluations per
+The predictor call runs the conditional evaluation only (``passes.options_without_uncond``); the corrector
+calls run both and read ``D_c``/``D_u`` through ``passes.capture_predictions``. Cost: 1 + 2K evaluations per
 step.
 """
 
@@ -11,12 +11,13 @@ import comfy.k_diffusion.sampling as k_sampling
 import comfy.samplers
 
 from ..guidance import pcg
-from . import telemetry, toolkit
+from . import toolkit
 from .cfg_pp import alpha_of
 from .common import CATEGORY
+from .host import passes, telemetry
 
 NODE = "PCG Sampler"
-KEY = toolkit.KEY_PREFIX + "pcg"
+KEY = passes.KEY_PREFIX + "pcg"
 GAMMA_RULES = ("2*cfg-1 (matches DDPM CFG)", "cfg")
 
 
@@ -39,7 +40,7 @@ def sample_pcg(
     evaluations (K correctors and the conditional predictor), the corrector power γ' as the scale and the
     number of corrector calls (``correctors``).
     """
-    guider = toolkit.guider_of(model)
+    guider = passes.guider_of(model)
     if "negative" not in (getattr(guider, "conds", None) or {}):
         raise toolkit.GuidanceInputError(
             NODE, "guider", "needs a guider with a negative (unconditional) conditioning, e.g. CFGGuider"
@@ -51,11 +52,11 @@ def sample_pcg(
     extra_args = {} if extra_args is None else dict(extra_args)
     with telemetry.sampler_run(model, extra_args, node_id, NODE) as run:
         predictor_args = dict(extra_args)
-        predictor_args["model_options"] = toolkit.options_without_uncond(
+        predictor_args["model_options"] = passes.options_without_uncond(
             extra_args.get("model_options", {}), KEY
         )
         corrector_args = dict(extra_args)
-        capture = toolkit.capture_predictions(corrector_args)
+        capture = passes.capture_predictions(corrector_args)
         correctors = [0]  # corrector calls since the last predictor
 
         def cond_and_uncond(x_in, sigma):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..guidance import seg as seg_math
-from . import attention_engine as engine
-from . import toolkit
+from . import common, toolkit
 from .common import CATEGORY
+from .host import attention
 
 NODE = "Smoothed Energy Guidance"
 PASS_NAME = "seg"
@@ -26,11 +26,11 @@ def apply_seg(
 ):
     """A clone of ``model`` guided away from its prediction with blurred self-attention queries in ``blocks``."""
     toolkit.check_range(NODE, "blur_sigma", blur_sigma, 0.0, MAX_SIGMA)
-    return engine.apply_perturbation_guidance(
+    return common.apply_perturbation_guidance(
         model,
         node=NODE,
         name=PASS_NAME,
-        perturbation=engine.Perturbation(engine.BLUR, float(blur_sigma)),
+        perturbation=attention.Perturbation(attention.BLUR, float(blur_sigma)),
         blocks=blocks,
         scale=scale,
         start_percent=start_percent,
@@ -58,7 +58,7 @@ class SmoothedEnergyGuidance:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = engine.common_inputs(scale_default=3.0)
+        inputs = common.common_inputs(scale_default=3.0)
         inputs["blur_sigma"] = (
             "FLOAT",
             {
@@ -74,7 +74,7 @@ class SmoothedEnergyGuidance:
 
     @classmethod
     def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None, blur_sigma=None):
-        result = engine.validate_common(
+        result = common.validate_common(
             NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
         )
         if result is True and blur_sigma is not None:

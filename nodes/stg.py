@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from . import attention_engine as engine
-from . import toolkit
+from . import common, toolkit
 from .common import CATEGORY
+from .host import attention, families
 
 NODE = "Spatiotemporal Skip Guidance"
 PASS_NAME = "stg"
-MODES = {"STG-R (skip block)": engine.SKIP, "STG-A (skip attention)": engine.IDENTITY}
+MODES = {"STG-R (skip block)": attention.SKIP, "STG-A (skip attention)": attention.IDENTITY}
 
 
 def apply_stg(
@@ -26,10 +26,10 @@ def apply_stg(
     """A clone of ``model`` guided away from its prediction with the chosen blocks (or their attention) skipped."""
     if mode not in MODES:
         raise toolkit.GuidanceInputError(NODE, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    perturbation = engine.Perturbation(MODES[mode])
+    perturbation = attention.Perturbation(MODES[mode])
 
-    def check(layout: engine.ModelLayout):
-        if perturbation.mode == engine.SKIP and layout.spec.kind != "dit":
+    def check(layout: families.ModelLayout):
+        if perturbation.mode == attention.SKIP and layout.spec.kind != "dit":
             raise toolkit.GuidanceInputError(
                 NODE,
                 "mode",
@@ -37,7 +37,7 @@ def apply_stg(
                 f"{layout.spec.label}. Use STG-A (skip attention) there",
             )
 
-    return engine.apply_perturbation_guidance(
+    return common.apply_perturbation_guidance(
         model,
         node=NODE,
         name=PASS_NAME,
@@ -70,7 +70,7 @@ class SpatiotemporalSkipGuidance:
 
     @classmethod
     def INPUT_TYPES(cls):
-        inputs = engine.common_inputs(scale_default=1.0, rescale_default=0.7)
+        inputs = common.common_inputs(scale_default=1.0, rescale_default=0.7)
         inputs["mode"] = (
             list(MODES),
             {
@@ -83,7 +83,7 @@ class SpatiotemporalSkipGuidance:
 
     @classmethod
     def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
-        return engine.validate_common(
+        return common.validate_common(
             NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
         )
 

@@ -1,7 +1,7 @@
 """Time-Step Guidance node (Sadat et al., ICLR 2025, §5): guidance away from a perturbed time-step embedding.
 
 A MODEL patch. One post-CFG function (a list hook, so it stacks) runs, inside the window, one extra conditional
-pass (``toolkit.extra_cond_pass``, reported as "tsg" by the evaluation counter) on a copy of ``model_options``
+pass (``passes.extra_cond_pass``, reported as "tsg" by the evaluation counter) on a copy of ``model_options``
 whose hooks perturb the time-step embedding, and adds ``(w − 1)·(D_c − D_t̃)`` to the CFG result. At KSampler
 cfg 1 that is exactly the paper's ``D(t̃) + w·(D(t) − D(t̃))``; with a real CFG it adds TSG on top (the paper
 combines TSG with ICG this way). w = 1 is off: no extra pass, output bit-identical to the unpatched model.
@@ -28,7 +28,7 @@ The replaces exist only in the perturbed pass's copy of ``model_options``, so no
 perturbed pass is never batched with other passes (every row of its forward is perturbed).
 
 δ = s · t^α · std(emb) · n (guidance/tsg.py): std per sample; t = 1 − percent, with percent the model's own
-sampling percent of the step's sigma (``toolkit.sigma_to_percent``, the inverse of ``percent_to_sigma``), so the
+sampling percent of the step's sigma (``steps.sigma_to_percent``, the inverse of ``percent_to_sigma``), so the
 window's t = 1000·(1 − percent) means the same on eps and flow models (on eps models 1000/999 × ComfyUI's
 discrete time step; on flow models 1000 × the unshifted time). Noise: one n per step, drawn on the CPU from
 ``seed`` and the step index (its position in the run's sigmas), sample after sample, and shared by every chosen
@@ -39,23 +39,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import comfy.model_patcher
 import torch
-from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from ..guidance import tsg
-from . import attention_engine, telemetry, toolkit
+from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
+from .host import embedding, families, passes, perturbed, steps
 
 NODE = "Time-Step Guidance"
 PASS_NAME = "tsg"
-KEY = toolkit.KEY_PREFIX + "tsg"
+KEY = passes.KEY_PREFIX + "tsg"
 # Diagnostic hook: an object with ``record(block, delta)`` at this transformer_options key is told of every
 # block whose embedding the perturbed pass changed ("emb" for the UNet's whole-model emb_patch).
-TRACE_KEY = toolkit.KEY_PREFIX + "tsg_trace"
+TRACE_KEY = passes.KEY_PREFIX + "tsg_trace"
 MAX_SEED = 2**63 - 1
-# t is recovered from a float32 sigma (about 3e-5 off on the 0-1000 scale): a step on a window edge counts as in.
-T_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -83,32 +80,17 @@ class Target:
 # Blocks
 
 
-def unet_resblocks(dm) -> tuple[list[str], list[str]]:
-    """Encoder and decoder ResBlocks that read the time embedding, as module paths in forward order."""
-
-    def collect(part: str, blocks) -> list[str]:
-        paths = []
-        for i, block in enumerate(blocks):
-            for j, layer in enumerate(block):
-                if isinstance(layer, openaimodel.ResBlock) and layer.emb_layers is not None:
-                    paths.append(f"{part}.{i}.{j}")
-        return paths
-
-    return collect("input_blocks", dm.input_blocks), collect("output_blocks", dm.output_blocks)
-
-
 def resolve_target(model, first_n_blocks: int) -> Target:
     """The family and the blocks to perturb; GuidanceInputError for an unsupported model or a bad N."""
-    layout = attention_engine.detect_layout(model, NODE)
+    layout = families.detect_layout(model, NODE)
     n = first_n_blocks
     if layout.spec.kind == "unet":
-        encoder, decoder = unet_resblocks(model.get_model_object("diffusion_model"))
+        encoder, decoder = embedding.unet_resblocks(model.get_model_object("diffusion_model"))
         available = max(len(encoder), len(decoder))
         _check_n(n, available, f"this UNet has {len(encoder)} encoder and {len(decoder)} decoder ResBlocks")
         keys = () if n == 0 else tuple(encoder[:n] + decoder[:n])
         return Target(layout.spec.label, "unet", keys, available)
-    order = [("double_block", i) for i in range(layout.blocks.get("double", 0))]
-    order += [("single_block", i) for i in range(layout.blocks.get("single", 0))]
+    order = layout.dit_blocks_in_order()
     _check_n(n, len(order), f"this {layout.spec.label} model has {layout.describe_blocks()}")
     return Target(layout.spec.label, "dit", tuple(order if n == 0 else order[:n]), len(order))
 
@@ -148,91 +130,14 @@ class PassPerturbation:
             self.tracer.record(block, delta)
 
 
-class UNetHandover:
-    """The δ of the UNet's running perturbed pass, for the object-patched ResBlocks (None outside it)."""
-
-    def __init__(self):
-        self.delta: torch.Tensor | None = None
-        self.pass_state: PassPerturbation | None = None
-
-
-class PerturbedEmbeddingInput(torch.nn.Module):
-    """Stands in for a ResBlock's ``emb_layers[0]`` (SiLU): adds the running pass's δ to the embedding first."""
-
-    def __init__(self, previous: torch.nn.Module, handover: UNetHandover, block: str):
-        super().__init__()
-        self.previous = previous
-        self.handover = handover
-        self.block = block
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        delta = self.handover.delta
-        if delta is not None:
-            if delta.shape != emb.shape:
-                raise RuntimeError(
-                    f"free guidance TSG: embedding {tuple(emb.shape)} does not match δ {tuple(delta.shape)}"
-                )
-            delta = delta.to(emb.device, emb.dtype)
-            emb = emb + delta
-            if self.handover.pass_state is not None:
-                self.handover.pass_state.trace(self.block, delta)
-        return self.previous(emb)
-
-
-def _add_emb_patch(model_options: dict, patch) -> None:
-    transformer_options = model_options.setdefault("transformer_options", {})
-    patches = dict(transformer_options.get("patches", {}))
-    patches["emb_patch"] = [*patches.get("emb_patch", []), patch]
-    transformer_options["patches"] = patches
-
-
-def _dit_replace(key, state: PassPerturbation, previous):
-    def replace(args, extra):
-        vec = args["vec"]
-        delta = state.delta(vec)
-        state.trace(key, delta)
-        inner = dict(args, vec=vec + delta)
-        if previous is not None:
-            return previous(inner, extra)
-        return extra["original_block"](inner)
-
-    return replace
-
-
-def install_perturbation(model_options: dict, target: Target, state: PassPerturbation, handover) -> None:
-    """Install the perturbation on ``model_options`` (the perturbed pass's copy)."""
-    if target.kind == "unet":
-        whole_model = not target.keys
-
-        def emb_patch(emb, model_channels, transformer_options):
-            delta = state.delta(emb)
-            if whole_model:
-                state.trace("emb", delta)
-                return emb + delta
-            handover.delta = delta
-            handover.pass_state = state
-            return emb
-
-        _add_emb_patch(model_options, emb_patch)
-        return
-    existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for key in target.keys:
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _dit_replace(key, state, existing.get(key)), "dit", *key
-        )
-
-
-def step_index(model_options: dict, sigma: float) -> int:
-    """The step whose sigma interval holds ``sigma``, from the run's sigmas (``sample_sigmas``)."""
-    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-    if sigmas is None or len(sigmas) == 0:
-        return int(round(sigma * 1e6))  # no schedule known: still deterministic in the step's sigma
-    return toolkit.schedule_step_index(sigmas, sigma)
+def step_index(step: steps.StepContext) -> int:
+    """The step whose sigma interval holds the call's sigma; without a schedule, still deterministic in sigma."""
+    return step.index if step.sigmas else int(round(step.sigma * 1e6))
 
 
 def step_time(model_sampling, sigma) -> float:
     """The step's t on the paper's 0–1000 scale: ``1000·(1 − percent)``, percent the model's own."""
-    return tsg.T_SCALE * (1.0 - toolkit.sigma_to_percent(model_sampling, sigma))
+    return steps.StepContext(steps.sigma_value(sigma), (), model_sampling).t
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,49 +180,36 @@ def apply_tsg(
     """A clone of ``model`` with time-step guidance; every input is checked against the model first."""
     settings = check_settings(scale, noise_scale, alpha, t_min, t_max, std_scaling, seed)
     target = resolve_target(model, first_n_blocks)
-    patched = model.clone()
-    handover = UNetHandover()
-    if target.kind == "unet":
-        for block in target.keys:
-            name = f"diffusion_model.{block}.emb_layers.0"
-            previous = patched.get_model_object(name)
-            patched.add_object_patch(name, PerturbedEmbeddingInput(previous, handover, block))
+    window = steps.Window.from_t(settings.t_min, settings.t_max)
+    handover = embedding.EmbeddingHandover()
 
-    def post_cfg(args):
-        denoised = args["denoised"]
-        sigma = args["sigma"]
-        model_options = args["model_options"]
-        t = None if settings.w == 1.0 else step_time(args["model"].model_sampling, sigma)
-        if t is None or not tsg.in_window(t, settings.t_min - T_TOLERANCE, settings.t_max + T_TOLERANCE):
-            telemetry.record(model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True)
-            return denoised
+    def scale(step: steps.StepContext) -> float | None:
+        return None if settings.w == 1.0 or not window.contains(step) else settings.w
+
+    def perturb(options: dict, inputs: perturbed.PassInputs) -> None:
         state = PassPerturbation(
             settings,
-            t / tsg.T_SCALE,
-            tsg.step_seed(settings.seed, step_index(model_options, toolkit.sigma_value(sigma))),
-            tracer=model_options.get("transformer_options", {}).get(TRACE_KEY),
+            inputs.step.t / tsg.T_SCALE,
+            tsg.step_seed(settings.seed, step_index(inputs.step)),
+            tracer=inputs.model_options.get("transformer_options", {}).get(TRACE_KEY),
         )
-        try:
-            perturbed = toolkit.extra_cond_pass(
-                args["model"],
-                args["cond"],
-                args["input"],
-                sigma,
-                model_options,
-                name=PASS_NAME,
-                modify=lambda options: install_perturbation(options, target, state, handover),
-            )
-        finally:
-            handover.delta = None
-            handover.pass_state = None
-        telemetry.record(
-            model_options, node_id, sigma=sigma, ran=[PASS_NAME], observed=True, tsg_scale=settings.w
-        )
-        return tsg.combine(denoised, args["cond_denoised"], perturbed, settings.w)
+        embedding.install_embedding_perturbation(options, target.kind, target.keys, state, handover)
 
-    telemetry.enable(patched, node_id, NODE)
-    telemetry.observe(patched, node_id)
-    patched.set_model_sampler_post_cfg_function(post_cfg)
+    def combine(inputs: perturbed.CombineInputs):
+        return tsg.combine(inputs.denoised, inputs.cond_denoised, inputs.perturbed, settings.w)
+
+    technique = perturbed.PerturbedPass(
+        name=PASS_NAME,
+        node=NODE,
+        scale=scale,
+        perturb=perturb,
+        combine=combine,
+        fields=lambda scale: {} if scale is None else {"tsg_scale": scale},
+        after_pass=handover.clear,
+    )
+    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id)
+    if target.kind == "unet":
+        embedding.install_resblock_inputs(patched, target.keys, handover)
     return patched
 
 

@@ -128,7 +128,7 @@ def test_evaluations_are_2k_plus_n_minus_k_and_the_switch_is_permanent(pack, fam
     k = converged_at + 1  # steps run with CFG, the converged one included
 
     model = cached_model(family).clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
     trace = []
     patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, threshold, trace=trace)
     sampling.ksample(patched, family, steps=steps, batch=batch)
@@ -148,7 +148,7 @@ def test_evaluations_are_2k_plus_n_minus_k_and_the_switch_is_permanent(pack, fam
 def test_start_percent_holds_the_switch_until_the_window(pack):
     steps = 8
     model = cached_model("sd3").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
     patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, -1.0, 0.5)
     sampling.ksample(patched, "sd3", steps=steps)
     sigma_start = model.get_model_object("model_sampling").percent_to_sigma(0.5)
@@ -163,7 +163,7 @@ def test_state_is_per_run_and_the_input_model_is_unchanged(pack):
     gammas, plain_before = recorded_cfg_gammas(pack, "sd3", 6)
     threshold, _ = mid_run_threshold(gammas)
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     trace = []
     patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(counted, threshold, trace=trace)
     first = sampling.ksample(patched, "sd3", steps=6)
@@ -180,7 +180,7 @@ def test_inner_skip_wrappers_are_not_read_as_converged(pack):
     """CFG Interval below AG fills the uncond slot with D_c (γ exactly 1): AG must not take that as converged."""
     steps = 6
     model = cached_model("sd3").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
     trace = []
     outer = pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, 1.0, trace=trace)
     stacked = pack.nodes.cfg_interval.apply_cfg_interval(outer, 0.0, 0.5)
@@ -204,7 +204,7 @@ def test_on_the_mixture_ag_matches_cfg_within_1e_3_with_far_fewer_evaluations(pa
     mixture, model = mixture_model
     steps, cfg = 24, 3.0
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     reference = gmm.sample(counted, "sd15", 0, cfg, steps=steps, batch=64)
     assert counter.last.total == 2 * steps
     cond_only = gmm.sample(counted, "sd15", 0, 1.0, steps=steps, batch=64)

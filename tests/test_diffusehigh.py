@@ -124,7 +124,7 @@ def test_no_renoise_and_no_guidance_returns_the_upscaled_input(pack):
 
 def test_resampling_evaluates_the_model_only_on_the_tail_of_the_schedule(pack):
     counted = cached_model("sd15").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     out = run_sampler(counted, "sd15", diffusehigh_sampler(pack, stages=2, guidance_space="latent"), latent)
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
@@ -211,7 +211,7 @@ def test_two_times_native_end_to_end(comfy_host, run_prompt, family):
 
 def test_target_smaller_than_input_is_refused(pack):
     counted = cached_model("sd15").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     latent = torch.zeros(1, 4, 8, 8)
     with pytest.raises(
         pack.nodes.toolkit.GuidanceInputError, match="DiffuseHigh: input 'width' must not be smaller"

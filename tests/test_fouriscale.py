@@ -62,15 +62,16 @@ def test_identity_fails_without_dilation(pack):
 
 def test_patched_layer_satisfies_the_identity(pack):
     """The module that replaces a real SD1.5 ResNet conv, filter off, d = 2, on an upsampled input."""
-    fsn = pack.nodes.fouriscale
     model = cached_model("sd15_deep")
     conv = model.get_model_object("diffusion_model.input_blocks.7.0.in_layers.2")
-    runtime = fsn.Runtime()
-    layer = fsn.FouriScaleConv2d(conv, "down_blocks.2.resnets.0.conv1", 2, runtime)
+    runtime = pack.nodes.host.convs.Runtime()
+    layer = pack.nodes.host.convs.FouriScaleConv2d(conv, "down_blocks.2.resnets.0.conv1", 2, runtime)
     x = torch.randn(1, conv.in_channels, 3, 4, generator=torch.Generator().manual_seed(0))
     small = layer(x)
     assert torch.equal(small, conv(x))  # no plan: the original convolution
-    runtime.plan = fsn.Plan(2.0, 1, torch.zeros(0, dtype=torch.long), (4.0, 4.0), False, 0.0, False)
+    runtime.plan = pack.nodes.host.convs.Plan(
+        2.0, 1, torch.zeros(0, dtype=torch.long), (4.0, 4.0), False, 0.0, False
+    )
     big = layer(pack.guidance.fouriscale.nearest_upsample(x, 2))
     torch.testing.assert_close(big, pack.guidance.fouriscale.nearest_upsample(small, 2), rtol=1e-5, atol=1e-5)
 
@@ -215,7 +216,7 @@ def test_schedule_off_is_bit_exact_on_changes_the_result_and_the_input_model_is_
     keys = set(model.model_state_dict())
     plain = sampling.ksample(model, "sd15_deep", steps=2)  # loading the plain patcher restores its modules
     conv = model.model.diffusion_model.input_blocks[7][0].in_layers[2]
-    assert not isinstance(conv, fsn.FouriScaleConv2d)
+    assert not isinstance(conv, pack.nodes.host.convs.FouriScaleConv2d)
 
     off = fsn.apply_fouriscale(model, SIZE, SIZE, base_resolution=BASE, start=0.0, stop=0.0)
     assert torch.equal(sampling.ksample(off, "sd15_deep", steps=2), plain)
@@ -274,11 +275,11 @@ def test_the_guidance_branch_is_counted_wherever_the_counter_sits(pack, counter_
 
     if counter_first:
         counted = model.clone()
-        counter = pack.nodes.toolkit.EvalCounter.install(counted)
+        counter = pack.nodes.host.counter.EvalCounter.install(counted)
         patched = fouriscale_clone(counted)
     else:
         patched = fouriscale_clone(model)
-        counter = pack.nodes.toolkit.EvalCounter.install(patched)
+        counter = pack.nodes.host.counter.EvalCounter.install(patched)
     sampling.ksample(patched, "sd15_deep", steps=2, batch=2)
     counts = counter.last.as_dict()
     assert (counts["cond"], counts["uncond"], counts["extra"]) == (2, 2, {"fouriscale": 2})

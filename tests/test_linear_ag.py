@@ -74,7 +74,7 @@ def test_the_pattern_alternates_after_two_real_steps_until_the_end(pack):
 def test_uncond_is_skipped_exactly_on_the_regressed_steps(pack, family, batch):
     steps, end_percent = 10, 0.6
     model = cached_model(family).clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
     trace = []
     patched = pack.nodes.linear_ag.apply_linear_ag(model, end_percent, trace=trace)
     out = sampling.ksample(patched, family, steps=steps, batch=batch)
@@ -125,7 +125,7 @@ def test_on_the_mixture_linear_ag_stays_close_to_cfg_and_beats_dropping_guidance
     mixture, model = mixture_model
     steps, cfg = 24, 3.0
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     reference = gmm.sample(counted, "sd15", 0, cfg, steps=steps, batch=64)
     trace = []
     estimated = gmm.sample(
@@ -133,14 +133,14 @@ def test_on_the_mixture_linear_ag_stays_close_to_cfg_and_beats_dropping_guidance
     )
     assert counter.last.total == 2 * steps - 5 and trace[-1].regressed_steps == [2, 4, 6, 8, 10]
 
-    toolkit = pack.nodes.toolkit
+    passes, steps = pack.nodes.host.passes, pack.nodes.host.steps
     dropped_model = counted.clone()
-    toolkit.install_run_state(dropped_model, "test.steps", lambda info: info)
-    toolkit.install_uncond_skip(
+    steps.install_run_state(dropped_model, "test.steps", lambda info: info)
+    passes.install_uncond_skip(
         dropped_model,
         "test.drop",
         lambda ctx: (
-            toolkit.run_state(ctx.model_options, "test.steps").step_index(ctx.sigma) in {2, 4, 6, 8, 10}
+            steps.run_state(ctx.model_options, "test.steps").step_index(ctx.sigma) in {2, 4, 6, 8, 10}
         ),
     )
     dropped = gmm.sample(dropped_model, "sd15", 0, cfg, steps=steps, batch=64)

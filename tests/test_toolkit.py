@@ -1,6 +1,9 @@
-"""The shared patch toolkit: per-run state, main-pass-only uncond skipping, extra passes, counter, chaining."""
+"""The host layer's passes and the validation toolkit: per-run state, main-pass-only uncond skipping, extra
+passes, counter, chaining."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -11,7 +14,19 @@ from fg_testing.test_nodes import cached_model
 
 @pytest.fixture
 def toolkit(pack):
-    return pack.nodes.toolkit
+    """The pieces these tests use, by name, from the host layer (nodes/host) and the validation toolkit."""
+    host = pack.nodes.host
+    return types.SimpleNamespace(
+        EvalCounter=host.counter.EvalCounter,
+        GuidanceInputError=pack.nodes.toolkit.GuidanceInputError,
+        check_range=pack.nodes.toolkit.check_range,
+        call_attention=host.passes.call_attention,
+        chain_attention_override=host.passes.chain_attention_override,
+        extra_cond_pass=host.passes.extra_cond_pass,
+        install_uncond_skip=host.passes.install_uncond_skip,
+        install_run_state=host.steps.install_run_state,
+        run_state=host.steps.run_state,
+    )
 
 
 def counted(toolkit, family="sd15"):

@@ -147,7 +147,7 @@ def test_scale_one_is_bit_identical_and_costs_nothing(run_prompt, family):
 def test_noise_scale_zero_equals_unpatched_but_runs_the_extra_pass(pack, family):
     model = cached_model(family)
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     patched = pack.nodes.tsg.apply_tsg(counted, scale=4.0, noise_scale=0.0, t_min=0.0, t_max=1000.0)
     got = sampling.ksample(patched, family, steps=2)
     assert counter.last.extra == {"tsg": 2} and counter.last.cond == 2 and counter.last.uncond == 2
@@ -158,7 +158,7 @@ def test_noise_scale_zero_equals_unpatched_but_runs_the_extra_pass(pack, family)
 
 def counted_clone(pack, family):
     counted = cached_model(family).clone()
-    return counted, pack.nodes.toolkit.EvalCounter.install(counted)
+    return counted, pack.nodes.host.counter.EvalCounter.install(counted)
 
 
 def test_window_outside_the_schedule_costs_nothing_and_partial_windows_count_their_steps(pack):
@@ -215,7 +215,7 @@ def dit_block_keys(model) -> list:
 
 def observe_dit(pack, model):
     """A clone whose every block replace records the conditioning vector the block runs with, per pass."""
-    extra_key = pack.nodes.toolkit.EXTRA_PASS_KEY
+    extra_key = pack.nodes.host.passes.EXTRA_PASS_KEY
     observed = model.clone()
     seen = []
 
@@ -481,7 +481,7 @@ def test_stacks_with_the_packs_cfg_nodes_and_core_cfg_nodes(run_prompt):
 def test_two_tsg_nodes_chain_their_unet_object_patches(pack):
     model = cached_model("sd15")
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     once = pack.nodes.tsg.apply_tsg(counted, t_min=0.0, first_n_blocks=1, seed=1)
     twice = pack.nodes.tsg.apply_tsg(once, t_min=0.0, first_n_blocks=1, seed=2)
     name = "diffusion_model.input_blocks.1.0.emb_layers.0"
