@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..guidance import adaptive_guidance as ag
 from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
-from .host import passes, steps, telemetry
+from .host import observer, passes, steps, telemetry
 
 NODE = "Adaptive Guidance"
 KEY = passes.KEY_PREFIX + "adaptive_guidance"
@@ -23,23 +23,20 @@ THRESHOLD_RANGE = (-1.0, 1.01)
 
 
 class _RunState:
-    def __init__(self, info: steps.RunInfo, threshold: float, trace: list | None):
+    def __init__(self, info: steps.RunInfo, threshold: float):
         self.info = info
         self.switch = ag.AdaptiveSwitch(threshold)
         self.passes = 0
-        if trace is not None:
-            trace.append(self.switch)
+        observer.emit("adaptive_guidance_run", switch=self.switch)
 
     def step(self, sigma) -> int:
         return self.info.step_index(sigma) if self.info.sigmas else self.passes
 
 
-def apply_adaptive_guidance(
-    model, threshold: float, start_percent: float = 0.0, *, trace: list | None = None, node_id=None
-):
+def apply_adaptive_guidance(model, threshold: float, start_percent: float = 0.0, *, node_id=None):
     """Return a clone of ``model`` that switches to conditional-only steps once CFG has converged.
 
-    ``trace``: an optional list; every sampling run appends its ``AdaptiveSwitch`` (γ history, switch step).
+    Every sampling run emits its ``AdaptiveSwitch`` (γ history, switch step) to the observer.
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
     threshold = toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
@@ -47,7 +44,7 @@ def apply_adaptive_guidance(
     patched = model.clone()
     window = steps.Window(start_percent, 1.0)
 
-    steps.install_run_state(patched, KEY, lambda info: _RunState(info, threshold, trace))
+    steps.install_run_state(patched, KEY, lambda info: _RunState(info, threshold))
 
     def should_skip(ctx: passes.PassContext) -> bool:
         state = steps.run_state(ctx.model_options, KEY)

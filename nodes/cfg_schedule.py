@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..guidance import cfg_schedule
 from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
-from .host import passes, steps, telemetry
+from .host import observer, passes, steps, telemetry
 
 NODE = "CFG Schedule"
 KEY = passes.KEY_PREFIX + "cfg_schedule"
@@ -47,12 +47,11 @@ def apply_cfg_schedule(
     clamp: float = 0.0,
     exponent: float = 1.0,
     *,
-    trace: list | None = None,
     node_id=None,
 ):
     """Return a clone of ``model`` whose CFG weight follows ``schedule`` with mean the sampler's cfg.
 
-    ``trace``: an optional list; every run appends its list of (sigma, cfg used) per main pass.
+    Every run emits its list of (sigma, cfg used) per main pass to the observer.
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry, with
     the scheduled weight as its scale.
     """
@@ -63,8 +62,7 @@ def apply_cfg_schedule(
 
     def new_state(info: steps.RunInfo) -> _RunState:
         state = _RunState(info, model_sampling)
-        if trace is not None:
-            trace.append(state.weights)
+        observer.emit("cfg_schedule_run", weights=state.weights)
         return state
 
     steps.install_run_state(patched, KEY, new_state)

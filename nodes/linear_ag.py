@@ -11,30 +11,29 @@ from __future__ import annotations
 from ..guidance import linear_ag
 from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
-from .host import passes, steps, telemetry
+from .host import observer, passes, steps, telemetry
 
 NODE = "LinearAG"
 KEY = passes.KEY_PREFIX + "linear_ag"
 
 
 class _RunState:
-    def __init__(self, info: steps.RunInfo, end_percent: float, trace: list | None):
+    def __init__(self, info: steps.RunInfo, end_percent: float):
         self.info = info
         self.end_step = int(end_percent * info.steps + 1e-9)
         self.lag = linear_ag.OnlineLinearAG()
-        if trace is not None:
-            trace.append(self.lag)
+        observer.emit("linear_ag_run", lag=self.lag)
 
 
-def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = None, node_id=None):
+def apply_linear_ag(model, end_percent: float = 0.5, *, node_id=None):
     """Return a clone of ``model`` whose uncond pass is regressed on alternate steps before ``end_percent``.
 
-    ``trace``: an optional list; every run appends its ``OnlineLinearAG`` (fits, regressed steps).
+    Every run emits its ``OnlineLinearAG`` (fits, regressed steps) to the observer.
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
     end_percent = toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
     patched = model.clone()
-    steps.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent, trace))
+    steps.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent))
 
     def should_skip(ctx: passes.PassContext) -> bool:
         state = steps.run_state(ctx.model_options, KEY)

@@ -31,13 +31,10 @@ from ..guidance import perturbation as schedule_math
 from ..guidance import sag as sag_math
 from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP, common_inputs
-from .host import attention, blocks, families, passes, perturbed, steps, telemetry
+from .host import attention, blocks, families, observer, passes, perturbed, steps, telemetry
 
 NODE = "Self-Attention Guidance"
 PASS_NAME = "sag"
-# A diagnostic hook: an object placed at this transformer_options key gets ``capture(block, chunk, mass, grid)``
-# for every map captured and ``guide(sigma, chunk, mask)`` for every guided step. Used by the tests.
-TRACE_KEY = passes.KEY_PREFIX + "sag_trace"
 SCALE_RANGE = (-2.0, 100.0)
 BLUR_RANGE = (0.0, 10.0)
 THRESHOLD_RANGE = (0.0, 100.0)
@@ -69,7 +66,6 @@ class _CallState:
 
     run: _RunState
     grid: tuple  # DiT image-token grid of the call's latent
-    tracer: object | None = None
     text_tokens: int | None = None
 
     def target(self, chunks: list) -> int | None:
@@ -82,8 +78,7 @@ class _CallState:
 
     def store(self, block, chunk: int, mass: torch.Tensor, grid: tuple, spatial: tuple) -> None:
         self.run.captures.setdefault(chunk, []).append(_Entry(mass, grid, spatial))
-        if self.tracer is not None and hasattr(self.tracer, "capture"):
-            self.tracer.capture(block, chunk, mass, grid)
+        observer.emit("sag_capture", block=block, chunk=chunk, mass=mass, grid=grid)
 
 
 def _chunk_rows(chunks: list, target: int, batch: int) -> list[range]:
@@ -207,8 +202,7 @@ def apply_sag(
         else:
             options = passes.options_copy(model_options)
             grid = families.token_grid(layout, x_in.shape) if layout.spec.kind == "dit" else ()
-            tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
-            call = _CallState(run, grid, tracer)
+            call = _CallState(run, grid)
             attention.install_attention_callback(options, selection, call, lambda seen: _store(call, seen))
             out = executor(model, conds, x_in, timestep, options)
         run.uncond_ran = conds[1] is not None and passes.uncond_evaluated(out)
@@ -269,9 +263,7 @@ def apply_sag(
         prediction = passes.extra_cond_pass(
             args["model"], conditioning, noised, args["sigma"], model_options, name=PASS_NAME
         )
-        tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
-        if tracer is not None and hasattr(tracer, "guide"):
-            tracer.guide(sigma, chunk, mask)
+        observer.emit("sag_guide", sigma=sigma, chunk=chunk, mask=mask)
         telemetry.record(
             model_options, node_id, sigma=sigma, ran=[PASS_NAME], observed=True, sag_scale=step_scale
         )

@@ -44,14 +44,11 @@ import torch
 from ..guidance import tsg
 from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP
-from .host import embedding, families, passes, perturbed, steps
+from .host import embedding, families, observer, passes, perturbed, steps
 
 NODE = "Time-Step Guidance"
 PASS_NAME = "tsg"
 KEY = passes.KEY_PREFIX + "tsg"
-# Diagnostic hook: an object with ``record(block, delta)`` at this transformer_options key is told of every
-# block whose embedding the perturbed pass changed ("emb" for the UNet's whole-model emb_patch).
-TRACE_KEY = passes.KEY_PREFIX + "tsg_trace"
 MAX_SEED = 2**63 - 1
 
 
@@ -113,7 +110,6 @@ class PassPerturbation:
     settings: Settings
     t_normalized: float
     noise_seed: int
-    tracer: object | None = None
     _source: torch.Tensor | None = field(default=None, repr=False)
     _delta: torch.Tensor | None = field(default=None, repr=False)
 
@@ -126,8 +122,7 @@ class PassPerturbation:
         return self._delta
 
     def trace(self, block, delta: torch.Tensor) -> None:
-        if self.tracer is not None:
-            self.tracer.record(block, delta)
+        observer.emit("tsg_delta", block=block, delta=delta)
 
 
 def step_index(step: steps.StepContext) -> int:
@@ -191,7 +186,6 @@ def apply_tsg(
             settings,
             inputs.step.t / tsg.T_SCALE,
             tsg.step_seed(settings.seed, step_index(inputs.step)),
-            tracer=inputs.model_options.get("transformer_options", {}).get(TRACE_KEY),
         )
         embedding.install_embedding_perturbation(options, target.kind, target.keys, state, handover)
 

@@ -275,6 +275,10 @@ class Tracer:
         for handle in self.handles:
             handle.remove()
 
+    def __call__(self, event, fields):
+        if event == "perturbation":
+            self.record(fields["block"], fields["kind"])
+
 
 REACH_CASES = [
     ("sd15", "pag", "output.1, input.1"),
@@ -319,10 +323,12 @@ def test_perturbation_reaches_exactly_the_chosen_blocks(pack, family, name, bloc
         return args["denoised"]
 
     probe.set_model_sampler_post_cfg_function(post_cfg)
-    probe.model_options["transformer_options"][engine.TRACE_KEY] = tracer
     try:
         sampling.ksample(
-            probe, family, steps=1 if family == "sdxl" else 2, batch=1 if family == "sdxl" else 2
+            sampling.traced(pack, probe, tracer),
+            family,
+            steps=1 if family == "sdxl" else 2,
+            batch=1 if family == "sdxl" else 2,
         )
     finally:
         tracer.close()

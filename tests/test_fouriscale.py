@@ -167,25 +167,28 @@ def test_patched_layers_are_exactly_the_papers_list(pack, family):
     assert sorted(to_diffusers[path] for path in patched.object_patches) == sorted(paper)
     assert len(set(paper)) == (34 if family == "sd15_deep" else 21)
 
-    runtime = fsn.runtime_of(patched)
-    runtime.trace = []
+    trace = []
     batches = []
 
     def record(executor, x, *args, **kwargs):
         batches.append((x.shape[0], list(args[4]["cond_or_uncond"])))
         return executor(x, *args, **kwargs)
 
-    instrumented = patched.clone()
+    def conv(event, fields):
+        if event == "fouriscale_conv":
+            trace.append((fields["layer"], fields["dilation"], fields["filtered"]))
+
+    instrumented = sampling.traced(pack, patched, conv)
     instrumented.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.record", record
     )
     sampling.ksample(instrumented, family, steps=1)
     assert batches == [(3, [1, 0, 0])]  # uncond, cond (strong filter) and the guidance branch (weak filter)
-    assert sorted({layer for layer, _, _ in runtime.trace}) == sorted(paper)
-    assert len(runtime.trace) == len(paper)  # each once per step: one batched call with the guidance rows
-    filtered = {layer for layer, _, f in runtime.trace if f}
+    assert sorted({layer for layer, _, _ in trace}) == sorted(paper)
+    assert len(trace) == len(paper)  # each once per step: one batched call with the guidance rows
+    filtered = {layer for layer, _, f in trace if f}
     assert filtered == {layer for layer in paper if "upsamplers" not in layer}
-    assert {dilation for _, dilation, _ in runtime.trace} == {2}
+    assert {dilation for _, dilation, _ in trace} == {2}
 
 
 def test_comfyui_paths_of_the_sd15_layers(pack):

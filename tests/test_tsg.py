@@ -353,12 +353,13 @@ def test_unet_whole_model_delta_is_the_formula_on_the_time_embedding(pack):
     probe = model.clone()
     traced = []
 
-    class Tracer:
-        def record(self, block, delta):
-            traced.append((block, delta.detach().clone()))
+    def record(event, fields):
+        if event == "tsg_delta":
+            traced.append((fields["block"], fields["delta"].detach().clone()))
 
-    probe.model_options["transformer_options"][pack.nodes.tsg.TRACE_KEY] = Tracer()
-    patched = pack.nodes.tsg.apply_tsg(probe, t_min=0.0, seed=5, alpha=1.0, noise_scale=2.0)
+    patched = pack.nodes.tsg.apply_tsg(
+        sampling.traced(pack, probe, record), t_min=0.0, seed=5, alpha=1.0, noise_scale=2.0
+    )
     sampling.ksample(patched, "sd15", steps=2, cfg=1.0)
     assert [b for b, _ in traced] == ["emb", "emb"]
     dm = model.get_model_object("diffusion_model")

@@ -27,13 +27,9 @@ import torch
 from comfy.ldm.modules import attention as comfy_attention
 
 from ...guidance import seg as seg_math
-from . import passes
+from . import observer, passes
 from .blocks import Selection
 from .families import ModelLayout, token_grid
-
-# A diagnostic hook: an object with ``record(block, kind)`` placed at this transformer_options key is told of
-# every perturbation applied (block key, "identity" | "blur" | "skip"). Used by the tests.
-TRACE_KEY = passes.KEY_PREFIX + "attention_trace"
 
 IDENTITY = "identity"
 BLUR = "blur"
@@ -54,13 +50,11 @@ class PassState:
 
     grid: tuple  # token grid of the image tokens, (H, W) or (T, H, W)
     text_tokens: int | None = None
-    tracer: object | None = None
     # Batched with the main call: the chunk index (in cond_or_uncond) of the perturbed cond; None: every row
     index: int | None = None
 
     def trace(self, block, kind: str) -> None:
-        if self.tracer is not None:
-            self.tracer.record(block, kind)
+        observer.emit("perturbation", block=block, kind=kind)
 
     def rows(self, transformer_options: dict, batch: int, device=None):
         """Rows to perturb: None for all of them, else a boolean mask (possibly all False)."""
@@ -262,8 +256,7 @@ def install_perturbation(
 def pass_state(selection: Selection, x, model_options, index=None) -> PassState:
     layout = selection.layout
     grid = token_grid(layout, x.shape) if layout.spec.kind == "dit" else ()
-    tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
-    return PassState(grid=grid, tracer=tracer, index=index)
+    return PassState(grid=grid, index=index)
 
 
 def perturbed_prediction(model, cond, x, sigma, model_options, selection, perturbation, *, name: str):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ...guidance import fouriscale
-from . import counter, passes, steps
+from . import counter, observer, passes, steps
 
 NODE = "FouriScale"
 KEY = passes.KEY_PREFIX + "fouriscale"
@@ -45,7 +45,6 @@ class Runtime:
 
     def __init__(self):
         self.plan: Plan | None = None
-        self.trace: list | None = None  # set to a list to record (layer, dilation, filtered) per call
 
 
 class FouriScaleConv2d(torch.nn.Module, comfy.ops.CastWeightBiasOp):
@@ -84,8 +83,7 @@ class FouriScaleConv2d(torch.nn.Module, comfy.ops.CastWeightBiasOp):
             main = fouriscale.low_pass(main, base_h, base_w, scale, plan.mask_floor, weak=False)
             if weak.shape[0]:
                 weak = fouriscale.low_pass(weak, base_h, base_w, scale, plan.mask_floor, weak=True)
-        if self.runtime.trace is not None:
-            self.runtime.trace.append((self.layer, dilation, filtered))
+        observer.emit("fouriscale_conv", layer=self.layer, dilation=dilation, filtered=filtered)
         if weak.shape[0] and plan.sdxl_variant:
             out_main = fouriscale.dilated_conv2d(main, weight, bias, self.stride, self.groups, dilation)
             weak_dilation = fouriscale.sdxl_weak_dilation(d)
