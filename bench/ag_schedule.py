@@ -15,14 +15,10 @@ It prints a Markdown table (the one in the README).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fg_testing import gmm, host, sampling  # noqa: E402
-from fg_testing.test_nodes import cached_model  # noqa: E402
+from fg_testing import gmm, host, sampling
+from fg_testing.test_nodes import cached_model
 
 
 def variants(pack, threshold: float):
