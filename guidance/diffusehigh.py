@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import filters
+
 # Daubechies 4 (8 taps) scaling filter, the low-pass analysis filter in the order of PyWavelets' "db4" dec_lo
 # reversed (i.e. its reconstruction filter rec_lo). Checked by the tests: unit norm, orthogonal to its even
 # shifts, sum √2, and a high-pass with four vanishing moments.
@@ -105,21 +107,9 @@ def replace_low_band(x: torch.Tensor, reference_ll: torch.Tensor) -> torch.Tenso
     return idwt2(reference_ll.to(torch.float64), highs, tuple(x.shape[-2:])).to(x.dtype)
 
 
-def gaussian_kernel(size: int, sigma: float, dtype=torch.float32) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    return (kernel / kernel.sum()).to(dtype)
-
-
 def gaussian_blur(image: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding."""
-    kernel = gaussian_kernel(size, sigma, image.dtype).to(image.device)
-    channels = image.shape[1]
-    pad = size // 2
-    out = F.pad(image, (pad, pad, 0, 0), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, size).repeat(channels, 1, 1, 1), groups=channels)
-    out = F.pad(out, (0, 0, pad, pad), mode="reflect")
-    return F.conv2d(out, kernel.view(1, 1, size, 1).repeat(channels, 1, 1, 1), groups=channels)
+    return filters.separable_blur(image, filters.gaussian_taps(sigma, size, image.dtype, image.device))
 
 
 def sharpen(image: torch.Tensor, alpha: float, sigma: float, size: int = 3) -> torch.Tensor:
