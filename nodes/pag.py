@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from . import attention_engine as engine
-from .common import CATEGORY
+from .common import CATEGORY, UNIQUE_ID
+from .host.inputs import Inputs, declare
 
 NODE = "Perturbed-Attention Guidance"
 PASS_NAME = "pag"
@@ -37,6 +38,10 @@ def apply_pag(
     )
 
 
+INPUTS = Inputs(NODE, engine.common_inputs(scale_default=3.0), engine.COMMON_RULES, hidden=UNIQUE_ID)
+
+
+@declare
 class PerturbedAttentionGuidance:
     DESCRIPTION = (
         "Perturbed-Attention Guidance (Ahn et al., ECCV 2024): one extra conditional pass per step with the "
@@ -50,15 +55,7 @@ class PerturbedAttentionGuidance:
     OUTPUT_TOOLTIPS = ("The model with PAG installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": engine.common_inputs(scale_default=3.0), "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
-        return engine.validate_common(
-            NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
-        )
+    INPUTS = INPUTS
 
     def patch(
         self, model, scale, blocks, start_percent, end_percent, schedule, rescale, batched, unique_id=None

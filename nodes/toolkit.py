@@ -39,6 +39,8 @@ import comfy.patcher_extension
 import comfy.samplers
 import torch
 
+from .host.inputs import GuidanceInputError
+
 WrappersMP = comfy.patcher_extension.WrappersMP
 
 KEY_PREFIX = "free_guidance."
@@ -55,15 +57,6 @@ APPENDED_NOTE_KEY = "free_guidance_appended_note"
 
 # ----------------------------------------------------------------------------------------------------------
 # Validation
-
-
-class GuidanceInputError(ValueError):
-    """Bad node input. The message names the node, the input and the valid range."""
-
-    def __init__(self, node: str, input_name: str, message: str):
-        super().__init__(f"{node}: input '{input_name}' {message}")
-        self.node = node
-        self.input_name = input_name
 
 
 def check_range(node: str, input_name: str, value: float, low: float, high: float) -> float:

@@ -237,7 +237,7 @@ def test_size_not_a_multiple_of_the_latent_factor_is_refused(comfy_host, pack):
     ok, _, _, node_errors = host.validate(prompt)
     assert not ok
     messages = " ".join(e["details"] + e["message"] for n in node_errors.values() for e in n["errors"])
-    assert "DiffuseHigh: input 'width' must be a positive multiple of 8" in messages
+    assert "DiffuseHigh: input 'width' must be a multiple of 8" in messages
     with pytest.raises(
         pack.nodes.toolkit.GuidanceInputError, match="DiffuseHigh: input 'height' must be a positive"
     ):

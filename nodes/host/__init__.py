@@ -1,0 +1,1 @@
+"""The host layer: the ComfyUI machinery shared by the pack's nodes."""
