@@ -7,13 +7,14 @@ resamples the last ``renoise`` fraction of that schedule. The output latent has 
 
 from __future__ import annotations
 
+import comfy.model_management
 import comfy.samplers
 import torch
 
 from ..guidance import diffusehigh
 from . import telemetry, toolkit
 from .common import CATEGORY, UNIQUE_ID
-from .host.inputs import COMBO, Input, Inputs, declare
+from .host.inputs import COMBO, MEMORY_NOTE, Input, Inputs, check_memory, declare
 
 NODE = "DiffuseHigh"
 GUIDANCE_SPACES = ("image", "latent")
@@ -66,6 +67,17 @@ def check_sizes(latent: torch.Tensor, vae, width: int, height: int) -> int:
     return factor
 
 
+def estimate_memory(base, latent: torch.Tensor, factor: int, width: int, height: int) -> float:
+    """Bytes a run needs at its last (largest) stage: the model's activations for the cond and uncond rows at
+    the target latent size (ComfyUI's own estimate) and this sampler's float32 tensors (about six images and
+    eight latents of the target size live at once: decode, upscale, sharpen, DWT bands, guided estimate)."""
+    batch, channels = latent.shape[0], latent.shape[1]
+    h, w = height // factor, width // factor
+    image = batch * 3 * height * width * 4
+    latents = batch * channels * h * w * 4
+    return float(base.memory_required([2 * batch, channels, h, w])) + 6 * image + 8 * latents
+
+
 def sample_diffusehigh(
     model,
     x,
@@ -100,6 +112,13 @@ def sample_diffusehigh(
             NODE, "latent", "must not carry a noise mask (inpainting is not supported)"
         )
     factor = check_sizes(latent, vae, width, height)
+    check_memory(
+        NODE,
+        "width",
+        estimate_memory(base, latent, factor, width, height),
+        comfy.model_management.get_total_memory(x.device),
+        f"width x height {width}x{height} at batch {latent.shape[0]}",
+    )
     seed = int(extra_args.get("seed", 0) or 0)
     generator = torch.Generator().manual_seed(seed)
     sampling = base.model_sampling
@@ -170,7 +189,7 @@ INPUTS = Inputs(
         Input(
             "width",
             "INT",
-            "Target width in pixels; a multiple of the VAE factor (8), at least the input's.",
+            "Target width in pixels; a multiple of the VAE factor (8), at least the input's. " + MEMORY_NOTE,
             default=2048,
             min=8,
             max=MAX_SIZE,
@@ -180,7 +199,7 @@ INPUTS = Inputs(
         Input(
             "height",
             "INT",
-            "Target height in pixels; a multiple of the VAE factor (8), at least the input's.",
+            "Target height in pixels; a multiple of the VAE factor (8), at least the input's. " + MEMORY_NOTE,
             default=2048,
             min=8,
             max=MAX_SIZE,

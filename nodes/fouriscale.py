@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import comfy.model_management
 import comfy.ops
 import comfy.supported_models
 import comfy.utils
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from ..guidance import fouriscale
 from . import telemetry, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP, UNIQUE_ID
-from .host.inputs import Input, Inputs, declare, ordered
+from .host.inputs import MEMORY_NOTE, Input, Inputs, check_memory, declare, ordered
 
 NODE = "FouriScale"
 KEY = toolkit.KEY_PREFIX + "fouriscale"
@@ -113,6 +114,21 @@ def comfy_paths(model, layers) -> dict[str, str]:
             raise toolkit.GuidanceInputError(NODE, "model", f"has no layer {layer} ({SUPPORTED})")
         out[layer] = "diffusion_model." + key[: -len(".weight")]
     return out
+
+
+def estimate_memory(model, paths: dict[str, str], levels: int, height: int, width: int) -> float:
+    """Bytes one image needs while FouriScale is active: the model's activations for its three rows (cond,
+    uncond, guidance branch) at the latent size (ComfyUI's own estimate) and the largest patched layer's
+    Fourier filter (a complex64 spectrum, its masked copy and the output, for the three rows)."""
+    h, w = height // LATENT_FACTOR, width // LATENT_FACTOR
+    channels = model.model.model_config.unet_config.get("in_channels", 4)
+    activations = float(model.model.memory_required([3, channels, h, w]))
+    largest = 0.0
+    for layer, path in paths.items():
+        conv = model.get_model_object(path)
+        area = h * w / 4 ** layer_level(layer, levels)
+        largest = max(largest, getattr(conv, "in_channels", 0) * area)
+    return activations + 3 * 3 * 8 * largest
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,6 +390,13 @@ def apply_fouriscale(
         latent_size=(height // LATENT_FACTOR, width // LATENT_FACTOR),
     )
     paths = comfy_paths(model, profile.layers)
+    check_memory(
+        NODE,
+        "width",
+        estimate_memory(model, paths, profile.levels, height, width),
+        comfy.model_management.get_total_memory(model.load_device),
+        f"width x height {width}x{height} (per image)",
+    )
     patched = model.clone()
     runtime = Runtime()
     for layer, path in paths.items():
@@ -419,7 +442,7 @@ INPUTS = Inputs(
         Input(
             "width",
             "INT",
-            "Width in pixels of the image you will sample (the empty latent's width).",
+            "Width in pixels of the image you will sample (the empty latent's width). " + MEMORY_NOTE,
             default=1024,
             min=8,
             max=MAX_SIZE,
@@ -429,7 +452,7 @@ INPUTS = Inputs(
         Input(
             "height",
             "INT",
-            "Height in pixels of the image you will sample (the empty latent's height).",
+            "Height in pixels of the image you will sample (the empty latent's height). " + MEMORY_NOTE,
             default=1024,
             min=8,
             max=MAX_SIZE,

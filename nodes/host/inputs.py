@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -339,3 +340,49 @@ def declare(cls: type) -> type:
     elif "VALIDATE_INPUTS" in cls.__dict__:
         raise TypeError(f"{cls.__name__}: VALIDATE_INPUTS comes from its INPUTS rules")
     return cls
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory guard for nodes whose work grows with their size inputs
+
+MEMORY_LIMIT_ENV = "FREE_GUIDANCE_MEMORY_LIMIT_GB"
+MEMORY_NOTE = (
+    f"A size whose estimated memory exceeds the device's total memory is refused before sampling (set the "
+    f"environment variable {MEMORY_LIMIT_ENV} to another limit in GiB)."
+)
+
+
+def memory_limit(device_total: int) -> tuple[int, str]:
+    """The memory a node may plan to use, in bytes, and where the number comes from.
+
+    ``FREE_GUIDANCE_MEMORY_LIMIT_GB`` (GiB, > 0) when set, else ``device_total`` (the device's total memory).
+    """
+    raw = os.environ.get(MEMORY_LIMIT_ENV, "").strip()
+    if raw:
+        try:
+            gib = float(raw)
+        except ValueError:
+            gib = math.nan
+        if not math.isfinite(gib) or gib <= 0:
+            raise GuidanceInputError(
+                "Free Guidance",
+                MEMORY_LIMIT_ENV,
+                f"(environment variable) must be a number of GiB > 0, got {raw!r}",
+            )
+        return int(gib * 2**30), f"{MEMORY_LIMIT_ENV}={raw}"
+    return int(device_total), f"the device's total memory; set {MEMORY_LIMIT_ENV} (GiB) to change it"
+
+
+def check_memory(node: str, input_name: str, needed: float, device_total: int, what: str) -> None:
+    """Refuse, before any work, a run whose estimated memory ``needed`` (bytes) exceeds the limit.
+
+    ``what`` says what was estimated (sizes, batch); the message gives the estimate and the limit.
+    """
+    limit, source = memory_limit(device_total)
+    if needed > limit:
+        raise GuidanceInputError(
+            node,
+            input_name,
+            f"asks for more memory than the limit: {what} needs an estimated {needed / 2**30:.1f} GiB, the limit "
+            f"is {limit / 2**30:.1f} GiB ({source}). Use a smaller size or raise the limit",
+        )
