@@ -9,6 +9,8 @@ from fg_testing.prompts import tiny_txt2img
 from fg_testing.test_nodes import cached_model
 
 FAMILIES = [f for f in tiny_models.ALL_FAMILIES if f != "sd15_inpaint"]
+
+
 def defaults() -> dict:
     """TSG's declared defaults, the widget values of a new node."""
     return host.init_host().pack.nodes.tsg.INPUTS.defaults()
