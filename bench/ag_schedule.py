@@ -21,19 +21,22 @@ from fg_testing import gmm, host, sampling
 from fg_testing.test_nodes import cached_model
 
 
-def variants(pack, threshold: float):
+def variants(pack, threshold: float | None):
     nodes = pack.nodes
+    if threshold is None:  # the node's declared default
+        threshold = nodes.adaptive_guidance.INPUTS["threshold"].default
+    end_percent = nodes.linear_ag.INPUTS["end_percent"].default
     return [
         ("plain CFG", lambda m: m),
         (
             f"Adaptive Guidance (γ̄ = {threshold})",
             lambda m: nodes.adaptive_guidance.apply_adaptive_guidance(m, threshold),
         ),
-        ("LinearAG (first half, online fit)", lambda m: nodes.linear_ag.apply_linear_ag(m, 0.5)),
+        ("LinearAG (first half, online fit)", lambda m: nodes.linear_ag.apply_linear_ag(m, end_percent)),
         (
             "LinearAG + Adaptive Guidance",
             lambda m: nodes.adaptive_guidance.apply_adaptive_guidance(
-                nodes.linear_ag.apply_linear_ag(m, 0.5), threshold
+                nodes.linear_ag.apply_linear_ag(m, end_percent), threshold
             ),
         ),
         (
@@ -103,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threshold", type=float, default=0.991)
+    parser.add_argument("--threshold", type=float, default=None, help="default: the node's default")
     parser.add_argument("--families", default="sd15,wan21")
     args = parser.parse_args()
 

@@ -43,7 +43,7 @@ def configurations(pack, family):
             configs[f"STG-R, {how}"] = lambda m, b=batched: stg.apply_stg(
                 m, 3.0, "STG-R (skip block)", blocks, batched=b
             )
-    configs["SAG"] = lambda m: sag.apply_sag(m, 0.5, 2.0, 1.0, "auto")
+    configs["SAG"] = lambda m: sag.apply_sag(m, **sag.INPUTS.defaults())  # core SAG's 0.5 and 2.0
     if family == "sd15":
         core_sag = nodes.NODE_CLASS_MAPPINGS["SelfAttentionGuidance"]
         configs["core SAG"] = lambda m: core_sag.execute(m, 0.5, 2.0).result[0]

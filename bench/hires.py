@@ -74,7 +74,7 @@ def methods(pack, model):
     import comfy_extras.nodes_model_downscale as downscale
 
     fouriscale = pack.nodes.fouriscale.apply_fouriscale(
-        model, LATENT * 8, LATENT * 8, base_resolution=BASE_PX, start=0.4, stop=0.7
+        model, LATENT * 8, LATENT * 8, base_resolution=BASE_PX
     )
     shrink = downscale.PatchModelAddDownscale.execute(model, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic")
     shrink = shrink.result[0] if hasattr(shrink, "result") else shrink[0]

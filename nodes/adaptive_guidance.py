@@ -13,13 +13,12 @@ stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
 from __future__ import annotations
 
 from ..guidance import adaptive_guidance as ag
-from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import observer, passes, steps, telemetry
+from .host.inputs import Input, Inputs, declare
 
 NODE = "Adaptive Guidance"
 KEY = passes.KEY_PREFIX + "adaptive_guidance"
-THRESHOLD_RANGE = (-1.0, 1.01)
 
 
 class _RunState:
@@ -39,8 +38,7 @@ def apply_adaptive_guidance(model, threshold: float, start_percent: float = 0.0,
     Every sampling run emits its ``AdaptiveSwitch`` (γ history, switch step) to the observer.
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
-    threshold = toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-    start_percent = toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
+    threshold, start_percent = INPUTS.check(threshold=threshold, start_percent=start_percent).values()
     patched = model.clone()
     window = steps.Window(start_percent, 1.0)
 
@@ -81,6 +79,41 @@ def apply_adaptive_guidance(model, threshold: float, start_percent: float = 0.0,
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "threshold",
+            "FLOAT",
+            "γ̄: switch to conditional-only steps once cos(cond noise, uncond noise) reaches this value for "
+            "every image. The paper uses about 0.991 and explores 0.991-0.996: lower saves more evaluations, "
+            "higher stays closer to CFG. Above 1 it never switches (plain CFG).",
+            default=0.991,
+            min=-1.0,
+            max=1.01,
+            step=0.001,
+        ),
+        Input(
+            "start_percent",
+            "FLOAT",
+            "The earliest point of the denoising process (0 = first step) at which the switch may happen; "
+            "before it, full CFG always runs. The paper has no such limit (0). At the very first, "
+            "noise-dominated steps the cosine can already be near 1 before it dips (seen on this pack's "
+            "analytic test model, not reported by the paper); if images lose the prompt, try 0.2-0.3. To skip "
+            "guidance early instead, use CFG Interval.",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            optional=True,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class AdaptiveGuidance:
     DESCRIPTION = (
         "Adaptive Guidance (Castillo et al., AAAI 2025): classifier-free guidance that stops itself. After each "
@@ -95,54 +128,7 @@ class AdaptiveGuidance:
     OUTPUT_TOOLTIPS = ("The model with adaptive guidance.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.991,
-                        "min": THRESHOLD_RANGE[0],
-                        "max": THRESHOLD_RANGE[1],
-                        "step": 0.001,
-                        "tooltip": "γ̄: switch to conditional-only steps once cos(cond noise, uncond noise) "
-                        "reaches this value for every image. The paper uses about 0.991 and explores "
-                        "0.991-0.996: lower saves more evaluations, higher stays closer to CFG. Above 1 it never "
-                        "switches (plain CFG).",
-                    },
-                ),
-            },
-            "optional": {
-                "start_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "The earliest point of the denoising process (0 = first step) at which the "
-                        "switch may happen; before it, full CFG always runs. The paper has no such limit (0). "
-                        "At the very first, noise-dominated steps the cosine can already be near 1 before it "
-                        "dips (seen on this pack's analytic test model, not reported by the paper); if images "
-                        "lose the prompt, try 0.2-0.3. To skip guidance early instead, use CFG Interval.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, threshold=None, start_percent=None):
-        try:
-            if threshold is not None:
-                toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-            if start_percent is not None:
-                toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(self, model, threshold: float, start_percent: float = 0.0, unique_id=None):
         return (apply_adaptive_guidance(model, threshold, start_percent, node_id=unique_id),)

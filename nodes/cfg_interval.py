@@ -6,9 +6,9 @@ and CFG returns the conditional prediction, which is the paper's weight 1.
 
 from __future__ import annotations
 
-from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import passes, steps, telemetry
+from .host.inputs import Input, Inputs, declare, ordered
 
 NODE = "CFG Interval"
 KEY = passes.KEY_PREFIX + "cfg_interval"
@@ -19,7 +19,7 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=
 
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
-    start_percent, end_percent = toolkit.check_percent_interval(NODE, start_percent, end_percent)
+    start_percent, end_percent = INPUTS.check(start_percent=start_percent, end_percent=end_percent).values()
     patched = model.clone()
     interval = steps.Window(start_percent, end_percent)
 
@@ -49,6 +49,37 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "start_percent",
+            "FLOAT",
+            "Where guidance starts, as a fraction of the denoising process (0 = the first, noisiest step). "
+            "Before it, only the conditional pass runs.",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "end_percent",
+            "FLOAT",
+            "Where guidance ends (1 = the last step). After it, only the conditional pass runs. Must not be "
+            "smaller than start_percent.",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+    ],
+    rules=[ordered("start_percent", "end_percent")],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class CFGInterval:
     DESCRIPTION = (
         "Apply classifier-free guidance only in a limited noise interval (Kynkäänniemi et al., NeurIPS 2024). "
@@ -61,45 +92,7 @@ class CFGInterval:
     OUTPUT_TOOLTIPS = ("The model with guidance limited to the interval.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "start_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Where guidance starts, as a fraction of the denoising process (0 = the first, "
-                        "noisiest step). Before it, only the conditional pass runs.",
-                    },
-                ),
-                "end_percent": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Where guidance ends (1 = the last step). After it, only the conditional pass "
-                        "runs. Must not be smaller than start_percent.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        try:
-            if start_percent is not None and end_percent is not None:
-                toolkit.check_percent_interval(NODE, start_percent, end_percent)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(self, model, start_percent: float, end_percent: float, unique_id=None):
         return (apply_cfg_interval(model, start_percent, end_percent, node_id=unique_id),)

@@ -13,8 +13,9 @@ import comfy.samplers
 
 from ..guidance import cfg_pp
 from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import passes, steps, telemetry
+from .host.inputs import COMBO, Input, Inputs, declare
 
 SAMPLER_NODE = "CFG++ Sampler"
 PATCH_NODE = "CFG++ for KSampler Euler"
@@ -109,17 +110,49 @@ def sample_cfg_pp(
 
 
 def make_sampler(solver: str, eta: float, s_noise: float, node_id=None):
-    if solver not in SOLVERS:
-        raise toolkit.GuidanceInputError(
-            SAMPLER_NODE, "solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}"
-        )
-    eta = toolkit.check_range(SAMPLER_NODE, "eta", eta, 0.0, 1.0)
-    s_noise = toolkit.check_range(SAMPLER_NODE, "s_noise", s_noise, 0.0, 2.0)
+    solver, eta, s_noise = SAMPLER_INPUTS.check(solver=solver, eta=eta, s_noise=s_noise).values()
     return comfy.samplers.KSAMPLER(
         sample_cfg_pp, extra_options={"solver": solver, "eta": eta, "s_noise": s_noise, "node_id": node_id}
     )
 
 
+SAMPLER_INPUTS = Inputs(
+    SAMPLER_NODE,
+    [
+        Input(
+            "solver",
+            COMBO,
+            "euler: deterministic CFG++ (= the paper's DDIM CFG++). euler_ancestral and ddim: the same update "
+            "with stochasticity eta (DDIM(η) and ancestral Euler coincide in ComfyUI's coordinates; ddim with "
+            "eta 0 is euler). dpmpp_2m: the paper's DPM++ 2M CFG++ solver, generalised to flow models.",
+            default="euler",
+            options=SOLVERS,
+        ),
+        Input(
+            "eta",
+            "FLOAT",
+            "Stochasticity of euler_ancestral / ddim (0 = deterministic, 1 = full ancestral noise). Ignored by "
+            "euler and dpmpp_2m.",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "s_noise",
+            "FLOAT",
+            "Multiplier of the fresh noise of euler_ancestral / ddim (1 = as derived).",
+            default=1.0,
+            min=0.0,
+            max=2.0,
+            step=0.01,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class CFGppSampler:
     DESCRIPTION = (
         "CFG++ (Chung et al., ICLR 2025) as a SAMPLER for SamplerCustom / SamplerCustomAdvanced: each step denoises "
@@ -133,55 +166,7 @@ class CFGppSampler:
     OUTPUT_TOOLTIPS = ("A CFG++ sampler; set the guider's cfg to λ in [0, 1].",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "solver": (
-                    list(SOLVERS),
-                    {
-                        "default": "euler",
-                        "tooltip": "euler: deterministic CFG++ (= the paper's DDIM CFG++). euler_ancestral and ddim: "
-                        "the same update with stochasticity eta (DDIM(η) and ancestral Euler coincide in ComfyUI's "
-                        "coordinates; ddim with eta 0 is euler). dpmpp_2m: the paper's DPM++ 2M CFG++ solver, "
-                        "generalised to flow models.",
-                    },
-                ),
-                "eta": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Stochasticity of euler_ancestral / ddim (0 = deterministic, 1 = full ancestral "
-                        "noise). Ignored by euler and dpmpp_2m.",
-                    },
-                ),
-                "s_noise": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 2.0,
-                        "step": 0.01,
-                        "tooltip": "Multiplier of the fresh noise of euler_ancestral / ddim (1 = as derived).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, solver=None, eta=None, s_noise=None):
-        try:
-            if eta is not None:
-                toolkit.check_range(SAMPLER_NODE, "eta", eta, 0.0, 1.0)
-            if s_noise is not None:
-                toolkit.check_range(SAMPLER_NODE, "s_noise", s_noise, 0.0, 2.0)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = SAMPLER_INPUTS
 
     def build(self, solver, eta, s_noise, unique_id=None):
         return (make_sampler(solver, eta, s_noise, node_id=unique_id),)
@@ -257,6 +242,10 @@ def _tensor(value: float):
     return torch.tensor(value, dtype=torch.float64)
 
 
+PATCH_INPUTS = Inputs(PATCH_NODE, [MODEL], hidden=UNIQUE_ID)
+
+
+@declare
 class CFGppEuler:
     DESCRIPTION = (
         "CFG++ (Chung et al., ICLR 2025) in the plain KSampler: with the 'euler' (or 'ddim') sampler every step "
@@ -269,12 +258,7 @@ class CFGppEuler:
     OUTPUT_TOOLTIPS = ("The model whose Euler steps are CFG++ steps.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})},
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+    INPUTS = PATCH_INPUTS
 
     def patch(self, model, unique_id=None):
         return (apply_cfg_pp_euler(model, node_id=unique_id),)

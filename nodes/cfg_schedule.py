@@ -10,15 +10,13 @@ the scheduled weight; on steps where the schedule's weight is exactly 1 the unco
 from __future__ import annotations
 
 from ..guidance import cfg_schedule
-from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import observer, passes, steps, telemetry
+from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "CFG Schedule"
 KEY = passes.KEY_PREFIX + "cfg_schedule"
 AXES = ("step", "sigma")
-CLAMP_RANGE = (0.0, 100.0)
-EXPONENT_RANGE = (0.01, 10.0)
 
 
 class _RunState:
@@ -27,17 +25,6 @@ class _RunState:
         self.model_sampling = model_sampling
         self.percent_cache: dict[float, float] = {}
         self.weights: list[tuple[float, float]] = []  # (sigma, cfg used) per main pass, for diagnostics
-
-
-def check_inputs(schedule: str, axis: str, clamp: float, exponent: float) -> None:
-    if schedule not in cfg_schedule.SHAPES:
-        raise toolkit.GuidanceInputError(
-            NODE, "schedule", f"must be one of {', '.join(cfg_schedule.SHAPES)}, got {schedule!r}"
-        )
-    if axis not in AXES:
-        raise toolkit.GuidanceInputError(NODE, "axis", f"must be one of {', '.join(AXES)}, got {axis!r}")
-    toolkit.check_range(NODE, "clamp", clamp, *CLAMP_RANGE)
-    toolkit.check_range(NODE, "exponent", exponent, *EXPONENT_RANGE)
 
 
 def apply_cfg_schedule(
@@ -55,8 +42,8 @@ def apply_cfg_schedule(
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry, with
     the scheduled weight as its scale.
     """
-    check_inputs(schedule, axis, clamp, exponent)
-    clamp, exponent = float(clamp), float(exponent)
+    checked = INPUTS.check(schedule=schedule, axis=axis, clamp=clamp, exponent=exponent)
+    clamp, exponent = checked["clamp"], checked["exponent"]
     patched = model.clone()
     model_sampling = patched.get_model_object("model_sampling")
 
@@ -129,6 +116,55 @@ def apply_cfg_schedule(
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "schedule",
+            COMBO,
+            "Shape of the weight over sampling; its mean is the sampler's cfg. linear/cosine rise from 1 to "
+            "about 2·cfg−1 (the paper's recommendation); inverse_* fall; v_shape/lambda_shape are high/low in "
+            "the middle; pcs/inverse_pcs are the parametrised power-cosine (peak = cfg, curvature = exponent); "
+            "constant = plain CFG.",
+            default="linear",
+            options=tuple(cfg_schedule.SHAPES),
+        ),
+        Input(
+            "axis",
+            COMBO,
+            "What the schedule runs over: 'step' = step index (t/T, as in the paper's code), 'sigma' = the "
+            "denoising percent of each step's noise level (follows the scheduler's spacing).",
+            default="step",
+            options=AXES,
+        ),
+        Input(
+            "clamp",
+            "FLOAT",
+            "c of the paper's clamped schedules, in its units (cfg − 1): the weight never falls below 1 + c. "
+            "0 = no clamp. The paper's Fig. 1 example is clamp-linear with c = 1; it tunes c per model (values "
+            "reported second-hand: 2 for SD1.5, 4 for SDXL).",
+            default=0.0,
+            min=0.0,
+            max=100.0,
+            step=0.05,
+        ),
+        Input(
+            "exponent",
+            "FLOAT",
+            "κ of the power-cosine shapes (pcs, inverse_pcs); ignored by the others. Small values raise the "
+            "weight early, large ones late; the paper tunes it per model.",
+            default=1.0,
+            min=0.01,
+            max=10.0,
+            step=0.01,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class CFGSchedule:
     DESCRIPTION = (
         "CFG weight schedule (Wang et al., 'Analysis of Classifier-Free Guidance Weight Schedulers', TMLR "
@@ -143,67 +179,7 @@ class CFGSchedule:
     OUTPUT_TOOLTIPS = ("The model with a scheduled CFG weight.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "schedule": (
-                    list(cfg_schedule.SHAPES),
-                    {
-                        "default": "linear",
-                        "tooltip": "Shape of the weight over sampling; its mean is the sampler's cfg. "
-                        "linear/cosine rise from 1 to about 2·cfg−1 (the paper's recommendation); "
-                        "inverse_* fall; v_shape/lambda_shape are high/low in the middle; pcs/inverse_pcs are "
-                        "the parametrised power-cosine (peak = cfg, curvature = exponent); constant = plain CFG.",
-                    },
-                ),
-                "axis": (
-                    list(AXES),
-                    {
-                        "default": "step",
-                        "tooltip": "What the schedule runs over: 'step' = step index (t/T, as in the paper's "
-                        "code), 'sigma' = the denoising percent of each step's noise level (follows the "
-                        "scheduler's spacing).",
-                    },
-                ),
-                "clamp": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": CLAMP_RANGE[0],
-                        "max": CLAMP_RANGE[1],
-                        "step": 0.05,
-                        "tooltip": "c of the paper's clamped schedules, in its units (cfg − 1): the weight never "
-                        "falls below 1 + c. 0 = no clamp. The paper's Fig. 1 example is clamp-linear with c = 1; "
-                        "it tunes c per model (values reported second-hand: 2 for SD1.5, 4 for SDXL).",
-                    },
-                ),
-                "exponent": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": EXPONENT_RANGE[0],
-                        "max": EXPONENT_RANGE[1],
-                        "step": 0.01,
-                        "tooltip": "κ of the power-cosine shapes (pcs, inverse_pcs); ignored by the others. "
-                        "Small values raise the weight early, large ones late; the paper tunes it per model.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, schedule=None, axis=None, clamp=None, exponent=None):
-        try:
-            if clamp is not None:
-                toolkit.check_range(NODE, "clamp", clamp, *CLAMP_RANGE)
-            if exponent is not None:
-                toolkit.check_range(NODE, "exponent", exponent, *EXPONENT_RANGE)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(self, model, schedule: str, axis: str, clamp: float, exponent: float, unique_id=None):
         return (apply_cfg_schedule(model, schedule, axis, clamp, exponent, node_id=unique_id),)

@@ -6,26 +6,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..guidance import perturbation as guidance_math
-from . import toolkit
 from .host import attention, families, perturbed, steps
 from .host import blocks as blocks_module
+from .host.inputs import COMBO, Input, Inputs, ordered
 
 CATEGORY = "sampling/guidance"
 MODEL_TOOLTIP = (
     "The diffusion model to patch. The input model is left unchanged; a patched clone is returned."
 )
 
+UNIQUE_ID = {"unique_id": "UNIQUE_ID"}
+MODEL = Input("model", "MODEL", MODEL_TOOLTIP)
+
 
 def check_common(
     node: str, scale: float, start_percent: float, end_percent: float, rescale: float, schedule: str
 ):
-    toolkit.check_range(node, "scale", scale, 0.0, 100.0)
-    toolkit.check_percent_interval(node, start_percent, end_percent)
-    toolkit.check_range(node, "rescale", rescale, 0.0, 1.0)
-    if schedule not in guidance_math.SCHEDULES:
-        raise toolkit.GuidanceInputError(
-            node, "schedule", f"must be one of {', '.join(guidance_math.SCHEDULES)}, got {schedule!r}"
-        )
+    """The checks of the common inputs (their declarations in ``common_inputs``), for ``node``."""
+    Inputs(node, common_inputs(0.0), COMMON_RULES).check(
+        scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale, schedule=schedule
+    )
 
 
 def apply_perturbation_guidance(
@@ -80,90 +80,72 @@ def describe_defaults() -> str:
     return "; ".join(f"{spec.label}: {spec.default_blocks}" for spec in families.FAMILY_SPECS.values())
 
 
-def common_inputs(scale_default: float, rescale_default: float = 0.0) -> dict:
-    """The inputs every perturbation node has: model, scale, blocks, interval, schedule, rescale."""
-    return {
-        "model": ("MODEL", {"tooltip": "The diffusion model to patch. The input model is left unchanged."}),
-        "scale": (
+def common_inputs(scale_default: float, rescale_default: float = 0.0) -> list[Input]:
+    """The inputs every perturbation node has: model, scale, blocks, interval, schedule, batched, rescale."""
+    return [
+        Input("model", "MODEL", "The diffusion model to patch. The input model is left unchanged."),
+        Input(
+            "scale",
             "FLOAT",
-            {
-                "default": scale_default,
-                "min": 0.0,
-                "max": 100.0,
-                "step": 0.01,
-                "round": 0.01,
-                "tooltip": "Guidance strength s in D = D_cfg + s (D_cond - D_perturbed). 0 turns the node off "
-                "(no extra network evaluation).",
-            },
+            "Guidance strength s in D = D_cfg + s (D_cond - D_perturbed). 0 turns the node off (no extra network "
+            "evaluation).",
+            default=scale_default,
+            min=0.0,
+            max=100.0,
+            step=0.01,
+            extra={"round": 0.01},
         ),
-        "blocks": (
+        Input(
+            "blocks",
             "STRING",
-            {
-                "default": "auto",
-                "multiline": False,
-                "tooltip": BLOCKS_TOOLTIP.format(defaults=describe_defaults()),
-            },
+            BLOCKS_TOOLTIP.format(defaults=describe_defaults()),
+            default="auto",
+            extra={"multiline": False},
         ),
-        "start_percent": (
+        Input(
+            "start_percent",
             "FLOAT",
-            {
-                "default": 0.0,
-                "min": 0.0,
-                "max": 1.0,
-                "step": 0.001,
-                "tooltip": "Where the guidance starts, as a fraction of the denoising process (0 = first step).",
-            },
+            "Where the guidance starts, as a fraction of the denoising process (0 = first step).",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.001,
         ),
-        "end_percent": (
+        Input(
+            "end_percent",
             "FLOAT",
-            {
-                "default": 1.0,
-                "min": 0.0,
-                "max": 1.0,
-                "step": 0.001,
-                "tooltip": "Where the guidance ends (1 = last step). Outside the interval no extra pass runs.",
-            },
+            "Where the guidance ends (1 = last step). Outside the interval no extra pass runs.",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.001,
         ),
-        "schedule": (
-            list(guidance_math.SCHEDULES),
-            {
-                "default": "constant",
-                "tooltip": "Scale over the interval: constant, linear_down (full scale at the start falling to 0 "
-                "at the end), linear_up (0 rising to full scale).",
-            },
+        Input(
+            "schedule",
+            COMBO,
+            "Scale over the interval: constant, linear_down (full scale at the start falling to 0 at the end), "
+            "linear_up (0 rising to full scale).",
+            default="constant",
+            options=tuple(guidance_math.SCHEDULES),
         ),
-        "batched": (
+        Input(
+            "batched",
             "BOOLEAN",
-            {
-                "default": True,
-                "tooltip": "Run the perturbed pass in the same forward as the cond/uncond passes (one larger batch, "
-                "usually faster on GPUs) instead of as a separate forward. Same result up to float rounding.",
-            },
+            "Run the perturbed pass in the same forward as the cond/uncond passes (one larger batch, usually "
+            "faster on GPUs) instead of as a separate forward. Same result up to float rounding.",
+            default=True,
         ),
-        "rescale": (
+        Input(
+            "rescale",
             "FLOAT",
-            {
-                "default": rescale_default,
-                "min": 0.0,
-                "max": 1.0,
-                "step": 0.01,
-                "tooltip": "STG's rescale φ: pull the std of the guided prediction toward that of the conditional "
-                "prediction, D *= φ std(D_cond)/std(D) + 1 - φ. 0 = off.",
-            },
+            "STG's rescale φ: pull the std of the guided prediction toward that of the conditional prediction, "
+            "D *= φ std(D_cond)/std(D) + 1 - φ. 0 = off.",
+            default=rescale_default,
+            min=0.0,
+            max=1.0,
+            step=0.01,
         ),
-    }
+    ]
 
 
-def validate_common(node: str, **inputs):
-    """VALIDATE_INPUTS helper: the range checks that need no model. Returns True or the error text."""
-    try:
-        values = {k: v for k, v in inputs.items() if v is not None}
-        if {"start_percent", "end_percent"} <= values.keys():
-            toolkit.check_percent_interval(node, values["start_percent"], values["end_percent"])
-        if "scale" in values:
-            toolkit.check_range(node, "scale", values["scale"], 0.0, 100.0)
-        if "rescale" in values:
-            toolkit.check_range(node, "rescale", values["rescale"], 0.0, 1.0)
-    except toolkit.GuidanceInputError as error:
-        return str(error)
-    return True
+COMMON_RULES = (ordered("start_percent", "end_percent"),)

@@ -8,11 +8,15 @@ puts the counts of the last run into the prompt's outputs: the history for headl
 from __future__ import annotations
 
 from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL
 from .host import counter as eval_counter
 from .host import telemetry
+from .host.inputs import Input, Inputs, declare
+
+COUNT_INPUTS = Inputs("Count Network Evaluations", [MODEL])
 
 
+@declare
 class CountNetworkEvaluations:
     DESCRIPTION = (
         "Count the diffusion model's network evaluations (conditional, unconditional and extra guidance passes) "
@@ -23,9 +27,7 @@ class CountNetworkEvaluations:
     OUTPUT_TOOLTIPS = ("The same model, with an evaluation counter attached.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}}
+    INPUTS = COUNT_INPUTS
 
     def patch(self, model):
         patched = model.clone()
@@ -36,6 +38,16 @@ class CountNetworkEvaluations:
         return (patched,)
 
 
+REPORT_INPUTS = Inputs(
+    "Network Evaluation Report",
+    [
+        Input("model", "MODEL", "The counted model (output of Count Network Evaluations or later)."),
+        Input("latent", "LATENT", "The sampler's output; makes the report run after sampling."),
+    ],
+)
+
+
+@declare
 class NetworkEvaluationReport:
     DESCRIPTION = (
         "Report the network evaluations of the last sampling run of a model that went through Count Network "
@@ -49,20 +61,7 @@ class NetworkEvaluationReport:
     FUNCTION = "report"
     OUTPUT_NODE = True
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "The counted model (output of Count Network Evaluations or later)."},
-                ),
-                "latent": (
-                    "LATENT",
-                    {"tooltip": "The sampler's output; makes the report run after sampling."},
-                ),
-            }
-        }
+    INPUTS = REPORT_INPUTS
 
     def report(self, model, latent):
         counter = eval_counter.EvalCounter.of(model)

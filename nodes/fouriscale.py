@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import comfy.model_management
 import comfy.ops
 import comfy.supported_models
 import comfy.utils
@@ -12,12 +13,14 @@ import torch
 
 from ..guidance import fouriscale
 from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL_TOOLTIP, UNIQUE_ID
 from .host import convs, telemetry
+from .host.inputs import MEMORY_NOTE, Input, Inputs, check_memory, declare, ordered
 
 NODE = "FouriScale"
 PASS_NAME = convs.PASS_NAME
 LATENT_FACTOR = 8
+MAX_SIZE = 16384  # pixels, per side
 
 # The paper's layers (diffusers names, as in the authors' released layer settings).
 LAYERS_SD15 = tuple(
@@ -102,6 +105,21 @@ def comfy_paths(model, layers) -> dict[str, str]:
     return out
 
 
+def estimate_memory(model, paths: dict[str, str], levels: int, height: int, width: int) -> float:
+    """Bytes one image needs while FouriScale is active: the model's activations for its three rows (cond,
+    uncond, guidance branch) at the latent size (ComfyUI's own estimate) and the largest patched layer's
+    Fourier filter (a complex64 spectrum, its masked copy and the output, for the three rows)."""
+    h, w = height // LATENT_FACTOR, width // LATENT_FACTOR
+    channels = model.model.model_config.unet_config.get("in_channels", 4)
+    activations = float(model.model.memory_required([3, channels, h, w]))
+    largest = 0.0
+    for layer, path in paths.items():
+        conv = model.get_model_object(path)
+        area = h * w / 4 ** layer_level(layer, levels)
+        largest = max(largest, getattr(conv, "in_channels", 0) * area)
+    return activations + 3 * 3 * 8 * largest
+
+
 def apply_fouriscale(
     model,
     width: int,
@@ -122,32 +140,19 @@ def apply_fouriscale(
     pass "fouriscale" is skipped where d <= 1 and the original model runs). The guidance branch rides as
     extra rows of the conditional call; it is counted as one "fouriscale" evaluation per conditional chunk.
     """
+    width, height, base_resolution, dilation, start, stop, progressive, low_pass, mask_floor = INPUTS.check(
+        width=width,
+        height=height,
+        base_resolution=base_resolution,
+        dilation=dilation,
+        start=start,
+        stop=stop,
+        progressive=progressive,
+        low_pass=low_pass,
+        mask_floor=mask_floor,
+    ).values()
     profile = profile_for(model)
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or value <= 0 or value % LATENT_FACTOR:
-            raise toolkit.GuidanceInputError(
-                NODE,
-                name,
-                f"must be a positive multiple of {LATENT_FACTOR} (the latent factor), got {value!r}",
-            )
-    if not isinstance(base_resolution, int) or (base_resolution and base_resolution % LATENT_FACTOR):
-        raise toolkit.GuidanceInputError(
-            NODE,
-            "base_resolution",
-            f"must be 0 (the model's native size) or a multiple of {LATENT_FACTOR}, got {base_resolution!r}",
-        )
-    check = toolkit.check_range
-    check(NODE, "base_resolution", base_resolution, 0, 16384)
-    check(NODE, "dilation", dilation, 0, 16)
-    start = check(NODE, "start", start, 0.0, 1.0)
-    stop = check(NODE, "stop", stop, 0.0, 1.0)
-    if start > stop:
-        raise toolkit.GuidanceInputError(
-            NODE, "start", f"must not exceed stop (valid: 0 <= start <= stop <= 1), got {start} > {stop}"
-        )
-    if mask_floor != -1.0:
-        check(NODE, "mask_floor", mask_floor, 0.0, 1.0)
-    else:
+    if mask_floor == -1.0:
         mask_floor = profile.mask_floor
 
     if base_resolution:
@@ -176,6 +181,13 @@ def apply_fouriscale(
         latent_size=(height // LATENT_FACTOR, width // LATENT_FACTOR),
     )
     paths = comfy_paths(model, profile.layers)
+    check_memory(
+        NODE,
+        "width",
+        estimate_memory(model, paths, profile.levels, height, width),
+        comfy.model_management.get_total_memory(model.load_device),
+        f"width x height {width}x{height} (per image)",
+    )
     for layer, path in paths.items():
         conv = model.get_model_object(path)
         if isinstance(conv, convs.FouriScaleConv2d):
@@ -211,6 +223,107 @@ def apply_fouriscale(
 runtime_of = convs.runtime_of
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        Input("model", "MODEL", MODEL_TOOLTIP + " SD1.x, SD2.x or SDXL."),
+        Input(
+            "width",
+            "INT",
+            "Width in pixels of the image you will sample (the empty latent's width). " + MEMORY_NOTE,
+            default=1024,
+            min=8,
+            max=MAX_SIZE,
+            step=8,
+            multiple=LATENT_FACTOR,
+        ),
+        Input(
+            "height",
+            "INT",
+            "Height in pixels of the image you will sample (the empty latent's height). " + MEMORY_NOTE,
+            default=1024,
+            min=8,
+            max=MAX_SIZE,
+            step=8,
+            multiple=LATENT_FACTOR,
+        ),
+        Input(
+            "start",
+            "FLOAT",
+            "Fraction of the steps after which the dilation ramps down towards 1 (progressive). The released "
+            "configs use 0.4 (20 of 50 steps); 0.2 for SD1.5 at 2x.",
+            default=0.4,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "stop",
+            "FLOAT",
+            "Fraction of the steps from which the original convolutions and plain CFG are used. The released "
+            "configs use 0.7 (35 of 50 steps); 0.6 for SD1.5 at 2x.",
+            default=0.7,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "base_resolution",
+            "INT",
+            "The model's training size in pixels. 0 = the family's native size (SD1.x 512, SD2.x 768 "
+            "v-prediction or 512, SDXL the training bucket of the aspect ratio).",
+            default=0,
+            min=0,
+            max=MAX_SIZE,
+            step=8,
+            multiple=LATENT_FACTOR,
+            optional=True,
+        ),
+        Input(
+            "dilation",
+            "INT",
+            "Kernel dilation d. 0 = automatic: max(ceil(height / base), ceil(width / base)). 1 leaves the model "
+            "unchanged.",
+            default=0,
+            min=0,
+            max=16,
+            optional=True,
+        ),
+        Input(
+            "progressive",
+            "BOOLEAN",
+            "Ramp the dilation linearly from d at start to 1 at stop (the released configs); off keeps d until "
+            "stop.",
+            default=True,
+            optional=True,
+        ),
+        Input(
+            "low_pass",
+            "BOOLEAN",
+            "Low-pass the inputs of the dilated convolutions in the Fourier domain (the paper's scale "
+            "consistency). Off: dilation only.",
+            default=True,
+            optional=True,
+        ),
+        Input(
+            "mask_floor",
+            "FLOAT",
+            "How much of the frequencies above the cut-off the filter keeps (0 = none, 1 = no filter). -1 = the "
+            "released value of the family: 0 for SD1.x/SD2.x, 0.6 for SDXL.",
+            default=-1.0,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            sentinel=-1.0,
+            optional=True,
+        ),
+    ],
+    rules=[ordered("start", "stop")],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class FouriScale:
     DESCRIPTION = (
         "Generate above the model's training size without training (FouriScale, Huang et al., ECCV 2024). "
@@ -225,126 +338,7 @@ class FouriScale:
     OUTPUT_TOOLTIPS = ("The model patched for high-resolution sampling.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP + " SD1.x, SD2.x or SDXL."}),
-                "width": (
-                    "INT",
-                    {
-                        "default": 1024,
-                        "min": 8,
-                        "max": 16384,
-                        "step": 8,
-                        "tooltip": "Width in pixels of the image you will sample (the empty latent's width).",
-                    },
-                ),
-                "height": (
-                    "INT",
-                    {
-                        "default": 1024,
-                        "min": 8,
-                        "max": 16384,
-                        "step": 8,
-                        "tooltip": "Height in pixels of the image you will sample (the empty latent's height).",
-                    },
-                ),
-                "start": (
-                    "FLOAT",
-                    {
-                        "default": 0.4,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Fraction of the steps after which the dilation ramps down towards 1 "
-                        "(progressive). The released configs use 0.4 (20 of 50 steps); 0.2 for SD1.5 at 2x.",
-                    },
-                ),
-                "stop": (
-                    "FLOAT",
-                    {
-                        "default": 0.7,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Fraction of the steps from which the original convolutions and plain CFG are "
-                        "used. The released configs use 0.7 (35 of 50 steps); 0.6 for SD1.5 at 2x.",
-                    },
-                ),
-            },
-            "optional": {
-                "base_resolution": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 16384,
-                        "step": 8,
-                        "tooltip": "The model's training size in pixels. 0 = the family's native size (SD1.x 512, "
-                        "SD2.x 768 v-prediction or 512, SDXL the training bucket of the aspect ratio).",
-                    },
-                ),
-                "dilation": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 16,
-                        "tooltip": "Kernel dilation d. 0 = automatic: max(ceil(height / base), ceil(width / base)). "
-                        "1 leaves the model unchanged.",
-                    },
-                ),
-                "progressive": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "Ramp the dilation linearly from d at start to 1 at stop (the released configs); "
-                        "off keeps d until stop.",
-                    },
-                ),
-                "low_pass": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "Low-pass the inputs of the dilated convolutions in the Fourier domain (the "
-                        "paper's scale consistency). Off: dilation only.",
-                    },
-                ),
-                "mask_floor": (
-                    "FLOAT",
-                    {
-                        "default": -1.0,
-                        "min": -1.0,
-                        "max": 1.0,
-                        "step": 0.05,
-                        "tooltip": "How much of the frequencies above the cut-off the filter keeps (0 = none, 1 = no "
-                        "filter). -1 = the released value of the family: 0 for SD1.x/SD2.x, 0.6 for SDXL.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, width=None, height=None, start=None, stop=None):
-        try:
-            for name, value in (("width", width), ("height", height)):
-                if isinstance(value, int) and value % LATENT_FACTOR:
-                    raise toolkit.GuidanceInputError(
-                        NODE,
-                        name,
-                        f"must be a positive multiple of {LATENT_FACTOR} (the latent factor), got {value}",
-                    )
-            if isinstance(start, float) and isinstance(stop, float) and start > stop:
-                raise toolkit.GuidanceInputError(
-                    NODE,
-                    "start",
-                    f"must not exceed stop (valid: 0 <= start <= stop <= 1), got {start} > {stop}",
-                )
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(
         self,

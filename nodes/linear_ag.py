@@ -9,9 +9,9 @@ ran (``guidance.linear_ag.OnlineLinearAG``), and says so in its description.
 from __future__ import annotations
 
 from ..guidance import linear_ag
-from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import observer, passes, steps, telemetry
+from .host.inputs import Input, Inputs, declare
 
 NODE = "LinearAG"
 KEY = passes.KEY_PREFIX + "linear_ag"
@@ -31,7 +31,7 @@ def apply_linear_ag(model, end_percent: float = 0.5, *, node_id=None):
     Every run emits its ``OnlineLinearAG`` (fits, regressed steps) to the observer.
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
-    end_percent = toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
+    end_percent = INPUTS.check(end_percent=end_percent)["end_percent"]
     patched = model.clone()
     steps.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent))
 
@@ -85,6 +85,27 @@ def apply_linear_ag(model, end_percent: float = 0.5, *, node_id=None):
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "end_percent",
+            "FLOAT",
+            "Fraction of the steps (from the first) in which alternate steps use the regressed unconditional "
+            "prediction. The paper uses the first half (0.5). The first two steps always run both passes to "
+            "fit the coefficients. 0 = plain CFG.",
+            default=0.5,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class LinearAG:
     DESCRIPTION = (
         "LinearAG (Castillo et al., AAAI 2025): in the early part of sampling, every other step skips the "
@@ -100,35 +121,7 @@ class LinearAG:
     OUTPUT_TOOLTIPS = ("The model with regressed unconditional predictions on alternate early steps.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "end_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.5,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Fraction of the steps (from the first) in which alternate steps use the "
-                        "regressed unconditional prediction. The paper uses the first half (0.5). The first two "
-                        "steps always run both passes to fit the coefficients. 0 = plain CFG.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, end_percent=None):
-        try:
-            if end_percent is not None:
-                toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(self, model, end_percent: float, unique_id=None):
         return (apply_linear_ag(model, end_percent, node_id=unique_id),)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from . import common
-from .common import CATEGORY
+from .common import CATEGORY, UNIQUE_ID
 from .host import attention
+from .host.inputs import Inputs, declare
 
 NODE = "Perturbed-Attention Guidance"
 PASS_NAME = "pag"
@@ -38,6 +39,10 @@ def apply_pag(
     )
 
 
+INPUTS = Inputs(NODE, common.common_inputs(scale_default=3.0), common.COMMON_RULES, hidden=UNIQUE_ID)
+
+
+@declare
 class PerturbedAttentionGuidance:
     DESCRIPTION = (
         "Perturbed-Attention Guidance (Ahn et al., ECCV 2024): one extra conditional pass per step with the "
@@ -51,15 +56,7 @@ class PerturbedAttentionGuidance:
     OUTPUT_TOOLTIPS = ("The model with PAG installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": common.common_inputs(scale_default=3.0), "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
-        return common.validate_common(
-            NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
-        )
+    INPUTS = INPUTS
 
     def patch(
         self, model, scale, blocks, start_percent, end_percent, schedule, rescale, batched, unique_id=None

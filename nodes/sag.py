@@ -27,17 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..guidance import perturbation as schedule_math
 from ..guidance import sag as sag_math
-from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP, common_inputs
+from . import common, toolkit
+from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import attention, blocks, families, observer, passes, perturbed, steps, telemetry
+from .host.inputs import Input, Inputs, declare
 
 NODE = "Self-Attention Guidance"
 PASS_NAME = "sag"
-SCALE_RANGE = (-2.0, 100.0)
-BLUR_RANGE = (0.0, 10.0)
-THRESHOLD_RANGE = (0.0, 100.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,14 +166,14 @@ def apply_sag(
     node_id=None,
 ):
     """A clone of ``model`` with Self-Attention Guidance at one attention layer (``blocks``)."""
-    toolkit.check_range(NODE, "scale", scale, *SCALE_RANGE)
-    toolkit.check_range(NODE, "blur_sigma", blur_sigma, *BLUR_RANGE)
-    toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-    toolkit.check_percent_interval(NODE, start_percent, end_percent)
-    if schedule not in schedule_math.SCHEDULES:
-        raise toolkit.GuidanceInputError(
-            NODE, "schedule", f"must be one of {', '.join(schedule_math.SCHEDULES)}, got {schedule!r}"
-        )
+    scale, blur_sigma, threshold, start_percent, end_percent, schedule = INPUTS.check(
+        scale=scale,
+        blur_sigma=blur_sigma,
+        threshold=threshold,
+        start_percent=start_percent,
+        end_percent=end_percent,
+        schedule=schedule,
+    ).values()
     layout = families.detect_layout(model, NODE)
     selection = parse_sag_blocks(blocks, layout)
     patched = model.clone()
@@ -281,6 +278,63 @@ def apply_sag(
 # The node
 
 
+_COMMON = {spec.name: spec for spec in common.common_inputs(scale_default=0.5)}
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "scale",
+            "FLOAT",
+            "Guidance strength s in D = D_cfg + s (blurred - D(blurred)). 0 turns the node off (no extra network "
+            "evaluation). ComfyUI core defaults to 0.5; the paper reports 0.5-0.8 on unconditional ImageNet-256 "
+            "and about 1 on class-conditional models.",
+            default=0.5,
+            min=-2.0,
+            max=100.0,
+            step=0.01,
+            extra={"round": 0.01},
+        ),
+        Input(
+            "blur_sigma",
+            "FLOAT",
+            "Standard deviation of the Gaussian blur (9x9 kernel, in latent pixels) applied where the mask is "
+            "set. ComfyUI core: 2.0; diffusers' SAG pipeline: 1.0. 0 = no blur (no guidance).",
+            default=2.0,
+            min=0.0,
+            max=10.0,
+            step=0.1,
+        ),
+        Input(
+            "threshold",
+            "FLOAT",
+            "Mask = tokens whose received attention exceeds this multiple of the mean (the paper's 1.0: "
+            "above-average attention). Higher = smaller blurred regions.",
+            default=1.0,
+            min=0.0,
+            max=100.0,
+            step=0.01,
+        ),
+        Input(
+            "blocks",
+            "STRING",
+            "The one attention layer whose map makes the mask. 'auto' = the paper's UNet middle block (first "
+            "transformer, 'middle.0.0', as core) and on DiTs the middle double block (our choice; the paper has no "
+            "DiT default). UNet: 'middle.0.0', 'output.1.0' (part.block.transformer); DiT: 'double:9' or "
+            "'single:3'. It must select exactly one layer.",
+            default="auto",
+            extra={"multiline": False},
+        ),
+        _COMMON["start_percent"],
+        _COMMON["end_percent"],
+        _COMMON["schedule"],
+    ],
+    common.COMMON_RULES,
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class SelfAttentionGuidance:
     DESCRIPTION = (
         "Self-Attention Guidance (Hong et al., ICCV 2023): at each step the self-attention map of one layer "
@@ -297,82 +351,7 @@ class SelfAttentionGuidance:
     OUTPUT_TOOLTIPS = ("The model with Self-Attention Guidance installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        common = common_inputs(scale_default=0.5)
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "scale": (
-                    "FLOAT",
-                    {
-                        "default": 0.5,
-                        "min": SCALE_RANGE[0],
-                        "max": SCALE_RANGE[1],
-                        "step": 0.01,
-                        "round": 0.01,
-                        "tooltip": "Guidance strength s in D = D_cfg + s (blurred - D(blurred)). 0 turns the node "
-                        "off (no extra network evaluation). ComfyUI core defaults to 0.5; the paper reports "
-                        "0.5-0.8 on unconditional ImageNet-256 and about 1 on class-conditional models.",
-                    },
-                ),
-                "blur_sigma": (
-                    "FLOAT",
-                    {
-                        "default": 2.0,
-                        "min": BLUR_RANGE[0],
-                        "max": BLUR_RANGE[1],
-                        "step": 0.1,
-                        "tooltip": "Standard deviation of the Gaussian blur (9x9 kernel, in latent pixels) applied "
-                        "where the mask is set. ComfyUI core: 2.0; diffusers' SAG pipeline: 1.0. 0 = no blur "
-                        "(no guidance).",
-                    },
-                ),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": THRESHOLD_RANGE[0],
-                        "max": THRESHOLD_RANGE[1],
-                        "step": 0.01,
-                        "tooltip": "Mask = tokens whose received attention exceeds this multiple of the mean "
-                        "(the paper's 1.0: above-average attention). Higher = smaller blurred regions.",
-                    },
-                ),
-                "blocks": (
-                    "STRING",
-                    {
-                        "default": "auto",
-                        "multiline": False,
-                        "tooltip": "The one attention layer whose map makes the mask. 'auto' = the paper's UNet "
-                        "middle block (first transformer, 'middle.0.0', as core) and on DiTs the middle double "
-                        "block (our choice; the paper has no DiT default). UNet: 'middle.0.0', 'output.1.0' "
-                        "(part.block.transformer); DiT: 'double:9' or 'single:3'. It must select exactly one layer.",
-                    },
-                ),
-                "start_percent": common["start_percent"],
-                "end_percent": common["end_percent"],
-                "schedule": common["schedule"],
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(
-        cls, scale=None, blur_sigma=None, threshold=None, start_percent=None, end_percent=None
-    ):
-        try:
-            if scale is not None:
-                toolkit.check_range(NODE, "scale", scale, *SCALE_RANGE)
-            if blur_sigma is not None:
-                toolkit.check_range(NODE, "blur_sigma", blur_sigma, *BLUR_RANGE)
-            if threshold is not None:
-                toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-            if start_percent is not None and end_percent is not None:
-                toolkit.check_percent_interval(NODE, start_percent, end_percent)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(
         self,

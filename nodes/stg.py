@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from . import common, toolkit
-from .common import CATEGORY
+from .common import CATEGORY, UNIQUE_ID
 from .host import attention, families
+from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "Spatiotemporal Skip Guidance"
 PASS_NAME = "stg"
@@ -24,8 +25,7 @@ def apply_stg(
     node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with the chosen blocks (or their attention) skipped."""
-    if mode not in MODES:
-        raise toolkit.GuidanceInputError(NODE, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    mode = INPUTS.check(mode=mode)["mode"]
     perturbation = attention.Perturbation(MODES[mode])
 
     def check(layout: families.ModelLayout):
@@ -54,6 +54,25 @@ def apply_stg(
     )
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        *common.common_inputs(scale_default=1.0, rescale_default=0.7),
+        Input(
+            "mode",
+            COMBO,
+            "STG-R skips whole blocks (residual only) in the perturbed pass; STG-A keeps the blocks but makes their "
+            "self-attention the identity.",
+            default="STG-R (skip block)",
+            options=tuple(MODES),
+        ),
+    ],
+    common.COMMON_RULES,
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class SpatiotemporalSkipGuidance:
     DESCRIPTION = (
         "Spatiotemporal Skip Guidance (Hyung et al., CVPR 2025): one extra conditional pass per step with the "
@@ -68,24 +87,7 @@ class SpatiotemporalSkipGuidance:
     OUTPUT_TOOLTIPS = ("The model with STG installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        inputs = common.common_inputs(scale_default=1.0, rescale_default=0.7)
-        inputs["mode"] = (
-            list(MODES),
-            {
-                "default": "STG-R (skip block)",
-                "tooltip": "STG-R skips whole blocks (residual only) in the perturbed pass; STG-A keeps the blocks "
-                "but makes their self-attention the identity.",
-            },
-        )
-        return {"required": inputs, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
-        return common.validate_common(
-            NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
-        )
+    INPUTS = INPUTS
 
     def patch(
         self,

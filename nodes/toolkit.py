@@ -1,19 +1,14 @@
-"""Validation shared by the nodes: ``GuidanceInputError`` and the ``check_*`` validators, clear errors naming the
-node, the input and the valid range, raised when the node runs (before sampling). The ComfyUI machinery lives in
-``nodes/host/``."""
+"""Validation shared by the nodes: ``GuidanceInputError`` (declared with the inputs, ``nodes/host/inputs.py``) and
+the ``check_*`` validators for values that are not node inputs, clear errors naming the node, the input and the
+valid range. The ComfyUI machinery lives in ``nodes/host/``."""
 
 from __future__ import annotations
 
 import math
 
+from .host.inputs import GuidanceInputError
 
-class GuidanceInputError(ValueError):
-    """Bad node input. The message names the node, the input and the valid range."""
-
-    def __init__(self, node: str, input_name: str, message: str):
-        super().__init__(f"{node}: input '{input_name}' {message}")
-        self.node = node
-        self.input_name = input_name
+__all__ = ["GuidanceInputError", "check_percent_interval", "check_range"]
 
 
 def check_range(node: str, input_name: str, value: float, low: float, high: float) -> float:

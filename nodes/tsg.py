@@ -43,8 +43,9 @@ import torch
 
 from ..guidance import tsg
 from . import toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import embedding, families, observer, passes, perturbed, steps
+from .host.inputs import Input, Inputs, declare, ordered
 
 NODE = "Time-Step Guidance"
 PASS_NAME = "tsg"
@@ -140,24 +141,10 @@ def step_time(model_sampling, sigma) -> float:
 
 
 def check_settings(w, s, alpha, t_min, t_max, std_scaling, seed) -> Settings:
-    toolkit.check_range(NODE, "scale", w, 0.0, 100.0)
-    toolkit.check_range(NODE, "noise_scale", s, 0.0, 100.0)
-    toolkit.check_range(NODE, "alpha", alpha, 0.0, 10.0)
-    toolkit.check_range(NODE, "t_min", t_min, 0.0, tsg.T_SCALE)
-    toolkit.check_range(NODE, "t_max", t_max, 0.0, tsg.T_SCALE)
-    if t_min > t_max:
-        raise toolkit.GuidanceInputError(
-            NODE,
-            "t_min",
-            f"must not exceed t_max (valid: 0 <= t_min <= t_max <= 1000), got t_min={t_min} > t_max={t_max}",
-        )
-    if not isinstance(std_scaling, bool):
-        raise toolkit.GuidanceInputError(NODE, "std_scaling", f"must be true or false, got {std_scaling!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise toolkit.GuidanceInputError(
-            NODE, "seed", f"must be an integer between 0 and {MAX_SEED}, got {seed!r}"
-        )
-    return Settings(float(w), float(s), float(alpha), float(t_min), float(t_max), std_scaling, seed)
+    checked = INPUTS.check(
+        scale=w, noise_scale=s, alpha=alpha, t_min=t_min, t_max=t_max, std_scaling=std_scaling, seed=seed
+    )
+    return Settings(*checked.values())
 
 
 def apply_tsg(
@@ -207,6 +194,94 @@ def apply_tsg(
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "scale",
+            "FLOAT",
+            "TSG weight w in D(t~) + w (D(t) - D(t~)). The paper: 4.0 for text-conditional Stable Diffusion, 3.0 "
+            "unconditional, 2.5-5 on DiT. 1 turns TSG off (no extra pass).",
+            default=4.0,
+            min=0.0,
+            max=100.0,
+            step=0.05,
+            extra={"round": 0.01},
+        ),
+        Input(
+            "noise_scale",
+            "FLOAT",
+            "s: strength of the noise added to the time-step embedding. The paper: 3.0 for text-conditional SD "
+            "(power schedule), 1.25 unconditional SD (constant).",
+            default=3.0,
+            min=0.0,
+            max=100.0,
+            step=0.05,
+        ),
+        Input(
+            "alpha",
+            "FLOAT",
+            "Power schedule exponent: the noise is s * t^alpha with t normalized to [0, 1] (1 = pure noise). 0 = "
+            "the paper's constant schedule. The paper: 0.25 for text-conditional SD, 1 on DiT.",
+            default=0.25,
+            min=0.0,
+            max=10.0,
+            step=0.05,
+        ),
+        Input(
+            "t_min",
+            "FLOAT",
+            "Lower end of the window (0-1000 time-step scale, 1000 = pure noise); outside the window no extra "
+            "pass runs. The paper: 400-1000 for text-conditional SD, 100-900 unconditional.",
+            default=400.0,
+            min=0.0,
+            max=tsg.T_SCALE,
+            step=1.0,
+        ),
+        Input(
+            "t_max",
+            "FLOAT",
+            "Upper end of the window (0-1000 scale, t = 1000 x (1 - the model's sampling percent)). Must not be "
+            "below t_min.",
+            default=1000.0,
+            min=0.0,
+            max=tsg.T_SCALE,
+            step=1.0,
+        ),
+        Input(
+            "first_n_blocks",
+            "INT",
+            "Perturb only the first N blocks (DiT: in forward order, Flux/HunyuanVideo double then single; UNet: "
+            "the first N ResBlocks of both encoder and decoder). 0 = all. The paper's DiT ablation was best at "
+            "10. More than the model has is an error.",
+            default=0,
+            min=0,
+            max=1000,
+        ),
+        Input(
+            "std_scaling",
+            "BOOLEAN",
+            "Scale the noise by the std of the embedding (per sample), as the paper does by default. Off: the "
+            "noise is s * t^alpha * N(0, I) in absolute units.",
+            default=True,
+        ),
+        Input(
+            "seed",
+            "INT",
+            "Seed of the embedding noise (one draw per step, from this seed and the step index; shared by every "
+            "perturbed block).",
+            default=0,
+            min=0,
+            max=MAX_SEED,
+        ),
+    ],
+    rules=[ordered("t_min", "t_max", high_label="1000")],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class TimeStepGuidance:
     DESCRIPTION = (
         "Time-step guidance (Sadat et al., ICLR 2025): one extra conditional pass per step with Gaussian noise "
@@ -220,123 +295,7 @@ class TimeStepGuidance:
     OUTPUT_TOOLTIPS = ("The model with time-step guidance installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "scale": (
-                    "FLOAT",
-                    {
-                        "default": 4.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.05,
-                        "round": 0.01,
-                        "tooltip": "TSG weight w in D(t~) + w (D(t) - D(t~)). The paper: 4.0 for text-conditional "
-                        "Stable Diffusion, 3.0 unconditional, 2.5-5 on DiT. 1 turns TSG off (no extra pass).",
-                    },
-                ),
-                "noise_scale": (
-                    "FLOAT",
-                    {
-                        "default": 3.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.05,
-                        "tooltip": "s: strength of the noise added to the time-step embedding. The paper: 3.0 for "
-                        "text-conditional SD (power schedule), 1.25 unconditional SD (constant).",
-                    },
-                ),
-                "alpha": (
-                    "FLOAT",
-                    {
-                        "default": 0.25,
-                        "min": 0.0,
-                        "max": 10.0,
-                        "step": 0.05,
-                        "tooltip": "Power schedule exponent: the noise is s * t^alpha with t normalized to [0, 1] "
-                        "(1 = pure noise). 0 = the paper's constant schedule. The paper: 0.25 for text-conditional "
-                        "SD, 1 on DiT.",
-                    },
-                ),
-                "t_min": (
-                    "FLOAT",
-                    {
-                        "default": 400.0,
-                        "min": 0.0,
-                        "max": 1000.0,
-                        "step": 1.0,
-                        "tooltip": "Lower end of the window (0-1000 time-step scale, 1000 = pure noise); outside the "
-                        "window no extra pass runs. The paper: 400-1000 for text-conditional SD, 100-900 "
-                        "unconditional.",
-                    },
-                ),
-                "t_max": (
-                    "FLOAT",
-                    {
-                        "default": 1000.0,
-                        "min": 0.0,
-                        "max": 1000.0,
-                        "step": 1.0,
-                        "tooltip": "Upper end of the window (0-1000 scale, t = 1000 x (1 - the model's sampling "
-                        "percent)). Must not be below t_min.",
-                    },
-                ),
-                "first_n_blocks": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 1000,
-                        "tooltip": "Perturb only the first N blocks (DiT: in forward order, Flux/HunyuanVideo double "
-                        "then single; UNet: the first N ResBlocks of both encoder and decoder). 0 = all. The "
-                        "paper's DiT ablation was best at 10. More than the model has is an error.",
-                    },
-                ),
-                "std_scaling": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "Scale the noise by the std of the embedding (per sample), as the paper does by "
-                        "default. Off: the noise is s * t^alpha * N(0, I) in absolute units.",
-                    },
-                ),
-                "seed": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": MAX_SEED,
-                        "tooltip": "Seed of the embedding noise (one draw per step, from this seed and the step "
-                        "index; shared by every perturbed block).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, noise_scale=None, alpha=None, t_min=None, t_max=None):
-        try:
-            for name, value, high in (
-                ("scale", scale, 100.0),
-                ("noise_scale", noise_scale, 100.0),
-                ("alpha", alpha, 10.0),
-                ("t_min", t_min, 1000.0),
-                ("t_max", t_max, 1000.0),
-            ):
-                if value is not None:
-                    toolkit.check_range(NODE, name, value, 0.0, high)
-            if t_min is not None and t_max is not None and t_min > t_max:
-                raise toolkit.GuidanceInputError(
-                    NODE,
-                    "t_min",
-                    f"must not exceed t_max (valid: 0 <= t_min <= t_max <= 1000), got {t_min} > {t_max}",
-                )
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(
         self,

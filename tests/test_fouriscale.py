@@ -328,3 +328,22 @@ def test_tiny_deep_sd15_is_detected_as_sd15(comfy_host):
     detected = comfy.model_detection.detect_unet_config(tiny_models.state_dict("sd15_deep"), "")
     assert detected == tiny_models.FAMILIES["sd15_deep"].config
     assert type(cached_model("sd15_deep").model.model_config).__name__ == "SD15"
+
+
+def test_a_size_that_cannot_fit_is_refused_before_sampling_with_the_estimate(pack, monkeypatch):
+    fsn = pack.nodes.fouriscale
+    error = pack.nodes.toolkit.GuidanceInputError
+    limit = pack.nodes.host.inputs.MEMORY_LIMIT_ENV
+    model = cached_model("sd15_deep")
+    # the declared max cannot fit on any machine: refused by the default limit (the device's memory)
+    with pytest.raises(
+        error, match=f"FouriScale: input 'width' asks for more memory.*16384x16384.*GiB.*{limit}"
+    ):
+        fsn.apply_fouriscale(model, fsn.MAX_SIZE, fsn.MAX_SIZE)
+    fsn.apply_fouriscale(model, 64, 64, base_resolution=32)
+    monkeypatch.setenv(limit, "0.00001")
+    with pytest.raises(error, match=f"64x64 \\(per image\\) needs an estimated .* GiB.*{limit}=0.00001"):
+        fsn.apply_fouriscale(model, 64, 64, base_resolution=32)
+    monkeypatch.setenv(limit, "lots")
+    with pytest.raises(error, match=f"input '{limit}' \\(environment variable\\) must be a number"):
+        fsn.apply_fouriscale(model, 64, 64, base_resolution=32)

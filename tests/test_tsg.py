@@ -9,21 +9,16 @@ from fg_testing.prompts import tiny_txt2img
 from fg_testing.test_nodes import cached_model
 
 FAMILIES = [f for f in tiny_models.ALL_FAMILIES if f != "sd15_inpaint"]
-DEFAULTS = {
-    "scale": 4.0,
-    "noise_scale": 3.0,
-    "alpha": 0.25,
-    "t_min": 400.0,
-    "t_max": 1000.0,
-    "first_n_blocks": 0,
-    "std_scaling": True,
-    "seed": 0,
-}
+
+
+def defaults() -> dict:
+    """TSG's declared defaults, the widget values of a new node."""
+    return host.init_host().pack.nodes.tsg.INPUTS.defaults()
 
 
 def tsg_node(**overrides):
     def patch(g, model):
-        return g.node("FreeGuidanceTSG", model=model, **{**DEFAULTS, **overrides})
+        return g.node("FreeGuidanceTSG", model=model, **{**defaults(), **overrides})
 
     return patch
 
@@ -280,7 +275,7 @@ REACH = [(f, n) for f in ["sd3", "flux", "wan21_2layer", "ltxv_2layer", "hunyuan
 def test_dit_perturbation_reaches_exactly_the_first_n_blocks(pack, family, first_n):
     model = cached_model(family)
     observed, seen, keys = observe_dit(pack, model)
-    settings = {**DEFAULTS, "seed": 11, "t_min": 0.0}
+    settings = {**defaults(), "seed": 11, "t_min": 0.0}
     patched = pack.nodes.tsg.apply_tsg(observed, **{**settings, "first_n_blocks": first_n})
     batch, steps = 2, 2
     out = sampling.ksample(patched, family, steps=steps, cfg=1.0, batch=batch)
@@ -366,7 +361,7 @@ def test_unet_whole_model_delta_is_the_formula_on_the_time_embedding(pack):
     ms = model.get_model_object("model_sampling")
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
-    settings = {**DEFAULTS, "seed": 5, "alpha": 1.0, "noise_scale": 2.0}
+    settings = {**defaults(), "seed": 5, "alpha": 1.0, "noise_scale": 2.0}
     for step, sigma in enumerate(sampling.sigmas_for(model, 2)[:-1]):
         timesteps = ms.timestep(sigma).reshape(1).float()
         with torch.no_grad():
@@ -535,7 +530,7 @@ def test_bad_numbers_fail_validation_before_sampling(pack, comfy_host, overrides
     with pytest.raises(
         pack.nodes.toolkit.GuidanceInputError, match=f"Time-Step Guidance: input '{bad_input}'"
     ):
-        pack.nodes.tsg.apply_tsg(cached_model("sd15"), **{**DEFAULTS, **overrides})
+        pack.nodes.tsg.apply_tsg(cached_model("sd15"), **{**defaults(), **overrides})
 
 
 def test_bad_first_n_fails_when_the_node_runs_before_the_sampler(run_prompt):
