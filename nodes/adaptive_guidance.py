@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..guidance import adaptive_guidance as ag
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import observer, passes, steps, telemetry
+from .host import observer, passes, skip, steps
 from .host.inputs import Input, Inputs, declare
 
 NODE = "Adaptive Guidance"
@@ -26,6 +26,7 @@ class _RunState:
         self.info = info
         self.switch = ag.AdaptiveSwitch(threshold)
         self.passes = 0
+        self.gamma_min: float | None = None
         observer.emit("adaptive_guidance_run", switch=self.switch)
 
     def step(self, sigma) -> int:
@@ -56,26 +57,26 @@ def apply_adaptive_guidance(model, threshold: float, start_percent: float = 0.0,
         # Only a real unconditional evaluation tells anything: an inner skip wrapper (CFG Interval, LinearAG)
         # may have filled the slot with D_c or an estimate.
         if skipped or not passes.uncond_evaluated(out):
-            telemetry.record(
-                ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
-            )
             return
         gammas = ag.noise_cosine(ctx.x, out[0], out[1])
         state.switch.observe(state.step(ctx.sigma), gammas, allowed=window.contains(ctx.step))
-        telemetry.record(
-            ctx.model_options,
-            node_id,
-            sigma=ctx.sigma,
-            ran=["cond", "uncond"],
-            scale=telemetry.run_cfg(ctx.model_options, node_id),
-            cosine_x0=telemetry.cosine(out[0], out[1]),
-            # AG's own γ: the noise-space cosine, the batch minimum (the batch switches when its least converged
-            # sample does)
-            cosine_noise_min=float(gammas.min()),
-        )
+        # AG's own γ: the noise-space cosine, the batch minimum (the batch switches when its least converged
+        # sample does)
+        state.gamma_min = float(gammas.min())
 
-    telemetry.enable(patched, node_id, "Adaptive Guidance")
-    passes.install_uncond_skip(patched, KEY, should_skip, after_pass=after_pass)
+    def fields(ctx: passes.PassContext, outcome: str) -> dict:
+        state = steps.run_state(ctx.model_options, KEY)
+        return {"cosine_noise_min": state.gamma_min} if outcome == "ran" and state is not None else {}
+
+    skip.install_skip(
+        patched,
+        KEY,
+        should_skip,
+        title="Adaptive Guidance",
+        node_id=node_id,
+        after_pass=after_pass,
+        fields=fields,
+    )
     return patched
 
 

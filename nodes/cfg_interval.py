@@ -7,7 +7,7 @@ and CFG returns the conditional prediction, which is the paper's weight 1.
 from __future__ import annotations
 
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import passes, steps, telemetry
+from .host import passes, skip, steps
 from .host.inputs import Input, Inputs, declare, ordered
 
 NODE = "CFG Interval"
@@ -26,26 +26,7 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=
     def outside_interval(ctx: passes.PassContext) -> bool:
         return not interval.contains(ctx.step)
 
-    def after_pass(ctx: passes.PassContext, outputs, skipped: bool) -> None:
-        # A skip wrapper inside this one (another node) may have filled the uncond slot instead of evaluating it.
-        if skipped or not passes.uncond_evaluated(outputs):
-            telemetry.record(
-                ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
-            )
-        else:
-            telemetry.record(
-                ctx.model_options,
-                node_id,
-                sigma=ctx.sigma,
-                ran=["cond", "uncond"],
-                scale=telemetry.run_cfg(ctx.model_options, node_id),
-                cosine_x0=telemetry.cosine(outputs[0], outputs[1]),
-            )
-
-    telemetry.enable(patched, node_id, "CFG Interval")
-    passes.install_uncond_skip(
-        patched, KEY, outside_interval, after_pass=after_pass if node_id is not None else None
-    )
+    skip.install_skip(patched, KEY, outside_interval, title="CFG Interval", node_id=node_id)
     return patched
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..guidance import cfg_schedule
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import observer, passes, steps, telemetry
+from .host import observer, passes, skip, steps
 from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "CFG Schedule"
@@ -81,37 +81,15 @@ def apply_cfg_schedule(
             return out
         return [cfg_schedule.rescale_cond(out[0], out[1], cfg, target), *out[1:]]
 
-    def after_pass(ctx: passes.PassContext, out: list, skipped: bool) -> None:
+    def fields(ctx: passes.PassContext, outcome: str) -> dict:
         state = steps.run_state(ctx.model_options, KEY)
         if state is None:
-            return
+            return {}
         scheduled = weight(state, state.info.cfg, ctx.sigma)
-        if skipped or not passes.uncond_evaluated(out):
-            # weight 1 here, or an inner skip wrapper (another node) left the step conditional-only
-            telemetry.record(
-                ctx.model_options,
-                node_id,
-                sigma=ctx.sigma,
-                ran=["cond"],
-                skipped=["uncond"],
-                scale=1.0,
-                scheduled=scheduled,
-            )
-        else:
-            telemetry.record(
-                ctx.model_options,
-                node_id,
-                sigma=ctx.sigma,
-                ran=["cond", "uncond"],
-                scale=scheduled,
-                cosine_x0=telemetry.cosine(out[0], out[1]),
-                scheduled=scheduled,
-            )
+        # conditional-only steps (weight 1, or an inner skip wrapper) keep scale 1
+        return {"scale": scheduled, "scheduled": scheduled} if outcome == "ran" else {"scheduled": scheduled}
 
-    telemetry.enable(patched, node_id, "CFG Schedule")
-    passes.install_uncond_skip(
-        patched, KEY, should_skip, after_pass=after_pass if node_id is not None else None
-    )
+    skip.install_skip(patched, KEY, should_skip, title="CFG Schedule", node_id=node_id, fields=fields)
     passes.add_pre_cfg(patched, pre_cfg)
     return patched
 

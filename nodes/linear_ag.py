@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..guidance import linear_ag
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import observer, passes, steps, telemetry
+from .host import observer, passes, skip, steps, telemetry
 from .host.inputs import Input, Inputs, declare
 
 NODE = "LinearAG"
@@ -53,35 +53,25 @@ def apply_linear_ag(model, end_percent: float = 0.5, *, node_id=None):
         if state is None:
             return
         real = not skipped and passes.uncond_evaluated(out)
-        _record(ctx, out, skipped, real)
         if ctx.sigma_float > 0:
             state.lag.record(ctx.x, ctx.sigma_float, out[0], out[1], real)
 
-    def _record(ctx: passes.PassContext, out: list, skipped: bool, real: bool) -> None:
-        if node_id is None:
-            return
-        options, cfg = ctx.model_options, telemetry.run_cfg(ctx.model_options, node_id)
-        if real:
-            cosine = telemetry.cosine(out[0], out[1])
-            telemetry.record(
-                options, node_id, sigma=ctx.sigma, ran=["cond", "uncond"], scale=cfg, cosine_x0=cosine
-            )
-        elif skipped:
-            # CFG runs at full scale with the regressed estimate in the unconditional slot.
-            telemetry.record(
-                options,
-                node_id,
-                sigma=ctx.sigma,
-                ran=["cond"],
-                skipped=["uncond"],
-                scale=cfg,
-                uncond="estimated",
-            )
-        else:  # an inner skip wrapper (another node) filled the slot: conditional-only
-            telemetry.record(options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0)
+    def fields(ctx: passes.PassContext, outcome: str) -> dict:
+        # skipped here: CFG runs at full scale with the regressed estimate in the unconditional slot
+        if outcome == "skipped":
+            return {"scale": telemetry.run_cfg(ctx.model_options, node_id), "uncond": "estimated"}
+        return {}
 
-    telemetry.enable(patched, node_id, "LinearAG")
-    passes.install_uncond_skip(patched, KEY, should_skip, fill=fill, after_pass=after_pass)
+    skip.install_skip(
+        patched,
+        KEY,
+        should_skip,
+        title="LinearAG",
+        node_id=node_id,
+        fill=fill,
+        after_pass=after_pass,
+        fields=fields,
+    )
     return patched
 
 

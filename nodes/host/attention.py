@@ -206,14 +206,21 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
                 )
             return passes.call_attention(func, previous, q, *a[1:], **kw)
 
-        block_options = {"transformer_options": dict(args["transformer_options"])}
-        passes.chain_attention_override(block_options, override)
-        inner = dict(args, transformer_options=block_options["transformer_options"])
-        if previous is not None:
-            return previous(inner, extra)
-        return extra["original_block"](inner)
+        return run_with_override(args, extra, previous, override)
 
     return run_block
+
+
+def run_with_override(args: dict, extra: dict, previous, override: Callable) -> dict:
+    """Run a DiT block (or the replace ``previous`` installed at its key) with ``override`` as the runtime
+    attention override of this block only (a shallow copy of its ``transformer_options``), chained to any
+    override already there."""
+    block_options = {"transformer_options": dict(args["transformer_options"])}
+    passes.chain_attention_override(block_options, override)
+    inner = dict(args, transformer_options=block_options["transformer_options"])
+    if previous is not None:
+        return previous(inner, extra)
+    return extra["original_block"](inner)
 
 
 def text_length_recorder(state: PassState, previous):
@@ -376,12 +383,7 @@ def _dit_observer(
             callback(SelfAttention(key, chunks, q, k, state.grid, state.grid, span, mask))
             return out
 
-        block_options = {"transformer_options": dict(block_transformer_options)}
-        passes.chain_attention_override(block_options, override)
-        inner = dict(args, transformer_options=block_options["transformer_options"])
-        if previous_block is not None:
-            return previous_block(inner, extra)
-        return extra["original_block"](inner)
+        return run_with_override(args, extra, previous_block, override)
 
     return run_block
 
