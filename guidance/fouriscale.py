@@ -153,7 +153,7 @@ def dilated_conv2d(
 
 
 def nearest_upsample(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """Zero-order hold: every pixel repeated ``factor × factor`` times."""
+    """Zero-order hold: every pixel repeated ``factor × factor`` times. Specification only: the tests compare the node with it; the node does not call it."""
     return x.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
