@@ -15,29 +15,28 @@ It prints a Markdown table (the one in the README).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fg_testing import gmm, host, sampling  # noqa: E402
-from fg_testing.test_nodes import cached_model  # noqa: E402
+from fg_testing import gmm, host, sampling
+from fg_testing.test_nodes import cached_model
 
 
-def variants(pack, threshold: float):
+def variants(pack, threshold: float | None):
     nodes = pack.nodes
+    if threshold is None:  # the node's declared default
+        threshold = nodes.adaptive_guidance.INPUTS["threshold"].default
+    end_percent = nodes.linear_ag.INPUTS["end_percent"].default
     return [
         ("plain CFG", lambda m: m),
         (
             f"Adaptive Guidance (γ̄ = {threshold})",
             lambda m: nodes.adaptive_guidance.apply_adaptive_guidance(m, threshold),
         ),
-        ("LinearAG (first half, online fit)", lambda m: nodes.linear_ag.apply_linear_ag(m, 0.5)),
+        ("LinearAG (first half, online fit)", lambda m: nodes.linear_ag.apply_linear_ag(m, end_percent)),
         (
             "LinearAG + Adaptive Guidance",
             lambda m: nodes.adaptive_guidance.apply_adaptive_guidance(
-                nodes.linear_ag.apply_linear_ag(m, 0.5), threshold
+                nodes.linear_ag.apply_linear_ag(m, end_percent), threshold
             ),
         ),
         (
@@ -55,7 +54,7 @@ def bench_family(pack, family: str, steps: int, repeats: int, threshold: float, 
     """Round-robin over the variants, ``repeats`` times, keeping each variant's best time: background load on
     a shared machine then hits every variant alike instead of whichever ran during a burst."""
     counted = cached_model(family).clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     models = [(name, make(counted)) for name, make in variants(pack, threshold)]
     for _, model in models:  # warm-up: weights loaded, kernels chosen, every code path run once
         sampling.ksample(model, family, steps=2, batch=batch)
@@ -86,7 +85,7 @@ def bench_mixture(pack, steps: int, threshold: float):
     rows = []
     mixture = gmm.GaussianMixture.make(classes=3, dim=gmm.dim_of("sd15"), separation=3.0, std=0.5)
     counted = gmm.gmm_model("sd15", mixture)
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     base_time, base = None, None
     for name, make in variants(pack, threshold):
         start = time.perf_counter()
@@ -107,7 +106,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threshold", type=float, default=0.991)
+    parser.add_argument("--threshold", type=float, default=None, help="default: the node's default")
     parser.add_argument("--families", default="sd15,wan21")
     args = parser.parse_args()
 

@@ -13,15 +13,11 @@ them alike; the table shows the median time per step and its ratio to plain CFG 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-from fg_testing import host, sampling  # noqa: E402
-from fg_testing.test_nodes import cached_model  # noqa: E402
+from fg_testing import host, sampling
+from fg_testing.test_nodes import cached_model
 
 
 def configurations(pack, family):
@@ -47,7 +43,7 @@ def configurations(pack, family):
             configs[f"STG-R, {how}"] = lambda m, b=batched: stg.apply_stg(
                 m, 3.0, "STG-R (skip block)", blocks, batched=b
             )
-    configs["SAG"] = lambda m: sag.apply_sag(m, 0.5, 2.0, 1.0, "auto")
+    configs["SAG"] = lambda m: sag.apply_sag(m, **sag.INPUTS.defaults())  # core SAG's 0.5 and 2.0
     if family == "sd15":
         core_sag = nodes.NODE_CLASS_MAPPINGS["SelfAttentionGuidance"]
         configs["core SAG"] = lambda m: core_sag.execute(m, 0.5, 2.0).result[0]

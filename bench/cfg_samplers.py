@@ -16,15 +16,11 @@ models have random weights: the numbers are costs, not quality.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-
-from fg_testing import host, sampling  # noqa: E402
-from fg_testing.test_nodes import cached_model  # noqa: E402
+from fg_testing import host, sampling
+from fg_testing.test_nodes import cached_model
 
 
 def configurations(pack):
@@ -75,7 +71,7 @@ def bench_family(pack, family, args):
     prepared = {}
     for name, (patch, sampler, cfg) in configurations(pack).items():
         counted = base.clone()
-        counter = pack.nodes.toolkit.EvalCounter.install(counted)
+        counter = pack.nodes.host.counter.EvalCounter.install(counted)
         prepared[name] = (patch(counted), counter, sampler, cfg)
     sigmas = sampling.sigmas_for(base, args.steps)
     times = {name: [] for name in prepared}

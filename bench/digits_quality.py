@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from fg_testing import host as fg_host
+from fg_testing import reference
+from fg_testing.reference import Technique
 
-from fg_testing import host as fg_host  # noqa: E402
-from fg_testing import reference  # noqa: E402
-from fg_testing.reference import Technique  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BASELINE_CFG = 2.0  # the CFG scale the other techniques are compared with (lowest FD of the CFG sweep)
 

@@ -21,13 +21,10 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import torch  # noqa: E402
-from fg_testing import host, sampling  # noqa: E402
-from fg_testing.test_nodes import cached_model  # noqa: E402
+import torch
+from fg_testing import host, sampling
+from fg_testing.test_nodes import cached_model
 
 FAMILIES = {"sd15_deep": "SD1.5 (tiny, full layout)", "sdxl": "SDXL (tiny)"}
 LATENT, BASE_PX = 16, 64  # 2x native
@@ -77,7 +74,7 @@ def methods(pack, model):
     import comfy_extras.nodes_model_downscale as downscale
 
     fouriscale = pack.nodes.fouriscale.apply_fouriscale(
-        model, LATENT * 8, LATENT * 8, base_resolution=BASE_PX, start=0.4, stop=0.7
+        model, LATENT * 8, LATENT * 8, base_resolution=BASE_PX
     )
     shrink = downscale.PatchModelAddDownscale.execute(model, 3, 2.0, 0.0, 0.35, True, "bicubic", "bicubic")
     shrink = shrink.result[0] if hasattr(shrink, "result") else shrink[0]

@@ -96,9 +96,9 @@ def format_telemetry(records: list[dict]) -> str:
             f"telemetry: node {record.get('node')} ({record.get('title', '')}): {len(steps)} evaluations of the "
             f"guided model, {skipped} with a skipped pass"
         )
-        lines.append("   #      sigma  ran                 skipped       scale  cosine  evals")
+        lines.append("   #      sigma  ran                 skipped       scale  cos_x0  evals")
         for index, step in enumerate(steps):
-            cosine = step.get("cosine")
+            cosine = step.get("cosine_x0")
             scale = step.get("scale")
             lines.append(
                 f"  {index:2d} {step.get('sigma', 0.0):10.4f}  {','.join(step.get('ran', [])):18s}  "

@@ -71,7 +71,7 @@ class AdaptiveSwitch:
 def guided_prediction(
     cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float, cond_only: bool
 ) -> torch.Tensor:
-    """The step's prediction: CFG ``D_u + w(D_c − D_u)`` before the switch, ``D_c`` after it."""
+    """The step's prediction: CFG ``D_u + w(D_c − D_u)`` before the switch, ``D_c`` after it. Specification only: the tests compare the node with it; the node does not call it."""
     if cond_only or uncond is None:
         return cond
     return uncond + (cond - uncond) * cfg

@@ -15,19 +15,19 @@ import torch
 
 
 def in_interval(sigma: float, sigma_start: float, sigma_end: float) -> bool:
-    """True when ``sigma_end <= sigma <= sigma_start`` (sigma decreases during sampling)."""
+    """True when ``sigma_end <= sigma <= sigma_start`` (sigma decreases during sampling). Specification only: the tests compare the node with it; the node does not call it."""
     return sigma_end <= sigma <= sigma_start
 
 
 def interval_weight(sigma: float, cfg: float, sigma_start: float, sigma_end: float) -> float:
-    """The paper's piecewise weight: ``cfg`` inside the interval, 1 (conditional only) outside."""
+    """The paper's piecewise weight: ``cfg`` inside the interval, 1 (conditional only) outside. Specification only: the tests compare the node with it; the node does not call it."""
     return cfg if in_interval(sigma, sigma_start, sigma_end) else 1.0
 
 
 def guided_prediction(
     cond: torch.Tensor, uncond: torch.Tensor, sigma: float, cfg: float, sigma_start: float, sigma_end: float
 ) -> torch.Tensor:
-    """``D_u + w(σ)(D_c − D_u)`` with the interval weight; outside the interval this is exactly ``D_c``."""
+    """``D_u + w(σ)(D_c − D_u)`` with the interval weight; outside the interval this is exactly ``D_c``. Specification only: the tests compare the node with it; the node does not call it."""
     if not in_interval(sigma, sigma_start, sigma_end):
         return cond
     return uncond + (cond - uncond) * cfg

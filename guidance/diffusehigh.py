@@ -22,8 +22,12 @@ computed by the same transform. Pure torch; no ComfyUI import.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from . import filters
 
 # Daubechies 4 (8 taps) scaling filter, the low-pass analysis filter in the order of PyWavelets' "db4" dec_lo
 # reversed (i.e. its reconstruction filter rec_lo). Checked by the tests: unit norm, orthogonal to its even
@@ -105,21 +109,9 @@ def replace_low_band(x: torch.Tensor, reference_ll: torch.Tensor) -> torch.Tenso
     return idwt2(reference_ll.to(torch.float64), highs, tuple(x.shape[-2:])).to(x.dtype)
 
 
-def gaussian_kernel(size: int, sigma: float, dtype=torch.float32) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    return (kernel / kernel.sum()).to(dtype)
-
-
 def gaussian_blur(image: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflect padding."""
-    kernel = gaussian_kernel(size, sigma, image.dtype).to(image.device)
-    channels = image.shape[1]
-    pad = size // 2
-    out = F.pad(image, (pad, pad, 0, 0), mode="reflect")
-    out = F.conv2d(out, kernel.view(1, 1, 1, size).repeat(channels, 1, 1, 1), groups=channels)
-    out = F.pad(out, (0, 0, pad, pad), mode="reflect")
-    return F.conv2d(out, kernel.view(1, 1, size, 1).repeat(channels, 1, 1, 1), groups=channels)
+    return filters.separable_blur(image, filters.gaussian_taps(sigma, size, image.dtype, image.device))
 
 
 def sharpen(image: torch.Tensor, alpha: float, sigma: float, size: int = 3) -> torch.Tensor:
@@ -157,3 +149,55 @@ def renoise_sigmas(sigmas: torch.Tensor, noising_steps: int) -> torch.Tensor:
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """``x + (x − x̂0)/σ · (σ_next − σ)``."""
     return x + (x - denoised) / sigma * (sigma_next - sigma)
+
+
+def run_stages(
+    latent: torch.Tensor,
+    sizes: list,
+    tail: torch.Tensor,
+    *,
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    noise_scaling: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    sharpen_amount: float,
+    structure_steps: int,
+    guidance_space: str,
+    generator: torch.Generator,
+    on_step: Callable[..., None] | None = None,
+) -> torch.Tensor:
+    """DiffuseHigh's stage loop (Kim et al. 2025, Alg. 1): per stage, upscale the decoded image to the stage's
+    size, sharpen it (blur σ drawn from U(0.1, 2)), encode, re-noise to ``tail[0]`` and run Euler steps along
+    ``tail``; during the first ``structure_steps`` steps the estimate's DWT low band is replaced by the
+    reference's (in image or latent space). The model and codec are injected: ``denoise(z, sigma)`` (the
+    guided x0 prediction), ``decode``/``encode`` (model latent ↔ (B, C, H, W) image in [0, 1]) and
+    ``noise_scaling(sigma, noise, z)``. ``on_step(stage, index, sigma, z, denoised, structure)`` sees every step.
+    """
+
+    def guide(denoised, reference_ll):
+        if guidance_space == "latent":
+            return replace_low_band(denoised, reference_ll)
+        return encode(replace_low_band(decode(denoised), reference_ll))
+
+    z = latent
+    for stage, (stage_h, stage_w) in enumerate(sizes, start=1):
+        reference = upscale(decode(z), stage_h, stage_w)
+        blur_sigma = 0.1 + 1.9 * float(torch.rand((), generator=generator))
+        reference = sharpen(reference, sharpen_amount, blur_sigma)
+        z = encode(reference)
+        reference_ll = dwt2(z if guidance_space == "latent" else reference)[0]
+        if len(tail) < 2:
+            continue
+        noise = torch.randn(z.shape, generator=generator).to(z)
+        z = noise_scaling(tail[0].to(z), noise, z)
+        s_in = z.new_ones([z.shape[0]])
+        for i in range(len(tail) - 1):
+            sigma, sigma_next = tail[i], tail[i + 1]
+            denoised = denoise(z, sigma * s_in)
+            structure = i < structure_steps
+            if structure:
+                denoised = guide(denoised, reference_ll)
+            if on_step is not None:
+                on_step(stage, i, sigma, z, denoised, structure)
+            z = euler_step(z, denoised, sigma, sigma_next)
+    return z

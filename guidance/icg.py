@@ -23,7 +23,7 @@ import torch
 
 
 def icg_prediction(cond: torch.Tensor, independent: torch.Tensor, w: float) -> torch.Tensor:
-    """``D(ŷ) + w·(D(y) − D(ŷ))``; with ŷ the real negative this is exactly CFG."""
+    """``D(ŷ) + w·(D(y) − D(ŷ))``; with ŷ the real negative this is exactly CFG. Specification only: the tests compare the node with it; the node does not call it."""
     return independent + (cond - independent) * w
 
 

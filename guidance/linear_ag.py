@@ -65,10 +65,10 @@ def predict(features: torch.Tensor, beta: torch.Tensor, like: torch.Tensor) -> t
 class OnlineLinearAG:
     """Online LinearAG for one sampling run.
 
-    Feed every step with ``record(step, x, sigma, cond, uncond, real)``; ``estimate(x, sigma, cond)`` gives
-    the regressed unconditional *denoised* prediction for a step whose uncond pass was skipped (None while no
-    fit exists). ``pattern`` decides which steps are regressed: the paper alternates real and regressed steps
-    in the first half of sampling.
+    Feed every step with ``record(x, sigma, cond, uncond, real)``; once ``can_estimate()`` (a fit and a previous
+    step exist), ``estimate(x, sigma, cond)`` gives the regressed unconditional *denoised* prediction for a step
+    whose uncond pass is skipped. Which steps are regressed is ``regressed(step, end_step)``: the paper
+    alternates real and regressed steps in the first part of sampling.
     """
 
     beta: torch.Tensor | None = None

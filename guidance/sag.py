@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import filters
+
 KERNEL_SIZE = 9  # ComfyUI core's and diffusers' kernel (the official ADM code uses 31 on pixels)
 _CHUNK_ELEMENTS = 1 << 24  # logits materialised at once while summing the attention mass
 
@@ -94,13 +96,7 @@ def upsample_mask(mask: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     return F.interpolate(mask, size=tuple(size), mode="nearest")
 
 
-def gaussian_taps(sigma: float, size: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps over ``linspace(−(size−1)/2, (size−1)/2, size)``."""
-    if sigma <= 0 or size <= 1:
-        return torch.ones(1, dtype=dtype, device=device)
-    x = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, dtype=torch.float64)
-    taps = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (taps / taps.sum()).to(dtype=dtype, device=device)
+gaussian_taps = filters.gaussian_taps
 
 
 def fitted_kernel_size(size: int, height: int, width: int) -> int:
@@ -119,14 +115,8 @@ def gaussian_blur(image: torch.Tensor, sigma: float, kernel_size: int = KERNEL_S
     size = fitted_kernel_size(kernel_size, height, width)
     if sigma <= 0 or size == 1:
         return image
-    taps = gaussian_taps(sigma, size, dtype=torch.float32, device=image.device)
-    flat = image.float().reshape(-1, 1, height, width)
-    pad = size // 2
-    flat = F.pad(flat, (pad, pad, 0, 0), mode="reflect")
-    flat = F.conv2d(flat, taps.view(1, 1, 1, size))
-    flat = F.pad(flat, (0, 0, pad, pad), mode="reflect")
-    flat = F.conv2d(flat, taps.view(1, 1, size, 1))
-    return flat.reshape(image.shape).to(image.dtype)
+    taps = filters.gaussian_taps(sigma, size, dtype=torch.float32, device=image.device)
+    return filters.separable_blur(image.float(), taps).to(image.dtype)
 
 
 def degrade(denoised: torch.Tensor, mask: torch.Tensor, sigma: float, kernel_size: int = KERNEL_SIZE):

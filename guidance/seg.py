@@ -18,7 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from . import filters
 
 INFINITE_SIGMA = 9999.0
 
@@ -38,28 +39,15 @@ def kernel_size(sigma: float, length: int | None = None) -> int:
     return max(size, 1)
 
 
-def gaussian_kernel(sigma: float, size: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps of odd ``size`` (a single tap of 1 for size 1)."""
-    if size == 1 or sigma <= 0:
-        return torch.ones(1, dtype=dtype, device=device)
-    x = torch.linspace(-(size - 1) / 2, (size - 1) / 2, size, dtype=torch.float64)
-    taps = torch.exp(-(x**2) / (2 * sigma**2))
-    return (taps / taps.sum()).to(dtype=dtype, device=device)
+gaussian_kernel = filters.gaussian_taps
 
 
 def _blur_axis(grid: torch.Tensor, axis: int, sigma: float) -> torch.Tensor:
     """Blur ``grid`` (B, C, *spatial) along one spatial ``axis`` (index into the full tensor)."""
-    length = grid.shape[axis]
-    size = kernel_size(sigma, length)
-    if size == 1:
-        return grid
-    taps = gaussian_kernel(sigma, size, dtype=grid.dtype, device=grid.device)
-    moved = grid.movedim(axis, -1)
-    shape = moved.shape
-    rows = moved.reshape(-1, 1, length)
-    rows = F.pad(rows, (size // 2, size // 2), mode="reflect")
-    rows = F.conv1d(rows, taps.view(1, 1, size))
-    return rows.reshape(shape).movedim(-1, axis)
+    size = kernel_size(sigma, grid.shape[axis])
+    return filters.blur_axis(
+        grid, axis, filters.gaussian_taps(sigma, size, dtype=grid.dtype, device=grid.device)
+    )
 
 
 def blur_tokens(tokens: torch.Tensor, grid: tuple[int, ...], sigma: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ T_SCALE = 1000.0
 
 
 def in_window(t: float, t_min: float, t_max: float) -> bool:
-    """The paper's window, closed at both ends: ``t_min <= t <= t_max`` (0–1000 scale)."""
+    """The paper's window, closed at both ends: ``t_min <= t <= t_max`` (0–1000 scale). Specification only: the tests compare the node with it; the node does not call it."""
     return t_min <= t <= t_max
 
 
@@ -70,12 +70,12 @@ def perturbation(
 def perturb_embedding(
     emb: torch.Tensor, noise: torch.Tensor, s: float, t_normalized: float, alpha: float, std_scaling: bool
 ) -> torch.Tensor:
-    """``t̃_emb = t_emb + s · t^α · std(t_emb) · n``."""
+    """``t̃_emb = t_emb + s · t^α · std(t_emb) · n``. Specification only: the tests compare the node with it; the node does not call it."""
     return emb + perturbation(emb, noise, s, t_normalized, alpha, std_scaling)
 
 
 def tsg_prediction(perturbed: torch.Tensor, cond: torch.Tensor, w: float) -> torch.Tensor:
-    """The paper's ``D(t̃) + w·(D(t) − D(t̃))``."""
+    """The paper's ``D(t̃) + w·(D(t) − D(t̃))``. Specification only: the tests compare the node with it; the node does not call it."""
     return perturbed + (cond - perturbed) * w
 
 

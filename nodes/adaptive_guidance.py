@@ -1,10 +1,10 @@
 """Adaptive Guidance node (Castillo et al., AAAI 2025): a MODEL patch that works in the plain KSampler.
 
-A chainable CALC_COND_BATCH wrapper (``toolkit.install_uncond_skip``) measures γ = cos(x − D_c, x − D_u) per
+A chainable CALC_COND_BATCH wrapper (``passes.install_uncond_skip``) measures γ = cos(x − D_c, x − D_u) per
 sample after every step on which both passes really ran; from the step after the whole batch converged, it
 drops the unconditional pass (the network is not evaluated) and fills its slot with ``D_c``, so CFG, post-CFG
 nodes and CFG++ samplers all see the conditional prediction. The switch state lives in the run's own
-``transformer_options`` (``toolkit.install_run_state``) and is made fresh for every sampling run.
+``transformer_options`` (``steps.install_run_state``) and is made fresh for every sampling run.
 
 A GUIDER form is not offered: the MODEL patch already works with SamplerCustomAdvanced (through CFGGuider) and
 stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
@@ -13,73 +13,108 @@ stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
 from __future__ import annotations
 
 from ..guidance import adaptive_guidance as ag
-from . import telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
+from .host import observer, passes, skip, steps
+from .host.inputs import Input, Inputs, declare
 
 NODE = "Adaptive Guidance"
-KEY = toolkit.KEY_PREFIX + "adaptive_guidance"
-THRESHOLD_RANGE = (-1.0, 1.01)
+KEY = passes.KEY_PREFIX + "adaptive_guidance"
 
 
 class _RunState:
-    def __init__(self, info: toolkit.RunInfo, threshold: float, trace: list | None):
+    def __init__(self, info: steps.RunInfo, threshold: float):
         self.info = info
         self.switch = ag.AdaptiveSwitch(threshold)
         self.passes = 0
-        if trace is not None:
-            trace.append(self.switch)
+        self.gamma_min: float | None = None
+        observer.emit("adaptive_guidance_run", switch=self.switch)
 
     def step(self, sigma) -> int:
         return self.info.step_index(sigma) if self.info.sigmas else self.passes
 
 
-def apply_adaptive_guidance(
-    model, threshold: float, start_percent: float = 0.0, *, trace: list | None = None, node_id=None
-):
+def apply_adaptive_guidance(model, threshold: float, start_percent: float = 0.0, *, node_id=None):
     """Return a clone of ``model`` that switches to conditional-only steps once CFG has converged.
 
-    ``trace``: an optional list; every sampling run appends its ``AdaptiveSwitch`` (γ history, switch step).
+    Every sampling run emits its ``AdaptiveSwitch`` (γ history, switch step) to the observer.
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
-    threshold = toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-    start_percent = toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
+    threshold, start_percent = INPUTS.check(threshold=threshold, start_percent=start_percent).values()
     patched = model.clone()
-    window = toolkit.SigmaInterval.from_percent(patched, start_percent, 1.0)
+    window = steps.Window(start_percent, 1.0)
 
-    toolkit.install_run_state(patched, KEY, lambda info: _RunState(info, threshold, trace))
+    steps.install_run_state(patched, KEY, lambda info: _RunState(info, threshold))
 
-    def should_skip(ctx: toolkit.PassContext) -> bool:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def should_skip(ctx: passes.PassContext) -> bool:
+        state = steps.run_state(ctx.model_options, KEY)
         return state is not None and state.switch.cond_only
 
-    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def after_pass(ctx: passes.PassContext, out: list, skipped: bool) -> None:
+        state = steps.run_state(ctx.model_options, KEY)
         if state is None:
             return
         state.passes += 1
         # Only a real unconditional evaluation tells anything: an inner skip wrapper (CFG Interval, LinearAG)
         # may have filled the slot with D_c or an estimate.
-        if skipped or not toolkit.uncond_evaluated(out):
-            telemetry.record(
-                ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
-            )
+        if skipped or not passes.uncond_evaluated(out):
             return
         gammas = ag.noise_cosine(ctx.x, out[0], out[1])
-        state.switch.observe(state.step(ctx.sigma), gammas, allowed=window.contains(ctx.sigma))
-        telemetry.record(
-            ctx.model_options,
-            node_id,
-            sigma=ctx.sigma,
-            ran=["cond", "uncond"],
-            scale=telemetry.run_cfg(ctx.model_options, node_id),
-            cosine=float(gammas.min()),  # the batch switches when its least converged sample does
-        )
+        state.switch.observe(state.step(ctx.sigma), gammas, allowed=window.contains(ctx.step))
+        # AG's own γ: the noise-space cosine, the batch minimum (the batch switches when its least converged
+        # sample does)
+        state.gamma_min = float(gammas.min())
 
-    telemetry.enable(patched, node_id, "Adaptive Guidance")
-    toolkit.install_uncond_skip(patched, KEY, should_skip, after_pass=after_pass)
+    def fields(ctx: passes.PassContext, outcome: str) -> dict:
+        state = steps.run_state(ctx.model_options, KEY)
+        return {"cosine_noise_min": state.gamma_min} if outcome == "ran" and state is not None else {}
+
+    skip.install_skip(
+        patched,
+        KEY,
+        should_skip,
+        title="Adaptive Guidance",
+        node_id=node_id,
+        after_pass=after_pass,
+        fields=fields,
+    )
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "threshold",
+            "FLOAT",
+            "γ̄: switch to conditional-only steps once cos(cond noise, uncond noise) reaches this value for "
+            "every image. The paper uses about 0.991 and explores 0.991-0.996: lower saves more evaluations, "
+            "higher stays closer to CFG. Above 1 it never switches (plain CFG).",
+            default=0.991,
+            min=-1.0,
+            max=1.01,
+            step=0.001,
+        ),
+        Input(
+            "start_percent",
+            "FLOAT",
+            "The earliest point of the denoising process (0 = first step) at which the switch may happen; "
+            "before it, full CFG always runs. The paper has no such limit (0). At the very first, "
+            "noise-dominated steps the cosine can already be near 1 before it dips (seen on this pack's "
+            "analytic test model, not reported by the paper); if images lose the prompt, try 0.2-0.3. To skip "
+            "guidance early instead, use CFG Interval.",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            optional=True,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class AdaptiveGuidance:
     DESCRIPTION = (
         "Adaptive Guidance (Castillo et al., AAAI 2025): classifier-free guidance that stops itself. After each "
@@ -94,54 +129,7 @@ class AdaptiveGuidance:
     OUTPUT_TOOLTIPS = ("The model with adaptive guidance.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 0.991,
-                        "min": THRESHOLD_RANGE[0],
-                        "max": THRESHOLD_RANGE[1],
-                        "step": 0.001,
-                        "tooltip": "γ̄: switch to conditional-only steps once cos(cond noise, uncond noise) "
-                        "reaches this value for every image. The paper uses about 0.991 and explores "
-                        "0.991-0.996: lower saves more evaluations, higher stays closer to CFG. Above 1 it never "
-                        "switches (plain CFG).",
-                    },
-                ),
-            },
-            "optional": {
-                "start_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "The earliest point of the denoising process (0 = first step) at which the "
-                        "switch may happen; before it, full CFG always runs. The paper has no such limit (0). "
-                        "At the very first, noise-dominated steps the cosine can already be near 1 before it "
-                        "dips (seen on this pack's analytic test model, not reported by the paper); if images "
-                        "lose the prompt, try 0.2-0.3. To skip guidance early instead, use CFG Interval.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, threshold=None, start_percent=None):
-        try:
-            if threshold is not None:
-                toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-            if start_percent is not None:
-                toolkit.check_range(NODE, "start_percent", start_percent, 0.0, 1.0)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(self, model, threshold: float, start_percent: float = 0.0, unique_id=None):
         return (apply_adaptive_guidance(model, threshold, start_percent, node_id=unique_id),)

@@ -6,12 +6,12 @@ and CFG returns the conditional prediction, which is the paper's weight 1.
 
 from __future__ import annotations
 
-from ..guidance import cfg_interval
-from . import telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
+from .host import passes, skip, steps
+from .host.inputs import Input, Inputs, declare, ordered
 
 NODE = "CFG Interval"
-KEY = toolkit.KEY_PREFIX + "cfg_interval"
+KEY = passes.KEY_PREFIX + "cfg_interval"
 
 
 def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=None):
@@ -19,36 +19,48 @@ def apply_cfg_interval(model, start_percent: float, end_percent: float, node_id=
 
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
-    start_percent, end_percent = toolkit.check_percent_interval(NODE, start_percent, end_percent)
+    start_percent, end_percent = INPUTS.check(start_percent=start_percent, end_percent=end_percent).values()
     patched = model.clone()
-    interval = toolkit.SigmaInterval.from_percent(patched, start_percent, end_percent)
+    interval = steps.Window(start_percent, end_percent)
 
-    def outside_interval(ctx: toolkit.PassContext) -> bool:
-        return not cfg_interval.in_interval(ctx.sigma_float, interval.sigma_start, interval.sigma_end)
+    def outside_interval(ctx: passes.PassContext) -> bool:
+        return not interval.contains(ctx.step)
 
-    def after_pass(ctx: toolkit.PassContext, outputs, skipped: bool) -> None:
-        # A skip wrapper inside this one (another node) may have filled the uncond slot instead of evaluating it.
-        if skipped or not toolkit.uncond_evaluated(outputs):
-            telemetry.record(
-                ctx.model_options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0
-            )
-        else:
-            telemetry.record(
-                ctx.model_options,
-                node_id,
-                sigma=ctx.sigma,
-                ran=["cond", "uncond"],
-                scale=telemetry.run_cfg(ctx.model_options, node_id),
-                cosine=telemetry.cosine(outputs[0], outputs[1]),
-            )
-
-    telemetry.enable(patched, node_id, "CFG Interval")
-    toolkit.install_uncond_skip(
-        patched, KEY, outside_interval, after_pass=after_pass if node_id is not None else None
-    )
+    skip.install_skip(patched, KEY, outside_interval, title="CFG Interval", node_id=node_id)
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "start_percent",
+            "FLOAT",
+            "Where guidance starts, as a fraction of the denoising process (0 = the first, noisiest step). "
+            "Before it, only the conditional pass runs.",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "end_percent",
+            "FLOAT",
+            "Where guidance ends (1 = the last step). After it, only the conditional pass runs. Must not be "
+            "smaller than start_percent.",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+    ],
+    rules=[ordered("start_percent", "end_percent")],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class CFGInterval:
     DESCRIPTION = (
         "Apply classifier-free guidance only in a limited noise interval (Kynkäänniemi et al., NeurIPS 2024). "
@@ -61,45 +73,7 @@ class CFGInterval:
     OUTPUT_TOOLTIPS = ("The model with guidance limited to the interval.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "start_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Where guidance starts, as a fraction of the denoising process (0 = the first, "
-                        "noisiest step). Before it, only the conditional pass runs.",
-                    },
-                ),
-                "end_percent": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Where guidance ends (1 = the last step). After it, only the conditional pass "
-                        "runs. Must not be smaller than start_percent.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, start_percent=None, end_percent=None):
-        try:
-            if start_percent is not None and end_percent is not None:
-                toolkit.check_percent_interval(NODE, start_percent, end_percent)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(self, model, start_percent: float, end_percent: float, unique_id=None):
         return (apply_cfg_interval(model, start_percent, end_percent, node_id=unique_id),)

@@ -12,12 +12,14 @@ import comfy.model_sampling
 import comfy.samplers
 
 from ..guidance import cfg_pp
-from . import telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from . import toolkit
+from .common import CATEGORY, MODEL, UNIQUE_ID
+from .host import passes, steps, telemetry
+from .host.inputs import COMBO, Input, Inputs, declare
 
 SAMPLER_NODE = "CFG++ Sampler"
 PATCH_NODE = "CFG++ for KSampler Euler"
-PATCH_KEY = toolkit.KEY_PREFIX + "cfg_pp_euler"
+PATCH_KEY = passes.KEY_PREFIX + "cfg_pp_euler"
 
 SOLVERS = ("euler", "euler_ancestral", "ddim", "dpmpp_2m")
 LAMBDA_HELP = (
@@ -26,11 +28,7 @@ LAMBDA_HELP = (
 )
 
 
-def alpha_of(model_sampling):
-    """a(s) of the model: 1 − s for flow (CONST) models, 1 for eps / v models."""
-    if isinstance(model_sampling, comfy.model_sampling.CONST):
-        return cfg_pp.alpha_rf
-    return cfg_pp.alpha_ve
+alpha_of = steps.signal_scale_of
 
 
 def check_lambda(node: str, guider) -> float:
@@ -64,11 +62,11 @@ def sample_cfg_pp(
     scale, the unconditional prediction as the renoise pass and, for the deterministic Euler/DDIM update, the
     plain-CFG weight that step equals (``cfg_equivalent`` = λ·a(s')·s/(s − s')).
     """
-    lam = check_lambda(SAMPLER_NODE, toolkit.guider_of(model))
+    lam = check_lambda(SAMPLER_NODE, passes.guider_of(model))
     extra_args = {} if extra_args is None else dict(extra_args)
     with telemetry.sampler_run(model, extra_args, node_id, SAMPLER_NODE) as run:
-        capture = toolkit.capture_predictions(extra_args)
-        model_sampling = toolkit.guider_of(model).model_patcher.get_model_object("model_sampling")
+        capture = passes.capture_predictions(extra_args)
+        model_sampling = passes.guider_of(model).model_patcher.get_model_object("model_sampling")
         alpha = alpha_of(model_sampling)
         first_order = solver == "euler" or (solver in ("euler_ancestral", "ddim") and eta == 0)
 
@@ -78,10 +76,14 @@ def sample_cfg_pp(
         def recorded(x_in, sigma, **kwargs):
             denoised = model(x_in, sigma, **kwargs)
             fields = {"lambda": lam, "renoise": "uncond"}
-            sigma_next = next_sigma(sigmas, toolkit.sigma_value(sigma)) if first_order else None
+            sigma_next = (
+                steps.StepContext(steps.sigma_value(sigma), _values(sigmas)).next_sigma
+                if first_order
+                else None
+            )
             if sigma_next is not None:
                 factor = cfg_pp.guidance_step_factor(
-                    toolkit.sigma_value(sigma), sigma_next, float(alpha(_tensor(sigma_next)))
+                    steps.sigma_value(sigma), sigma_next, float(alpha(_tensor(sigma_next)))
                 )
                 fields["cfg_equivalent"] = lam * factor
             run.step(sigma, scale=lam, **fields)
@@ -104,17 +106,49 @@ def sample_cfg_pp(
 
 
 def make_sampler(solver: str, eta: float, s_noise: float, node_id=None):
-    if solver not in SOLVERS:
-        raise toolkit.GuidanceInputError(
-            SAMPLER_NODE, "solver", f"must be one of {', '.join(SOLVERS)}, got {solver!r}"
-        )
-    eta = toolkit.check_range(SAMPLER_NODE, "eta", eta, 0.0, 1.0)
-    s_noise = toolkit.check_range(SAMPLER_NODE, "s_noise", s_noise, 0.0, 2.0)
+    solver, eta, s_noise = SAMPLER_INPUTS.check(solver=solver, eta=eta, s_noise=s_noise).values()
     return comfy.samplers.KSAMPLER(
         sample_cfg_pp, extra_options={"solver": solver, "eta": eta, "s_noise": s_noise, "node_id": node_id}
     )
 
 
+SAMPLER_INPUTS = Inputs(
+    SAMPLER_NODE,
+    [
+        Input(
+            "solver",
+            COMBO,
+            "euler: deterministic CFG++ (= the paper's DDIM CFG++). euler_ancestral and ddim: the same update "
+            "with stochasticity eta (DDIM(η) and ancestral Euler coincide in ComfyUI's coordinates; ddim with "
+            "eta 0 is euler). dpmpp_2m: the paper's DPM++ 2M CFG++ solver, generalised to flow models.",
+            default="euler",
+            options=SOLVERS,
+        ),
+        Input(
+            "eta",
+            "FLOAT",
+            "Stochasticity of euler_ancestral / ddim (0 = deterministic, 1 = full ancestral noise). Ignored by "
+            "euler and dpmpp_2m.",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "s_noise",
+            "FLOAT",
+            "Multiplier of the fresh noise of euler_ancestral / ddim (1 = as derived).",
+            default=1.0,
+            min=0.0,
+            max=2.0,
+            step=0.01,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class CFGppSampler:
     DESCRIPTION = (
         "CFG++ (Chung et al., ICLR 2025) as a SAMPLER for SamplerCustom / SamplerCustomAdvanced: each step denoises "
@@ -128,55 +162,7 @@ class CFGppSampler:
     OUTPUT_TOOLTIPS = ("A CFG++ sampler; set the guider's cfg to λ in [0, 1].",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "solver": (
-                    list(SOLVERS),
-                    {
-                        "default": "euler",
-                        "tooltip": "euler: deterministic CFG++ (= the paper's DDIM CFG++). euler_ancestral and ddim: "
-                        "the same update with stochasticity eta (DDIM(η) and ancestral Euler coincide in ComfyUI's "
-                        "coordinates; ddim with eta 0 is euler). dpmpp_2m: the paper's DPM++ 2M CFG++ solver, "
-                        "generalised to flow models.",
-                    },
-                ),
-                "eta": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Stochasticity of euler_ancestral / ddim (0 = deterministic, 1 = full ancestral "
-                        "noise). Ignored by euler and dpmpp_2m.",
-                    },
-                ),
-                "s_noise": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 2.0,
-                        "step": 0.01,
-                        "tooltip": "Multiplier of the fresh noise of euler_ancestral / ddim (1 = as derived).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, solver=None, eta=None, s_noise=None):
-        try:
-            if eta is not None:
-                toolkit.check_range(SAMPLER_NODE, "eta", eta, 0.0, 1.0)
-            if s_noise is not None:
-                toolkit.check_range(SAMPLER_NODE, "s_noise", s_noise, 0.0, 2.0)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = SAMPLER_INPUTS
 
     def build(self, solver, eta, s_noise, unique_id=None):
         return (make_sampler(solver, eta, s_noise, node_id=unique_id),)
@@ -186,13 +172,8 @@ class CFGppSampler:
 # KSampler form: exact for the Euler update through the step-dependent guidance factor.
 
 
-def next_sigma(sample_sigmas, sigma: float) -> float | None:
-    """The sigma after ``sigma`` in the run's schedule, or None when ``sigma`` is not on it."""
-    values = [float(s) for s in sample_sigmas]
-    for i in range(len(values) - 1):
-        if abs(values[i] - sigma) <= 1e-6 * max(1.0, abs(sigma)):
-            return values[i + 1]
-    return None
+def _values(sigmas) -> tuple[float, ...]:
+    return tuple(float(s) for s in sigmas.reshape(-1).tolist())
 
 
 def apply_cfg_pp_euler(model, node_id=None):
@@ -210,9 +191,8 @@ def apply_cfg_pp_euler(model, node_id=None):
 
     def post_cfg(args):
         denoised, uncond = args["denoised"], args["uncond_denoised"]
-        sigma = toolkit.sigma_value(args["sigma"])
-        sample_sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
-        sigma_next = next_sigma(sample_sigmas, sigma) if sample_sigmas is not None else None
+        sigma = steps.sigma_value(args["sigma"])
+        sigma_next = steps.StepContext.of(args["model_options"], sigma).next_sigma
         if sigma_next is None:
             raise toolkit.GuidanceInputError(
                 PATCH_NODE,
@@ -245,8 +225,8 @@ def apply_cfg_pp_euler(model, node_id=None):
         check_lambda(PATCH_NODE, executor.class_obj)
         return executor(*args, **kwargs)
 
-    patched.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1_optimization=True)
-    patched.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, PATCH_KEY, outer_sample)
+    passes.add_post_cfg(patched, post_cfg, disable_cfg1_optimization=True)
+    passes.add_outer_sample(patched, PATCH_KEY, outer_sample)
     telemetry.enable(patched, node_id, PATCH_NODE)
     telemetry.observe(patched, node_id)
     return patched
@@ -258,6 +238,10 @@ def _tensor(value: float):
     return torch.tensor(value, dtype=torch.float64)
 
 
+PATCH_INPUTS = Inputs(PATCH_NODE, [MODEL], hidden=UNIQUE_ID)
+
+
+@declare
 class CFGppEuler:
     DESCRIPTION = (
         "CFG++ (Chung et al., ICLR 2025) in the plain KSampler: with the 'euler' (or 'ddim') sampler every step "
@@ -270,12 +254,7 @@ class CFGppEuler:
     OUTPUT_TOOLTIPS = ("The model whose Euler steps are CFG++ steps.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})},
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+    INPUTS = PATCH_INPUTS
 
     def patch(self, model, unique_id=None):
         return (apply_cfg_pp_euler(model, node_id=unique_id),)

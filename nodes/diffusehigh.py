@@ -7,15 +7,19 @@ resamples the last ``renoise`` fraction of that schedule. The output latent has 
 
 from __future__ import annotations
 
+import comfy.model_management
 import comfy.samplers
 import torch
 
 from ..guidance import diffusehigh
-from . import telemetry, toolkit
-from .common import CATEGORY
+from . import toolkit
+from .common import CATEGORY, UNIQUE_ID
+from .host import telemetry
+from .host.inputs import COMBO, MEMORY_NOTE, Input, Inputs, check_memory, declare
 
 NODE = "DiffuseHigh"
-GUIDANCE_SPACES = ["image", "latent"]
+GUIDANCE_SPACES = ("image", "latent")
+MAX_SIZE = 16384  # pixels, per side
 
 
 def _base_model(model):
@@ -64,6 +68,17 @@ def check_sizes(latent: torch.Tensor, vae, width: int, height: int) -> int:
     return factor
 
 
+def estimate_memory(base, latent: torch.Tensor, factor: int, width: int, height: int) -> float:
+    """Bytes a run needs at its last (largest) stage: the model's activations for the cond and uncond rows at
+    the target latent size (ComfyUI's own estimate) and this sampler's float32 tensors (about six images and
+    eight latents of the target size live at once: decode, upscale, sharpen, DWT bands, guided estimate)."""
+    batch, channels = latent.shape[0], latent.shape[1]
+    h, w = height // factor, width // factor
+    image = batch * 3 * height * width * 4
+    latents = batch * channels * h * w * 4
+    return float(base.memory_required([2 * batch, channels, h, w])) + 6 * image + 8 * latents
+
+
 def sample_diffusehigh(
     model,
     x,
@@ -98,6 +113,13 @@ def sample_diffusehigh(
             NODE, "latent", "must not carry a noise mask (inpainting is not supported)"
         )
     factor = check_sizes(latent, vae, width, height)
+    check_memory(
+        NODE,
+        "width",
+        estimate_memory(base, latent, factor, width, height),
+        comfy.model_management.get_total_memory(x.device),
+        f"width x height {width}x{height} at batch {latent.shape[0]}",
+    )
     seed = int(extra_args.get("seed", 0) or 0)
     generator = torch.Generator().manual_seed(seed)
     sampling = base.model_sampling
@@ -109,58 +131,120 @@ def sample_diffusehigh(
     def encode(image):
         return base.process_latent_in(vae.encode(image.movedim(1, -1))).to(latent)
 
-    def guide(denoised, reference_ll):
-        if guidance_space == "latent":
-            return diffusehigh.replace_low_band(denoised, reference_ll)
-        image = decode(denoised)
-        return encode(diffusehigh.replace_low_band(image, reference_ll))
-
     sizes = diffusehigh.stage_sizes(
         (latent.shape[-2] * factor, latent.shape[-1] * factor), (height, width), stages, factor
     )
     total = (len(tail) - 1) * len(sizes)
-    z = latent
-    done = 0
+    done = [0]
     with telemetry.sampler_run(model, extra_args, node_id, NODE) as run:
-        for stage, (stage_h, stage_w) in enumerate(sizes, start=1):
-            reference = diffusehigh.upscale(decode(z), stage_h, stage_w)
-            blur_sigma = 0.1 + 1.9 * float(torch.rand((), generator=generator))
-            reference = diffusehigh.sharpen(reference, sharpen, blur_sigma)
-            z = encode(reference)
-            reference_ll = diffusehigh.dwt2(z if guidance_space == "latent" else reference)[0]
-            if len(tail) < 2:
-                continue
-            noise = torch.randn(z.shape, generator=generator).to(z)
-            z = sampling.noise_scaling(tail[0].to(z), noise, z)
-            s_in = z.new_ones([z.shape[0]])
-            for i in range(len(tail) - 1):
-                sigma, sigma_next = tail[i], tail[i + 1]
-                denoised = model(z, sigma * s_in, **extra_args)
-                structure = i < structure_steps
-                if structure:
-                    denoised = guide(denoised, reference_ll)
-                run.step(
-                    sigma,
-                    stage=stage,
-                    stages=len(sizes),
-                    resolution=[stage_w, stage_h],
-                    structure_guidance=structure,
-                )
-                if callback is not None:
-                    callback(
-                        {
-                            "x": z,
-                            "i": min(done, total - 1),
-                            "sigma": sigma,
-                            "sigma_hat": sigma,
-                            "denoised": denoised,
-                        }
-                    )
-                z = diffusehigh.euler_step(z, denoised, sigma, sigma_next)
-                done += 1
+
+        def on_step(stage, index, sigma, z, denoised, structure):
+            stage_h, stage_w = sizes[stage - 1]
+            run.step(
+                sigma,
+                stage=stage,
+                stages=len(sizes),
+                resolution=[stage_w, stage_h],
+                structure_guidance=structure,
+            )
+            if callback is not None:
+                i = min(done[0], total - 1)
+                callback({"x": z, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+            done[0] += 1
+
+        z = diffusehigh.run_stages(
+            latent,
+            sizes,
+            tail,
+            denoise=lambda z, sigma: model(z, sigma, **extra_args),
+            decode=decode,
+            encode=encode,
+            noise_scaling=sampling.noise_scaling,
+            sharpen_amount=sharpen,
+            structure_steps=structure_steps,
+            guidance_space=guidance_space,
+            generator=generator,
+            on_step=on_step,
+        )
     return z
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        Input("vae", "VAE", "The model's VAE: the stages upscale, sharpen and guide in pixel space."),
+        Input(
+            "width",
+            "INT",
+            "Target width in pixels; a multiple of the VAE factor (8), at least the input's. " + MEMORY_NOTE,
+            default=2048,
+            min=8,
+            max=MAX_SIZE,
+            step=8,
+            multiple=8,
+        ),
+        Input(
+            "height",
+            "INT",
+            "Target height in pixels; a multiple of the VAE factor (8), at least the input's. " + MEMORY_NOTE,
+            default=2048,
+            min=8,
+            max=MAX_SIZE,
+            step=8,
+            multiple=8,
+        ),
+        Input(
+            "stages",
+            "INT",
+            "Progressive stages from the input size to the target in equal steps (the paper goes up one native "
+            "size per stage, e.g. 1024 → 2048 → 3072 → 4096 for SDXL).",
+            default=1,
+            min=1,
+            max=8,
+        ),
+        Input(
+            "renoise",
+            "FLOAT",
+            "Fraction of the schedule each stage resamples: it re-noises to the sigma this far from the end "
+            "(paper: 15 of 50 steps = 0.3). 0 only upscales.",
+            default=0.3,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input(
+            "structure_steps",
+            "INT",
+            "How many of each stage's first steps get structure guidance (paper: 5; 5-7 work well). 0 turns it "
+            "off.",
+            default=5,
+            min=0,
+            max=1000,
+        ),
+        Input(
+            "sharpen",
+            "FLOAT",
+            "Unsharp-mask strength α applied to the upscaled image (paper: 1; try 2 if the result is blurry; 0 = "
+            "off).",
+            default=1.0,
+            min=0.0,
+            max=10.0,
+            step=0.1,
+        ),
+        Input(
+            "guidance_space",
+            COMBO,
+            "image: the paper's DWT on the decoded estimate (a VAE decode and encode per guided step). latent: the "
+            "DWT on the latent itself, no VAE round trip (cheaper).",
+            default="image",
+            options=GUIDANCE_SPACES,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class DiffuseHigh:
     DESCRIPTION = (
         "A SAMPLER that turns a native-resolution latent into a high-resolution one without training "
@@ -176,111 +260,21 @@ class DiffuseHigh:
     OUTPUT_TOOLTIPS = ("The DiffuseHigh sampler; its output latent has the target size.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": (
-                    "VAE",
-                    {"tooltip": "The model's VAE: the stages upscale, sharpen and guide in pixel space."},
-                ),
-                "width": (
-                    "INT",
-                    {
-                        "default": 2048,
-                        "min": 8,
-                        "max": 16384,
-                        "step": 8,
-                        "tooltip": "Target width in pixels; a multiple of the VAE factor (8), at least the input's.",
-                    },
-                ),
-                "height": (
-                    "INT",
-                    {
-                        "default": 2048,
-                        "min": 8,
-                        "max": 16384,
-                        "step": 8,
-                        "tooltip": "Target height in pixels; a multiple of the VAE factor (8), at least the input's.",
-                    },
-                ),
-                "stages": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 8,
-                        "tooltip": "Progressive stages from the input size to the target in equal steps (the paper "
-                        "goes up one native size per stage, e.g. 1024 → 2048 → 3072 → 4096 for SDXL).",
-                    },
-                ),
-                "renoise": (
-                    "FLOAT",
-                    {
-                        "default": 0.3,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Fraction of the schedule each stage resamples: it re-noises to the sigma this far "
-                        "from the end (paper: 15 of 50 steps = 0.3). 0 only upscales.",
-                    },
-                ),
-                "structure_steps": (
-                    "INT",
-                    {
-                        "default": 5,
-                        "min": 0,
-                        "max": 1000,
-                        "tooltip": "How many of each stage's first steps get structure guidance (paper: 5; 5-7 work "
-                        "well). 0 turns it off.",
-                    },
-                ),
-                "sharpen": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 10.0,
-                        "step": 0.1,
-                        "tooltip": "Unsharp-mask strength α applied to the upscaled image (paper: 1; try 2 if the "
-                        "result is blurry; 0 = off).",
-                    },
-                ),
-                "guidance_space": (
-                    GUIDANCE_SPACES,
-                    {
-                        "default": "image",
-                        "tooltip": "image: the paper's DWT on the decoded estimate (a VAE decode and encode per "
-                        "guided step). latent: the DWT on the latent itself, no VAE round trip (cheaper).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, width=None, height=None):
-        for name, value in (("width", width), ("height", height)):
-            if isinstance(value, int) and (value <= 0 or value % 8):
-                return f"{NODE}: input '{name}' must be a positive multiple of 8 (the VAE's latent factor), got {value}"
-        return True
+    INPUTS = INPUTS
 
     def build(
         self, vae, width, height, stages, renoise, structure_steps, sharpen, guidance_space, unique_id=None
     ):
-        options = dict(
-            vae=vae,
-            width=int(width),
-            height=int(height),
-            stages=int(toolkit.check_range(NODE, "stages", stages, 1, 8)),
-            renoise=toolkit.check_range(NODE, "renoise", renoise, 0.0, 1.0),
-            structure_steps=int(toolkit.check_range(NODE, "structure_steps", structure_steps, 0, 1000)),
-            sharpen=toolkit.check_range(NODE, "sharpen", sharpen, 0.0, 10.0),
+        options = INPUTS.check(
+            width=width,
+            height=height,
+            stages=stages,
+            renoise=renoise,
+            structure_steps=structure_steps,
+            sharpen=sharpen,
             guidance_space=guidance_space,
-            node_id=unique_id,
         )
-        if guidance_space not in GUIDANCE_SPACES:
-            raise toolkit.GuidanceInputError(NODE, "guidance_space", f"must be one of {GUIDANCE_SPACES}")
+        options.update(vae=vae, node_id=unique_id)
         return (comfy.samplers.KSAMPLER(sample_diffusehigh, extra_options=options),)
 
 

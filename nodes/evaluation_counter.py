@@ -7,10 +7,16 @@ puts the counts of the last run into the prompt's outputs: the history for headl
 
 from __future__ import annotations
 
-from . import telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from . import toolkit
+from .common import CATEGORY, MODEL
+from .host import counter as eval_counter
+from .host import telemetry
+from .host.inputs import Input, Inputs, declare
+
+COUNT_INPUTS = Inputs("Count Network Evaluations", [MODEL])
 
 
+@declare
 class CountNetworkEvaluations:
     DESCRIPTION = (
         "Count the diffusion model's network evaluations (conditional, unconditional and extra guidance passes) "
@@ -21,19 +27,27 @@ class CountNetworkEvaluations:
     OUTPUT_TOOLTIPS = ("The same model, with an evaluation counter attached.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": MODEL_TOOLTIP})}}
+    INPUTS = COUNT_INPUTS
 
     def patch(self, model):
         patched = model.clone()
-        toolkit.EvalCounter.install(patched)
+        eval_counter.EvalCounter.install(patched)
         # The telemetry hub lives here too, so every guidance node and sampler downstream reports into the
         # lineage the report node reads, whichever model of it the report is given.
         telemetry.TelemetryHub.ensure(patched)
         return (patched,)
 
 
+REPORT_INPUTS = Inputs(
+    "Network Evaluation Report",
+    [
+        Input("model", "MODEL", "The counted model (output of Count Network Evaluations or later)."),
+        Input("latent", "LATENT", "The sampler's output; makes the report run after sampling."),
+    ],
+)
+
+
+@declare
 class NetworkEvaluationReport:
     DESCRIPTION = (
         "Report the network evaluations of the last sampling run of a model that went through Count Network "
@@ -47,30 +61,17 @@ class NetworkEvaluationReport:
     FUNCTION = "report"
     OUTPUT_NODE = True
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": (
-                    "MODEL",
-                    {"tooltip": "The counted model (output of Count Network Evaluations or later)."},
-                ),
-                "latent": (
-                    "LATENT",
-                    {"tooltip": "The sampler's output; makes the report run after sampling."},
-                ),
-            }
-        }
+    INPUTS = REPORT_INPUTS
 
     def report(self, model, latent):
-        counter = toolkit.EvalCounter.of(model)
+        counter = eval_counter.EvalCounter.of(model)
         if counter is None:
             raise toolkit.GuidanceInputError(
                 "Network Evaluation Report",
                 "model",
                 "has no evaluation counter: put a Count Network Evaluations node before the sampler's model input",
             )
-        counts = counter.last.as_dict() if counter.last is not None else toolkit.RunCounts().as_dict()
+        counts = counter.last.as_dict() if counter.last is not None else eval_counter.RunCounts().as_dict()
         text = f"{counts['total']} evaluations: {counts['cond']} cond, {counts['uncond']} uncond"
         if counts["extra"]:
             text += ", " + ", ".join(f"{n} {name}" for name, n in counts["extra"].items())

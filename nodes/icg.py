@@ -14,11 +14,13 @@ from collections.abc import Callable
 import torch
 
 from ..guidance import icg
-from . import telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from . import toolkit
+from .common import CATEGORY, MODEL, UNIQUE_ID
+from .host import passes, telemetry
+from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "ICG"
-KEY = toolkit.KEY_PREFIX + "icg"
+KEY = passes.KEY_PREFIX + "icg"
 MODES = ("random_tokens", "gaussian")
 
 # draw(positive_entry, batch, generator) -> dict of conditioning keys to replace (cross_attn, pooled_output, ...)
@@ -53,7 +55,7 @@ def apply_icg(model, draw: Draw, seed: int, *, node_id=None, mode: str = ""):
         finally:
             conds["negative"] = original
 
-    patched.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, KEY, outer_sample)
+    passes.add_outer_sample(patched, KEY, outer_sample)
     telemetry.enable(patched, node_id, "ICG")
     # the unconditional slot is fed the independent condition; "uncond_input" says which kind
     fields = {"uncond_input": mode or "independent"}
@@ -127,12 +129,7 @@ def random_token_draw(clip) -> Draw:
 
 
 def apply_icg_mode(model, mode: str, seed: int, clip=None, node_id=None):
-    if mode not in MODES:
-        raise toolkit.GuidanceInputError(NODE, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    if not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
-        raise toolkit.GuidanceInputError(
-            NODE, "seed", f"must be an integer between 0 and {2**63 - 1}, got {seed!r}"
-        )
+    mode, seed = INPUTS.check(mode=mode, seed=seed).values()
     if mode == "random_tokens":
         if clip is None:
             raise toolkit.GuidanceInputError(
@@ -142,6 +139,39 @@ def apply_icg_mode(model, mode: str, seed: int, clip=None, node_id=None):
     return apply_icg(model, gaussian_draw, seed, node_id=node_id, mode=mode)
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "mode",
+            COMBO,
+            "random_tokens: uniformly random token IDs encoded by your text encoder (the paper's choice for "
+            "Stable Diffusion; needs clip). gaussian: Gaussian noise scaled to the std of the prompt's embedding "
+            "(the paper's other way; the two scored alike in its ablation).",
+            default="random_tokens",
+            options=MODES,
+        ),
+        Input(
+            "seed",
+            "INT",
+            "Seed of the independent condition (one draw per batch sample).",
+            default=0,
+            min=0,
+            max=2**63 - 1,
+        ),
+        Input(
+            "clip",
+            "CLIP",
+            "The text encoder that encoded the positive prompt (required for random_tokens).",
+            optional=True,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class ICG:
     DESCRIPTION = (
         "Independent condition guidance (Sadat et al., ICLR 2025): CFG whose unconditional input is replaced by a "
@@ -154,41 +184,7 @@ class ICG:
     OUTPUT_TOOLTIPS = ("The model whose unconditional pass uses an independent condition.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "mode": (
-                    list(MODES),
-                    {
-                        "default": "random_tokens",
-                        "tooltip": "random_tokens: uniformly random token IDs encoded by your text encoder (the "
-                        "paper's choice for Stable Diffusion; needs clip). gaussian: Gaussian noise scaled to the "
-                        "std of the prompt's embedding (the paper's other way; the two scored alike in its "
-                        "ablation).",
-                    },
-                ),
-                "seed": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 2**63 - 1,
-                        "tooltip": "Seed of the independent condition (one draw per batch sample).",
-                    },
-                ),
-            },
-            "optional": {
-                "clip": (
-                    "CLIP",
-                    {
-                        "tooltip": "The text encoder that encoded the positive prompt (required for random_tokens)."
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+    INPUTS = INPUTS
 
     def patch(self, model, mode, seed, clip=None, unique_id=None):
         return (apply_icg_mode(model, mode, seed, clip, node_id=unique_id),)

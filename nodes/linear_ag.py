@@ -9,82 +9,93 @@ ran (``guidance.linear_ag.OnlineLinearAG``), and says so in its description.
 from __future__ import annotations
 
 from ..guidance import linear_ag
-from . import telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from .common import CATEGORY, MODEL, UNIQUE_ID
+from .host import observer, passes, skip, steps, telemetry
+from .host.inputs import Input, Inputs, declare
 
 NODE = "LinearAG"
-KEY = toolkit.KEY_PREFIX + "linear_ag"
+KEY = passes.KEY_PREFIX + "linear_ag"
 
 
 class _RunState:
-    def __init__(self, info: toolkit.RunInfo, end_percent: float, trace: list | None):
+    def __init__(self, info: steps.RunInfo, end_percent: float):
         self.info = info
         self.end_step = int(end_percent * info.steps + 1e-9)
         self.lag = linear_ag.OnlineLinearAG()
-        if trace is not None:
-            trace.append(self.lag)
+        observer.emit("linear_ag_run", lag=self.lag)
 
 
-def apply_linear_ag(model, end_percent: float = 0.5, *, trace: list | None = None, node_id=None):
+def apply_linear_ag(model, end_percent: float = 0.5, *, node_id=None):
     """Return a clone of ``model`` whose uncond pass is regressed on alternate steps before ``end_percent``.
 
-    ``trace``: an optional list; every run appends its ``OnlineLinearAG`` (fits, regressed steps).
+    Every run emits its ``OnlineLinearAG`` (fits, regressed steps) to the observer.
     With ``node_id`` (the node's UNIQUE_ID) every main evaluation is recorded in the guidance telemetry.
     """
-    end_percent = toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
+    end_percent = INPUTS.check(end_percent=end_percent)["end_percent"]
     patched = model.clone()
-    toolkit.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent, trace))
+    steps.install_run_state(patched, KEY, lambda info: _RunState(info, end_percent))
 
-    def should_skip(ctx: toolkit.PassContext) -> bool:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def should_skip(ctx: passes.PassContext) -> bool:
+        state = steps.run_state(ctx.model_options, KEY)
         if state is None or not state.info.sigmas or not state.lag.can_estimate():
             return False
         if state.lag.previous[0].shape != ctx.x.shape:
             return False
         return linear_ag.regressed(state.info.step_index(ctx.sigma), state.end_step)
 
-    def fill(ctx: toolkit.PassContext, cond):
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def fill(ctx: passes.PassContext, cond):
+        state = steps.run_state(ctx.model_options, KEY)
         state.lag.regressed_steps.append(state.info.step_index(ctx.sigma))
         return state.lag.estimate(ctx.x, ctx.sigma_float, cond)
 
-    def after_pass(ctx: toolkit.PassContext, out: list, skipped: bool) -> None:
-        state = toolkit.run_state(ctx.model_options, KEY)
+    def after_pass(ctx: passes.PassContext, out: list, skipped: bool) -> None:
+        state = steps.run_state(ctx.model_options, KEY)
         if state is None:
             return
-        real = not skipped and toolkit.uncond_evaluated(out)
-        _record(ctx, out, skipped, real)
+        real = not skipped and passes.uncond_evaluated(out)
         if ctx.sigma_float > 0:
             state.lag.record(ctx.x, ctx.sigma_float, out[0], out[1], real)
 
-    def _record(ctx: toolkit.PassContext, out: list, skipped: bool, real: bool) -> None:
-        if node_id is None:
-            return
-        options, cfg = ctx.model_options, telemetry.run_cfg(ctx.model_options, node_id)
-        if real:
-            cosine = telemetry.cosine(out[0], out[1])
-            telemetry.record(
-                options, node_id, sigma=ctx.sigma, ran=["cond", "uncond"], scale=cfg, cosine=cosine
-            )
-        elif skipped:
-            # CFG runs at full scale with the regressed estimate in the unconditional slot.
-            telemetry.record(
-                options,
-                node_id,
-                sigma=ctx.sigma,
-                ran=["cond"],
-                skipped=["uncond"],
-                scale=cfg,
-                uncond="estimated",
-            )
-        else:  # an inner skip wrapper (another node) filled the slot: conditional-only
-            telemetry.record(options, node_id, sigma=ctx.sigma, ran=["cond"], skipped=["uncond"], scale=1.0)
+    def fields(ctx: passes.PassContext, outcome: str) -> dict:
+        # skipped here: CFG runs at full scale with the regressed estimate in the unconditional slot
+        if outcome == "skipped":
+            return {"scale": telemetry.run_cfg(ctx.model_options, node_id), "uncond": "estimated"}
+        return {}
 
-    telemetry.enable(patched, node_id, "LinearAG")
-    toolkit.install_uncond_skip(patched, KEY, should_skip, fill=fill, after_pass=after_pass)
+    skip.install_skip(
+        patched,
+        KEY,
+        should_skip,
+        title="LinearAG",
+        node_id=node_id,
+        fill=fill,
+        after_pass=after_pass,
+        fields=fields,
+    )
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "end_percent",
+            "FLOAT",
+            "Fraction of the steps (from the first) in which alternate steps use the regressed unconditional "
+            "prediction. The paper uses the first half (0.5). The first two steps always run both passes to "
+            "fit the coefficients. 0 = plain CFG.",
+            default=0.5,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class LinearAG:
     DESCRIPTION = (
         "LinearAG (Castillo et al., AAAI 2025): in the early part of sampling, every other step skips the "
@@ -100,35 +111,7 @@ class LinearAG:
     OUTPUT_TOOLTIPS = ("The model with regressed unconditional predictions on alternate early steps.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "end_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.5,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Fraction of the steps (from the first) in which alternate steps use the "
-                        "regressed unconditional prediction. The paper uses the first half (0.5). The first two "
-                        "steps always run both passes to fit the coefficients. 0 = plain CFG.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, end_percent=None):
-        try:
-            if end_percent is not None:
-                toolkit.check_range(NODE, "end_percent", end_percent, 0.0, 1.0)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(self, model, end_percent: float, unique_id=None):
         return (apply_linear_ag(model, end_percent, node_id=unique_id),)

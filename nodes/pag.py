@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from . import attention_engine as engine
-from .common import CATEGORY
+from . import common
+from .common import CATEGORY, UNIQUE_ID
+from .host import attention
+from .host.inputs import Inputs, declare
 
 NODE = "Perturbed-Attention Guidance"
 PASS_NAME = "pag"
@@ -21,11 +23,11 @@ def apply_pag(
     node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with identity self-attention in ``blocks``."""
-    return engine.apply_perturbation_guidance(
+    return common.apply_perturbation_guidance(
         model,
         node=NODE,
         name=PASS_NAME,
-        perturbation=engine.Perturbation(engine.IDENTITY),
+        perturbation=attention.Perturbation(attention.IDENTITY),
         blocks=blocks,
         scale=scale,
         start_percent=start_percent,
@@ -37,6 +39,10 @@ def apply_pag(
     )
 
 
+INPUTS = Inputs(NODE, common.common_inputs(scale_default=3.0), common.COMMON_RULES, hidden=UNIQUE_ID)
+
+
+@declare
 class PerturbedAttentionGuidance:
     DESCRIPTION = (
         "Perturbed-Attention Guidance (Ahn et al., ECCV 2024): one extra conditional pass per step with the "
@@ -50,15 +56,7 @@ class PerturbedAttentionGuidance:
     OUTPUT_TOOLTIPS = ("The model with PAG installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": engine.common_inputs(scale_default=3.0), "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
-        return engine.validate_common(
-            NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
-        )
+    INPUTS = INPUTS
 
     def patch(
         self, model, scale, blocks, start_percent, end_percent, schedule, rescale, batched, unique_id=None

@@ -1,7 +1,7 @@
 """PCG node (Bradley & Nakkiran, TMLR 2025): CFG as a predictor-corrector, as a SAMPLER.
 
-The predictor call runs the conditional evaluation only (``toolkit.options_without_uncond``); the corrector
-calls run both and read ``D_c``/``D_u`` through ``toolkit.capture_predictions``. Cost: 1 + 2K evaluations per
+The predictor call runs the conditional evaluation only (``passes.options_without_uncond``); the corrector
+calls run both and read ``D_c``/``D_u`` through ``passes.capture_predictions``. Cost: 1 + 2K evaluations per
 step.
 """
 
@@ -11,12 +11,14 @@ import comfy.k_diffusion.sampling as k_sampling
 import comfy.samplers
 
 from ..guidance import pcg
-from . import telemetry, toolkit
+from . import toolkit
 from .cfg_pp import alpha_of
-from .common import CATEGORY
+from .common import CATEGORY, UNIQUE_ID
+from .host import passes, telemetry
+from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "PCG Sampler"
-KEY = toolkit.KEY_PREFIX + "pcg"
+KEY = passes.KEY_PREFIX + "pcg"
 GAMMA_RULES = ("2*cfg-1 (matches DDPM CFG)", "cfg")
 
 
@@ -39,7 +41,7 @@ def sample_pcg(
     evaluations (K correctors and the conditional predictor), the corrector power γ' as the scale and the
     number of corrector calls (``correctors``).
     """
-    guider = toolkit.guider_of(model)
+    guider = passes.guider_of(model)
     if "negative" not in (getattr(guider, "conds", None) or {}):
         raise toolkit.GuidanceInputError(
             NODE, "guider", "needs a guider with a negative (unconditional) conditioning, e.g. CFGGuider"
@@ -51,11 +53,11 @@ def sample_pcg(
     extra_args = {} if extra_args is None else dict(extra_args)
     with telemetry.sampler_run(model, extra_args, node_id, NODE) as run:
         predictor_args = dict(extra_args)
-        predictor_args["model_options"] = toolkit.options_without_uncond(
+        predictor_args["model_options"] = passes.options_without_uncond(
             extra_args.get("model_options", {}), KEY
         )
         corrector_args = dict(extra_args)
-        capture = toolkit.capture_predictions(corrector_args)
+        capture = passes.capture_predictions(corrector_args)
         correctors = [0]  # corrector calls since the last predictor
 
         def cond_and_uncond(x_in, sigma):
@@ -96,16 +98,9 @@ def sample_pcg(
 
 
 def make_sampler(langevin_steps: int, gamma_rule: str, step_scale: float, s_noise: float, node_id=None):
-    if not isinstance(langevin_steps, int) or not 0 <= langevin_steps <= 16:
-        raise toolkit.GuidanceInputError(
-            NODE, "langevin_steps", f"must be an integer between 0 and 16, got {langevin_steps!r}"
-        )
-    if gamma_rule not in GAMMA_RULES:
-        raise toolkit.GuidanceInputError(
-            NODE, "gamma_rule", f"must be one of {GAMMA_RULES}, got {gamma_rule!r}"
-        )
-    step_scale = toolkit.check_range(NODE, "step_scale", step_scale, 0.0, 4.0)
-    s_noise = toolkit.check_range(NODE, "s_noise", s_noise, 0.0, 2.0)
+    langevin_steps, gamma_rule, step_scale, s_noise = INPUTS.check(
+        langevin_steps=langevin_steps, gamma_rule=gamma_rule, step_scale=step_scale, s_noise=s_noise
+    ).values()
     return comfy.samplers.KSAMPLER(
         sample_pcg,
         extra_options={
@@ -118,6 +113,50 @@ def make_sampler(langevin_steps: int, gamma_rule: str, step_scale: float, s_nois
     )
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        Input(
+            "langevin_steps",
+            "INT",
+            "K, Langevin corrector steps per sampling step (2 evaluations each). The paper's CFG equivalence "
+            "uses K = 1; K = 0 is conditional-only DDIM.",
+            default=1,
+            min=0,
+            max=16,
+        ),
+        Input(
+            "gamma_rule",
+            COMBO,
+            "How the corrector's power γ' follows from cfg: 2·cfg − 1 is the paper's value that makes PCG "
+            "(K = 1) equivalent to DDPM with CFG scale cfg; 'cfg' uses γ' = cfg.",
+            default=GAMMA_RULES[0],
+            options=GAMMA_RULES,
+        ),
+        Input(
+            "step_scale",
+            "FLOAT",
+            "Multiplier of the Langevin step ε = σ² − σ'² (1 = the paper's SDE-matching step).",
+            default=1.0,
+            min=0.0,
+            max=4.0,
+            step=0.01,
+        ),
+        Input(
+            "s_noise",
+            "FLOAT",
+            "Multiplier of the Langevin noise (1 = as derived; 0 = deterministic gradient steps).",
+            default=1.0,
+            min=0.0,
+            max=2.0,
+            step=0.01,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class PCGSampler:
     DESCRIPTION = (
         "Predictor-corrector guidance (Bradley & Nakkiran, TMLR 2025): each step runs K Langevin corrector steps on "
@@ -131,66 +170,7 @@ class PCGSampler:
     OUTPUT_TOOLTIPS = ("A PCG sampler for SamplerCustom / SamplerCustomAdvanced.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "langevin_steps": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 0,
-                        "max": 16,
-                        "tooltip": "K, Langevin corrector steps per sampling step (2 evaluations each). The paper's "
-                        "CFG equivalence uses K = 1; K = 0 is conditional-only DDIM.",
-                    },
-                ),
-                "gamma_rule": (
-                    list(GAMMA_RULES),
-                    {
-                        "default": GAMMA_RULES[0],
-                        "tooltip": "How the corrector's power γ' follows from cfg: 2·cfg − 1 is the paper's value "
-                        "that makes PCG (K = 1) equivalent to DDPM with CFG scale cfg; 'cfg' uses γ' = cfg.",
-                    },
-                ),
-                "step_scale": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 4.0,
-                        "step": 0.01,
-                        "tooltip": "Multiplier of the Langevin step ε = σ² − σ'² (1 = the paper's SDE-matching step).",
-                    },
-                ),
-                "s_noise": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 2.0,
-                        "step": 0.01,
-                        "tooltip": "Multiplier of the Langevin noise (1 = as derived; 0 = deterministic gradient steps).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, langevin_steps=None, step_scale=None, s_noise=None):
-        try:
-            if langevin_steps is not None and not 0 <= langevin_steps <= 16:
-                raise toolkit.GuidanceInputError(
-                    NODE, "langevin_steps", f"must be an integer between 0 and 16, got {langevin_steps!r}"
-                )
-            if step_scale is not None:
-                toolkit.check_range(NODE, "step_scale", step_scale, 0.0, 4.0)
-            if s_noise is not None:
-                toolkit.check_range(NODE, "s_noise", s_noise, 0.0, 2.0)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def build(self, langevin_steps, gamma_rule, step_scale, s_noise, unique_id=None):
         return (make_sampler(langevin_steps, gamma_rule, step_scale, s_noise, node_id=unique_id),)

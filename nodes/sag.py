@@ -1,7 +1,7 @@
 """Self-Attention Guidance (Hong et al., ICCV 2023) on every family the attention engine knows.
 
 Hooks (all chainable, on a clone):
-- A CALC_COND_BATCH wrapper marks the sampler's main cond/uncond call (``toolkit.is_main_call``): on a copy of
+- A CALC_COND_BATCH wrapper marks the sampler's main cond/uncond call (``passes.is_main_call``): on a copy of
   its ``model_options`` it installs a capture at the one chosen block, an ``attn1`` replace on UNets or a
   ``patches_replace["dit"]`` replace with a runtime attention override on DiTs (the engine's paths). The
   capture computes the attention map there, in chunks, only for the rows of one cond chunk: the uncond rows
@@ -10,7 +10,7 @@ Hooks (all chainable, on a clone):
   uncond forwards, several entries of one conditioning) and starting afresh with each main call.
 - A post-CFG function builds the mask from the uncond map when the uncond really ran (else from the cond map:
   Adaptive Guidance, CFG Interval, cfg 1), blurs that branch's prediction under the mask, re-noises it, runs
-  one extra pass with the same conditioning (``toolkit.extra_cond_pass``) and combines
+  one extra pass with the same conditioning (``passes.extra_cond_pass``) and combines
   ``D = D_cfg + s (x̄₀ − D(x̄_t))`` (see ``guidance/sag.py``).
 
 Differences from core ``SelfAttentionGuidance``: core keeps the map of one forward only and forces the uncond
@@ -22,28 +22,19 @@ side ≤ 4; here the blur kernel shrinks to fit.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from dataclasses import dataclass, field
 
-import comfy.model_patcher
 import torch
-from comfy.ldm.modules import attention as comfy_attention
 
-from ..guidance import perturbation as schedule_math
 from ..guidance import sag as sag_math
-from . import attention_engine as engine
-from . import telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from . import common, toolkit
+from .common import CATEGORY, MODEL, UNIQUE_ID
+from .host import attention, blocks, families, observer, passes, perturbed, steps, telemetry
+from .host.inputs import Input, Inputs, declare
 
 NODE = "Self-Attention Guidance"
 PASS_NAME = "sag"
-# A diagnostic hook: an object placed at this transformer_options key gets ``capture(block, chunk, mass, grid)``
-# for every map captured and ``guide(sigma, chunk, mask)`` for every guided step. Used by the tests.
-TRACE_KEY = toolkit.KEY_PREFIX + "sag_trace"
-SCALE_RANGE = (-2.0, 100.0)
-BLUR_RANGE = (0.0, 10.0)
-THRESHOLD_RANGE = (0.0, 100.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,7 +63,6 @@ class _CallState:
 
     run: _RunState
     grid: tuple  # DiT image-token grid of the call's latent
-    tracer: object | None = None
     text_tokens: int | None = None
 
     def target(self, chunks: list) -> int | None:
@@ -85,8 +75,7 @@ class _CallState:
 
     def store(self, block, chunk: int, mass: torch.Tensor, grid: tuple, spatial: tuple) -> None:
         self.run.captures.setdefault(chunk, []).append(_Entry(mass, grid, spatial))
-        if self.tracer is not None and hasattr(self.tracer, "capture"):
-            self.tracer.capture(block, chunk, mass, grid)
+        observer.emit("sag_capture", block=block, chunk=chunk, mass=mass, grid=grid)
 
 
 def _chunk_rows(chunks: list, target: int, batch: int) -> list[range]:
@@ -95,7 +84,16 @@ def _chunk_rows(chunks: list, target: int, batch: int) -> list[range]:
     return [range(j * per, (j + 1) * per) for j, chunk in enumerate(chunks) if chunk == target]
 
 
-def _capture(call: _CallState, block, chunks, q, k, *, queries=None, keys=None, mask=None):
+def _store(call: _CallState, seen: attention.SelfAttention) -> None:
+    """The attention callback: store the mass of the target chunk's rows of one self-attention call."""
+    found = _capture(call, seen.chunks, seen.q, seen.k, queries=seen.span, keys=seen.span, mask=seen.mask)
+    if found is not None:
+        target, masses = found
+        for mass in masses:
+            call.store(seen.block, target, mass, seen.grid, seen.spatial)
+
+
+def _capture(call: _CallState, chunks, q, k, *, queries=None, keys=None, mask=None):
     """Mass of the target chunk's rows from q, k (B, H, N, D); returns {chunk: [(rows, keys) per entry]}."""
     target = call.target(list(chunks))
     if target is None:
@@ -110,135 +108,11 @@ def _capture(call: _CallState, block, chunks, q, k, *, queries=None, keys=None, 
     return target, out
 
 
-def _canonical(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
-    """(B, H, N, D) from the layouts attention functions receive ([B, N, H*D] or already [B, H, N, D])."""
-    if skip_reshape:
-        return t
-    b, n = t.shape[0], t.shape[1]
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
-
-
-def _normalise_mask(mask):
-    if mask is None or not torch.is_tensor(mask):
-        return None
-    if mask.ndim == 2:
-        return mask[None, None]
-    if mask.ndim == 3:
-        return mask[:, None]
-    return mask
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Capture hooks
-
-
-def _unet_capture(key, call: _CallState, previous):
-    def replace(q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        if previous is not None:
-            out = previous(q, k, v, extra_options)
-        else:
-            out = comfy_attention.optimized_attention(
-                q,
-                k,
-                v,
-                heads,
-                attn_precision=extra_options.get("attn_precision"),
-                transformer_options=extra_options,
-            )
-        chunks = extra_options.get("cond_or_uncond") or [0]
-        found = _capture(call, key, chunks, _canonical(q, heads, False), _canonical(k, heads, False))
-        if found is not None:
-            grid = tuple(extra_options["activations_shape"][-2:])
-            spatial = tuple(extra_options.get("original_shape", [0, 0, *grid])[2:])
-            target, masses = found
-            for mass in masses:
-                call.store(key, target, mass, grid, spatial)
-        return out
-
-    return replace
-
-
-def _dit_capture(key, layout: engine.ModelLayout, call: _CallState, previous_block):
-    spec = layout.spec
-
-    def run_block(args, extra):
-        if spec.text_first and key[0] == "double_block":
-            call.text_tokens = args["txt"].shape[1]
-        block_transformer_options = args["transformer_options"]
-        calls = [0]
-
-        def override(func, *a, previous=None, **kw):
-            index = calls[0]
-            calls[0] += 1
-            out = toolkit.call_attention(func, previous, *a, **kw)
-            if index != 0:  # call 0 is the block's self (or joint) attention on every family
-                return out
-            chunks = block_transformer_options.get("cond_or_uncond") or [0]
-            heads = a[3] if len(a) > 3 else kw.get("heads")
-            skip_reshape = kw.get("skip_reshape", False)
-            q = _canonical(a[0], heads, skip_reshape)
-            k = _canonical(a[1], heads, skip_reshape)
-            count = math.prod(call.grid)
-            start = 0
-            if spec.text_first:
-                if call.text_tokens is None:
-                    raise RuntimeError(
-                        "free guidance SAG: the text length of this joint attention is unknown"
-                    )
-                start = call.text_tokens
-            if start + count > q.shape[2]:
-                raise RuntimeError(
-                    f"free guidance SAG: {q.shape[2]} attention tokens cannot hold {count} image tokens "
-                    f"(grid {call.grid}) after {start} text tokens"
-                )
-            mask = _normalise_mask(kw.get("mask", a[4] if len(a) > 4 else None))
-            span = (start, start + count)
-            found = _capture(call, key, chunks, q, k, queries=span, keys=span, mask=mask)
-            if found is not None:
-                target, masses = found
-                for mass in masses:
-                    call.store(key, target, mass, call.grid, call.grid)
-            return out
-
-        block_options = {"transformer_options": dict(block_transformer_options)}
-        toolkit.chain_attention_override(block_options, override)
-        inner = dict(args, transformer_options=block_options["transformer_options"])
-        if previous_block is not None:
-            return previous_block(inner, extra)
-        return extra["original_block"](inner)
-
-    return run_block
-
-
-def install_capture(model_options: dict, selection: engine.Selection, call: _CallState) -> None:
-    """Install the capture at the chosen block on ``model_options`` (a copy for one main call)."""
-    layout = selection.layout
-    (key,) = selection.keys
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
-    if layout.spec.kind == "unet":
-        existing = replaces.get("attn1", {})
-        previous = existing.get(key, existing.get(key[:2]))
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _unet_capture(key, call, previous), "attn1", *key
-        )
-        return
-    existing = replaces.get("dit", {})
-    comfy.model_patcher.set_model_options_patch_replace(
-        model_options, _dit_capture(key, layout, call, existing.get(key)), "dit", *key
-    )
-    if layout.spec.text_first and key[0] != "double_block":
-        first = ("double_block", 0)
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, engine.text_length_recorder(call, existing.get(first)), "dit", *first
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Blocks, model sampling
 
 
-def default_blocks(layout: engine.ModelLayout) -> str:
+def default_blocks(layout: families.ModelLayout) -> str:
     """The paper's UNet layer (core's and diffusers' middle block, first transformer); on DiTs, for want of a
     paper default, the middle double (joint) block."""
     if layout.spec.kind == "unet":
@@ -246,7 +120,7 @@ def default_blocks(layout: engine.ModelLayout) -> str:
     return f"double:{layout.blocks.get('double', 1) // 2}"
 
 
-def parse_sag_blocks(text: str, layout: engine.ModelLayout) -> engine.Selection:
+def parse_sag_blocks(text: str, layout: families.ModelLayout) -> blocks.Selection:
     """One attention layer from an engine block string ('auto' = ``default_blocks``)."""
     if isinstance(text, str) and text.strip().lower() in ("", "auto"):
         if layout.spec.kind == "unet" and ("middle", 0) not in layout.blocks:
@@ -257,7 +131,7 @@ def parse_sag_blocks(text: str, layout: engine.ModelLayout) -> engine.Selection:
                 f"{layout.describe_blocks()}",
             )
         text = default_blocks(layout)
-    selection = engine.parse_blocks(NODE, "blocks", text, layout)
+    selection = blocks.parse_blocks(NODE, "blocks", text, layout)
     if len(selection.keys) != 1:
         raise toolkit.GuidanceInputError(
             NODE,
@@ -269,11 +143,8 @@ def parse_sag_blocks(text: str, layout: engine.ModelLayout) -> engine.Selection:
 
 
 def signal_scale(model_sampling, sigma: float) -> float:
-    """``a(σ)`` of the model's own ``x = a(σ) x₀ + b(σ) ε``: 1 for ε/v models, 1 − σ for flow (CONST) models."""
-    probe = model_sampling.noise_scaling(
-        torch.tensor([float(sigma)]), torch.zeros(1, 1), torch.ones(1, 1), max_denoise=False
-    )
-    return float(probe.reshape(-1)[0])
+    """``a(σ)`` at ``sigma`` (``steps.signal_scale_of``): 1 for ε/v models, 1 − σ for flow (CONST) models."""
+    return float(steps.signal_scale_of(model_sampling)(torch.tensor([float(sigma)])).reshape(-1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,49 +163,60 @@ def apply_sag(
     node_id=None,
 ):
     """A clone of ``model`` with Self-Attention Guidance at one attention layer (``blocks``)."""
-    toolkit.check_range(NODE, "scale", scale, *SCALE_RANGE)
-    toolkit.check_range(NODE, "blur_sigma", blur_sigma, *BLUR_RANGE)
-    toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-    toolkit.check_percent_interval(NODE, start_percent, end_percent)
-    if schedule not in schedule_math.SCHEDULES:
-        raise toolkit.GuidanceInputError(
-            NODE, "schedule", f"must be one of {', '.join(schedule_math.SCHEDULES)}, got {schedule!r}"
-        )
-    layout = engine.detect_layout(model, NODE)
+    scale, blur_sigma, threshold, start_percent, end_percent, schedule = INPUTS.check(
+        scale=scale,
+        blur_sigma=blur_sigma,
+        threshold=threshold,
+        start_percent=start_percent,
+        end_percent=end_percent,
+        schedule=schedule,
+    ).values()
+    layout = families.detect_layout(model, NODE)
     selection = parse_sag_blocks(blocks, layout)
     patched = model.clone()
-    settings = engine.GuidanceSettings(
-        float(scale), toolkit.SigmaInterval.from_percent(patched, start_percent, end_percent), 0.0, schedule
+    settings = perturbed.GuidanceSettings(
+        float(scale), steps.Window(start_percent, end_percent), 0.0, schedule
     )
-    key = f"{toolkit.KEY_PREFIX}{PASS_NAME}.{uuid.uuid4().hex[:12]}"
-    toolkit.install_run_state(patched, key, _RunState)
+    key = f"{passes.KEY_PREFIX}{PASS_NAME}.{uuid.uuid4().hex[:12]}"
+    steps.install_run_state(patched, key, _RunState)
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-        run = toolkit.run_state(model_options, key)
-        if run is None or not toolkit.is_main_call(conds, model_options):
+        run = steps.run_state(model_options, key)
+        if run is None or not passes.is_main_call(conds, model_options):
             return executor(model, conds, x_in, timestep, model_options)
         run.captures = {}
         run.uncond_ran = False
-        if engine.step_scale(settings, toolkit.sigma_value(timestep), model_options) == 0:
+        if (
+            perturbed.step_scale(
+                settings, steps.StepContext.of(model_options, timestep, model.model_sampling)
+            )
+            == 0
+        ):
             out = executor(model, conds, x_in, timestep, model_options)
         else:
-            options = comfy.model_patcher.create_model_options_clone(model_options)
-            grid = engine.token_grid(layout, x_in.shape) if layout.spec.kind == "dit" else ()
-            tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
-            install_capture(options, selection, _CallState(run, grid, tracer))
+            options = passes.options_copy(model_options)
+            grid = families.token_grid(layout, x_in.shape) if layout.spec.kind == "dit" else ()
+            call = _CallState(run, grid)
+            attention.install_attention_callback(options, selection, call, lambda seen: _store(call, seen))
             out = executor(model, conds, x_in, timestep, options)
-        run.uncond_ran = conds[1] is not None and toolkit.uncond_evaluated(out)
+        run.uncond_ran = conds[1] is not None and passes.uncond_evaluated(out)
         return out
 
-    patched.add_wrapper_with_key(toolkit.WrappersMP.CALC_COND_BATCH, key, calc_cond_batch)
+    passes.add_wrapper(patched, steps.WrappersMP.CALC_COND_BATCH, key, calc_cond_batch)
 
     def post_cfg(args):
         denoised = args["denoised"]
         model_options = args["model_options"]
-        sigma = toolkit.sigma_value(args["sigma"])
-        run = toolkit.run_state(model_options, key)
+        sigma = steps.sigma_value(args["sigma"])
+        run = steps.run_state(model_options, key)
         uncond_ran = run is not None and run.uncond_ran
-        step_scale = engine.step_scale(settings, sigma, model_options) if run is not None else 0.0
+        step_scale = (
+            perturbed.step_scale(
+                settings, steps.StepContext.of(model_options, sigma, args["model"].model_sampling)
+            )
+            if run is not None
+            else 0.0
+        )
         if step_scale == 0:
             telemetry.record(
                 model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True, sag_scale=0.0
@@ -344,7 +226,7 @@ def apply_sag(
         use_uncond = uncond_ran and 1 in run.captures and args.get("uncond") is not None
         chunk = 1 if use_uncond else 0
         if layout.spec.kind == "dit":
-            grid = engine.token_grid(layout, x.shape)
+            grid = families.token_grid(layout, x.shape)
             entries = [e for e in run.captures.get(chunk, []) if e.grid == grid]
         else:
             entries = [e for e in run.captures.get(chunk, []) if e.spatial == tuple(x.shape[2:])]
@@ -372,12 +254,10 @@ def apply_sag(
         degraded = sag_math.degrade(source, mask, blur)
         a = signal_scale(args["model"].model_sampling, sigma)
         noised = sag_math.renoise(x, source, degraded, a)
-        prediction = toolkit.extra_cond_pass(
+        prediction = passes.extra_cond_pass(
             args["model"], conditioning, noised, args["sigma"], model_options, name=PASS_NAME
         )
-        tracer = model_options.get("transformer_options", {}).get(TRACE_KEY)
-        if tracer is not None and hasattr(tracer, "guide"):
-            tracer.guide(sigma, chunk, mask)
+        observer.emit("sag_guide", sigma=sigma, chunk=chunk, mask=mask)
         telemetry.record(
             model_options, node_id, sigma=sigma, ran=[PASS_NAME], observed=True, sag_scale=step_scale
         )
@@ -387,7 +267,7 @@ def apply_sag(
     blur = float(blur_sigma)
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id)
-    patched.set_model_sampler_post_cfg_function(post_cfg)
+    passes.add_post_cfg(patched, post_cfg)
     return patched
 
 
@@ -395,6 +275,63 @@ def apply_sag(
 # The node
 
 
+_COMMON = {spec.name: spec for spec in common.common_inputs(scale_default=0.5)}
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "scale",
+            "FLOAT",
+            "Guidance strength s in D = D_cfg + s (blurred - D(blurred)). 0 turns the node off (no extra network "
+            "evaluation). ComfyUI core defaults to 0.5; the paper reports 0.5-0.8 on unconditional ImageNet-256 "
+            "and about 1 on class-conditional models.",
+            default=0.5,
+            min=-2.0,
+            max=100.0,
+            step=0.01,
+            extra={"round": 0.01},
+        ),
+        Input(
+            "blur_sigma",
+            "FLOAT",
+            "Standard deviation of the Gaussian blur (9x9 kernel, in latent pixels) applied where the mask is "
+            "set. ComfyUI core: 2.0; diffusers' SAG pipeline: 1.0. 0 = no blur (no guidance).",
+            default=2.0,
+            min=0.0,
+            max=10.0,
+            step=0.1,
+        ),
+        Input(
+            "threshold",
+            "FLOAT",
+            "Mask = tokens whose received attention exceeds this multiple of the mean (the paper's 1.0: "
+            "above-average attention). Higher = smaller blurred regions.",
+            default=1.0,
+            min=0.0,
+            max=100.0,
+            step=0.01,
+        ),
+        Input(
+            "blocks",
+            "STRING",
+            "The one attention layer whose map makes the mask. 'auto' = the paper's UNet middle block (first "
+            "transformer, 'middle.0.0', as core) and on DiTs the middle double block (our choice; the paper has no "
+            "DiT default). UNet: 'middle.0.0', 'output.1.0' (part.block.transformer); DiT: 'double:9' or "
+            "'single:3'. It must select exactly one layer.",
+            default="auto",
+            extra={"multiline": False},
+        ),
+        _COMMON["start_percent"],
+        _COMMON["end_percent"],
+        _COMMON["schedule"],
+    ],
+    common.COMMON_RULES,
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class SelfAttentionGuidance:
     DESCRIPTION = (
         "Self-Attention Guidance (Hong et al., ICCV 2023): at each step the self-attention map of one layer "
@@ -411,82 +348,7 @@ class SelfAttentionGuidance:
     OUTPUT_TOOLTIPS = ("The model with Self-Attention Guidance installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        common = engine.common_inputs(scale_default=0.5)
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "scale": (
-                    "FLOAT",
-                    {
-                        "default": 0.5,
-                        "min": SCALE_RANGE[0],
-                        "max": SCALE_RANGE[1],
-                        "step": 0.01,
-                        "round": 0.01,
-                        "tooltip": "Guidance strength s in D = D_cfg + s (blurred - D(blurred)). 0 turns the node "
-                        "off (no extra network evaluation). ComfyUI core defaults to 0.5; the paper reports "
-                        "0.5-0.8 on unconditional ImageNet-256 and about 1 on class-conditional models.",
-                    },
-                ),
-                "blur_sigma": (
-                    "FLOAT",
-                    {
-                        "default": 2.0,
-                        "min": BLUR_RANGE[0],
-                        "max": BLUR_RANGE[1],
-                        "step": 0.1,
-                        "tooltip": "Standard deviation of the Gaussian blur (9x9 kernel, in latent pixels) applied "
-                        "where the mask is set. ComfyUI core: 2.0; diffusers' SAG pipeline: 1.0. 0 = no blur "
-                        "(no guidance).",
-                    },
-                ),
-                "threshold": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": THRESHOLD_RANGE[0],
-                        "max": THRESHOLD_RANGE[1],
-                        "step": 0.01,
-                        "tooltip": "Mask = tokens whose received attention exceeds this multiple of the mean "
-                        "(the paper's 1.0: above-average attention). Higher = smaller blurred regions.",
-                    },
-                ),
-                "blocks": (
-                    "STRING",
-                    {
-                        "default": "auto",
-                        "multiline": False,
-                        "tooltip": "The one attention layer whose map makes the mask. 'auto' = the paper's UNet "
-                        "middle block (first transformer, 'middle.0.0', as core) and on DiTs the middle double "
-                        "block (our choice; the paper has no DiT default). UNet: 'middle.0.0', 'output.1.0' "
-                        "(part.block.transformer); DiT: 'double:9' or 'single:3'. It must select exactly one layer.",
-                    },
-                ),
-                "start_percent": common["start_percent"],
-                "end_percent": common["end_percent"],
-                "schedule": common["schedule"],
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(
-        cls, scale=None, blur_sigma=None, threshold=None, start_percent=None, end_percent=None
-    ):
-        try:
-            if scale is not None:
-                toolkit.check_range(NODE, "scale", scale, *SCALE_RANGE)
-            if blur_sigma is not None:
-                toolkit.check_range(NODE, "blur_sigma", blur_sigma, *BLUR_RANGE)
-            if threshold is not None:
-                toolkit.check_range(NODE, "threshold", threshold, *THRESHOLD_RANGE)
-            if start_percent is not None and end_percent is not None:
-                toolkit.check_percent_interval(NODE, start_percent, end_percent)
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(
         self,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..guidance import seg as seg_math
-from . import attention_engine as engine
-from . import toolkit
-from .common import CATEGORY
+from . import common
+from .common import CATEGORY, UNIQUE_ID
+from .host import attention
+from .host.inputs import Input, Inputs, declare
 
 NODE = "Smoothed Energy Guidance"
 PASS_NAME = "seg"
@@ -25,12 +26,12 @@ def apply_seg(
     node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with blurred self-attention queries in ``blocks``."""
-    toolkit.check_range(NODE, "blur_sigma", blur_sigma, 0.0, MAX_SIGMA)
-    return engine.apply_perturbation_guidance(
+    blur_sigma = INPUTS.check(blur_sigma=blur_sigma)["blur_sigma"]
+    return common.apply_perturbation_guidance(
         model,
         node=NODE,
         name=PASS_NAME,
-        perturbation=engine.Perturbation(engine.BLUR, float(blur_sigma)),
+        perturbation=attention.Perturbation(attention.BLUR, blur_sigma),
         blocks=blocks,
         scale=scale,
         start_percent=start_percent,
@@ -42,6 +43,27 @@ def apply_seg(
     )
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        *common.common_inputs(scale_default=3.0),
+        Input(
+            "blur_sigma",
+            "FLOAT",
+            "Width of the Gaussian blur of the queries, in tokens. >= 9999 = infinite (mean query), the paper's "
+            "default; 0 = no blur. The paper sweeps 1, 4, 16, ... and finds larger is stronger.",
+            default=seg_math.INFINITE_SIGMA,
+            min=0.0,
+            max=MAX_SIGMA,
+            step=0.1,
+        ),
+    ],
+    common.COMMON_RULES,
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class SmoothedEnergyGuidance:
     DESCRIPTION = (
         "Smoothed Energy Guidance (Hong, NeurIPS 2024): one extra conditional pass per step with the "
@@ -56,33 +78,7 @@ class SmoothedEnergyGuidance:
     OUTPUT_TOOLTIPS = ("The model with SEG installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        inputs = engine.common_inputs(scale_default=3.0)
-        inputs["blur_sigma"] = (
-            "FLOAT",
-            {
-                "default": seg_math.INFINITE_SIGMA,
-                "min": 0.0,
-                "max": MAX_SIGMA,
-                "step": 0.1,
-                "tooltip": "Width of the Gaussian blur of the queries, in tokens. >= 9999 = infinite (mean query), "
-                "the paper's default; 0 = no blur. The paper sweeps 1, 4, 16, ... and finds larger is stronger.",
-            },
-        )
-        return {"required": inputs, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None, blur_sigma=None):
-        result = engine.validate_common(
-            NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
-        )
-        if result is True and blur_sigma is not None:
-            try:
-                toolkit.check_range(NODE, "blur_sigma", blur_sigma, 0.0, MAX_SIGMA)
-            except toolkit.GuidanceInputError as error:
-                return str(error)
-        return result
+    INPUTS = INPUTS
 
     def patch(
         self,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from . import attention_engine as engine
-from . import toolkit
-from .common import CATEGORY
+from . import common, toolkit
+from .common import CATEGORY, UNIQUE_ID
+from .host import attention, families
+from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "Spatiotemporal Skip Guidance"
 PASS_NAME = "stg"
-MODES = {"STG-R (skip block)": engine.SKIP, "STG-A (skip attention)": engine.IDENTITY}
+MODES = {"STG-R (skip block)": attention.SKIP, "STG-A (skip attention)": attention.IDENTITY}
 
 
 def apply_stg(
@@ -24,12 +25,11 @@ def apply_stg(
     node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with the chosen blocks (or their attention) skipped."""
-    if mode not in MODES:
-        raise toolkit.GuidanceInputError(NODE, "mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-    perturbation = engine.Perturbation(MODES[mode])
+    mode = INPUTS.check(mode=mode)["mode"]
+    perturbation = attention.Perturbation(MODES[mode])
 
-    def check(layout: engine.ModelLayout):
-        if perturbation.mode == engine.SKIP and layout.spec.kind != "dit":
+    def check(layout: families.ModelLayout):
+        if perturbation.mode == attention.SKIP and layout.spec.kind != "dit":
             raise toolkit.GuidanceInputError(
                 NODE,
                 "mode",
@@ -37,7 +37,7 @@ def apply_stg(
                 f"{layout.spec.label}. Use STG-A (skip attention) there",
             )
 
-    return engine.apply_perturbation_guidance(
+    return common.apply_perturbation_guidance(
         model,
         node=NODE,
         name=PASS_NAME,
@@ -54,6 +54,25 @@ def apply_stg(
     )
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        *common.common_inputs(scale_default=1.0, rescale_default=0.7),
+        Input(
+            "mode",
+            COMBO,
+            "STG-R skips whole blocks (residual only) in the perturbed pass; STG-A keeps the blocks but makes their "
+            "self-attention the identity.",
+            default="STG-R (skip block)",
+            options=tuple(MODES),
+        ),
+    ],
+    common.COMMON_RULES,
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class SpatiotemporalSkipGuidance:
     DESCRIPTION = (
         "Spatiotemporal Skip Guidance (Hyung et al., CVPR 2025): one extra conditional pass per step with the "
@@ -68,24 +87,7 @@ class SpatiotemporalSkipGuidance:
     OUTPUT_TOOLTIPS = ("The model with STG installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        inputs = engine.common_inputs(scale_default=1.0, rescale_default=0.7)
-        inputs["mode"] = (
-            list(MODES),
-            {
-                "default": "STG-R (skip block)",
-                "tooltip": "STG-R skips whole blocks (residual only) in the perturbed pass; STG-A keeps the blocks "
-                "but makes their self-attention the identity.",
-            },
-        )
-        return {"required": inputs, "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, start_percent=None, end_percent=None, rescale=None):
-        return engine.validate_common(
-            NODE, scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale
-        )
+    INPUTS = INPUTS
 
     def patch(
         self,

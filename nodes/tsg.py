@@ -1,7 +1,7 @@
 """Time-Step Guidance node (Sadat et al., ICLR 2025, §5): guidance away from a perturbed time-step embedding.
 
 A MODEL patch. One post-CFG function (a list hook, so it stacks) runs, inside the window, one extra conditional
-pass (``toolkit.extra_cond_pass``, reported as "tsg" by the evaluation counter) on a copy of ``model_options``
+pass (``passes.extra_cond_pass``, reported as "tsg" by the evaluation counter) on a copy of ``model_options``
 whose hooks perturb the time-step embedding, and adds ``(w − 1)·(D_c − D_t̃)`` to the CFG result. At KSampler
 cfg 1 that is exactly the paper's ``D(t̃) + w·(D(t) − D(t̃))``; with a real CFG it adds TSG on top (the paper
 combines TSG with ICG this way). w = 1 is off: no extra pass, output bit-identical to the unpatched model.
@@ -28,7 +28,7 @@ The replaces exist only in the perturbed pass's copy of ``model_options``, so no
 perturbed pass is never batched with other passes (every row of its forward is perturbed).
 
 δ = s · t^α · std(emb) · n (guidance/tsg.py): std per sample; t = 1 − percent, with percent the model's own
-sampling percent of the step's sigma (``toolkit.sigma_to_percent``, the inverse of ``percent_to_sigma``), so the
+sampling percent of the step's sigma (``steps.sigma_to_percent``, the inverse of ``percent_to_sigma``), so the
 window's t = 1000·(1 − percent) means the same on eps and flow models (on eps models 1000/999 × ComfyUI's
 discrete time step; on flow models 1000 × the unshifted time). Noise: one n per step, drawn on the CPU from
 ``seed`` and the step index (its position in the run's sigmas), sample after sample, and shared by every chosen
@@ -39,23 +39,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import comfy.model_patcher
 import torch
-from comfy.ldm.modules.diffusionmodules import openaimodel
 
 from ..guidance import tsg
-from . import attention_engine, telemetry, toolkit
-from .common import CATEGORY, MODEL_TOOLTIP
+from . import toolkit
+from .common import CATEGORY, MODEL, UNIQUE_ID
+from .host import embedding, families, observer, passes, perturbed, steps
+from .host.inputs import Input, Inputs, declare, ordered
 
 NODE = "Time-Step Guidance"
 PASS_NAME = "tsg"
-KEY = toolkit.KEY_PREFIX + "tsg"
-# Diagnostic hook: an object with ``record(block, delta)`` at this transformer_options key is told of every
-# block whose embedding the perturbed pass changed ("emb" for the UNet's whole-model emb_patch).
-TRACE_KEY = toolkit.KEY_PREFIX + "tsg_trace"
+KEY = passes.KEY_PREFIX + "tsg"
 MAX_SEED = 2**63 - 1
-# t is recovered from a float32 sigma (about 3e-5 off on the 0-1000 scale): a step on a window edge counts as in.
-T_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -74,7 +69,7 @@ class Target:
     """Where the perturbation goes on this model."""
 
     family: str
-    kind: str  # "unet" | "dit"
+    embedding: str  # how the family's timestep embedding reaches the blocks: "emb_patch" (UNet) | "vec" (DiT)
     keys: tuple  # dit: ("double_block", i) ...; unet: ResBlock paths (empty = the whole model via emb_patch)
     available: int  # the largest valid first_n_blocks
 
@@ -83,34 +78,19 @@ class Target:
 # Blocks
 
 
-def unet_resblocks(dm) -> tuple[list[str], list[str]]:
-    """Encoder and decoder ResBlocks that read the time embedding, as module paths in forward order."""
-
-    def collect(part: str, blocks) -> list[str]:
-        paths = []
-        for i, block in enumerate(blocks):
-            for j, layer in enumerate(block):
-                if isinstance(layer, openaimodel.ResBlock) and layer.emb_layers is not None:
-                    paths.append(f"{part}.{i}.{j}")
-        return paths
-
-    return collect("input_blocks", dm.input_blocks), collect("output_blocks", dm.output_blocks)
-
-
 def resolve_target(model, first_n_blocks: int) -> Target:
     """The family and the blocks to perturb; GuidanceInputError for an unsupported model or a bad N."""
-    layout = attention_engine.detect_layout(model, NODE)
+    layout = families.detect_layout(model, NODE)
     n = first_n_blocks
-    if layout.spec.kind == "unet":
-        encoder, decoder = unet_resblocks(model.get_model_object("diffusion_model"))
+    if layout.spec.embedding == "emb_patch":
+        encoder, decoder = embedding.unet_resblocks(model.get_model_object("diffusion_model"))
         available = max(len(encoder), len(decoder))
         _check_n(n, available, f"this UNet has {len(encoder)} encoder and {len(decoder)} decoder ResBlocks")
         keys = () if n == 0 else tuple(encoder[:n] + decoder[:n])
-        return Target(layout.spec.label, "unet", keys, available)
-    order = [("double_block", i) for i in range(layout.blocks.get("double", 0))]
-    order += [("single_block", i) for i in range(layout.blocks.get("single", 0))]
+        return Target(layout.spec.label, layout.spec.embedding, keys, available)
+    order = layout.dit_blocks_in_order()
     _check_n(n, len(order), f"this {layout.spec.label} model has {layout.describe_blocks()}")
-    return Target(layout.spec.label, "dit", tuple(order if n == 0 else order[:n]), len(order))
+    return Target(layout.spec.label, layout.spec.embedding, tuple(order if n == 0 else order[:n]), len(order))
 
 
 def _check_n(n, available: int, what: str) -> None:
@@ -131,7 +111,6 @@ class PassPerturbation:
     settings: Settings
     t_normalized: float
     noise_seed: int
-    tracer: object | None = None
     _source: torch.Tensor | None = field(default=None, repr=False)
     _delta: torch.Tensor | None = field(default=None, repr=False)
 
@@ -144,95 +123,17 @@ class PassPerturbation:
         return self._delta
 
     def trace(self, block, delta: torch.Tensor) -> None:
-        if self.tracer is not None:
-            self.tracer.record(block, delta)
+        observer.emit("tsg_delta", block=block, delta=delta)
 
 
-class UNetHandover:
-    """The δ of the UNet's running perturbed pass, for the object-patched ResBlocks (None outside it)."""
-
-    def __init__(self):
-        self.delta: torch.Tensor | None = None
-        self.pass_state: PassPerturbation | None = None
-
-
-class PerturbedEmbeddingInput(torch.nn.Module):
-    """Stands in for a ResBlock's ``emb_layers[0]`` (SiLU): adds the running pass's δ to the embedding first."""
-
-    def __init__(self, previous: torch.nn.Module, handover: UNetHandover, block: str):
-        super().__init__()
-        self.previous = previous
-        self.handover = handover
-        self.block = block
-
-    def forward(self, emb: torch.Tensor) -> torch.Tensor:
-        delta = self.handover.delta
-        if delta is not None:
-            if delta.shape != emb.shape:
-                raise RuntimeError(
-                    f"free guidance TSG: embedding {tuple(emb.shape)} does not match δ {tuple(delta.shape)}"
-                )
-            delta = delta.to(emb.device, emb.dtype)
-            emb = emb + delta
-            if self.handover.pass_state is not None:
-                self.handover.pass_state.trace(self.block, delta)
-        return self.previous(emb)
-
-
-def _add_emb_patch(model_options: dict, patch) -> None:
-    transformer_options = model_options.setdefault("transformer_options", {})
-    patches = dict(transformer_options.get("patches", {}))
-    patches["emb_patch"] = [*patches.get("emb_patch", []), patch]
-    transformer_options["patches"] = patches
-
-
-def _dit_replace(key, state: PassPerturbation, previous):
-    def replace(args, extra):
-        vec = args["vec"]
-        delta = state.delta(vec)
-        state.trace(key, delta)
-        inner = dict(args, vec=vec + delta)
-        if previous is not None:
-            return previous(inner, extra)
-        return extra["original_block"](inner)
-
-    return replace
-
-
-def install_perturbation(model_options: dict, target: Target, state: PassPerturbation, handover) -> None:
-    """Install the perturbation on ``model_options`` (the perturbed pass's copy)."""
-    if target.kind == "unet":
-        whole_model = not target.keys
-
-        def emb_patch(emb, model_channels, transformer_options):
-            delta = state.delta(emb)
-            if whole_model:
-                state.trace("emb", delta)
-                return emb + delta
-            handover.delta = delta
-            handover.pass_state = state
-            return emb
-
-        _add_emb_patch(model_options, emb_patch)
-        return
-    existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for key in target.keys:
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _dit_replace(key, state, existing.get(key)), "dit", *key
-        )
-
-
-def step_index(model_options: dict, sigma: float) -> int:
-    """The step whose sigma interval holds ``sigma``, from the run's sigmas (``sample_sigmas``)."""
-    sigmas = model_options.get("transformer_options", {}).get("sample_sigmas")
-    if sigmas is None or len(sigmas) == 0:
-        return int(round(sigma * 1e6))  # no schedule known: still deterministic in the step's sigma
-    return toolkit.schedule_step_index(sigmas, sigma)
+def step_index(step: steps.StepContext) -> int:
+    """The step whose sigma interval holds the call's sigma; without a schedule, still deterministic in sigma."""
+    return step.index if step.sigmas else int(round(step.sigma * 1e6))
 
 
 def step_time(model_sampling, sigma) -> float:
     """The step's t on the paper's 0–1000 scale: ``1000·(1 − percent)``, percent the model's own."""
-    return tsg.T_SCALE * (1.0 - toolkit.sigma_to_percent(model_sampling, sigma))
+    return steps.StepContext(steps.sigma_value(sigma), (), model_sampling).t
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,24 +141,10 @@ def step_time(model_sampling, sigma) -> float:
 
 
 def check_settings(w, s, alpha, t_min, t_max, std_scaling, seed) -> Settings:
-    toolkit.check_range(NODE, "scale", w, 0.0, 100.0)
-    toolkit.check_range(NODE, "noise_scale", s, 0.0, 100.0)
-    toolkit.check_range(NODE, "alpha", alpha, 0.0, 10.0)
-    toolkit.check_range(NODE, "t_min", t_min, 0.0, tsg.T_SCALE)
-    toolkit.check_range(NODE, "t_max", t_max, 0.0, tsg.T_SCALE)
-    if t_min > t_max:
-        raise toolkit.GuidanceInputError(
-            NODE,
-            "t_min",
-            f"must not exceed t_max (valid: 0 <= t_min <= t_max <= 1000), got t_min={t_min} > t_max={t_max}",
-        )
-    if not isinstance(std_scaling, bool):
-        raise toolkit.GuidanceInputError(NODE, "std_scaling", f"must be true or false, got {std_scaling!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise toolkit.GuidanceInputError(
-            NODE, "seed", f"must be an integer between 0 and {MAX_SEED}, got {seed!r}"
-        )
-    return Settings(float(w), float(s), float(alpha), float(t_min), float(t_max), std_scaling, seed)
+    checked = INPUTS.check(
+        scale=w, noise_scale=s, alpha=alpha, t_min=t_min, t_max=t_max, std_scaling=std_scaling, seed=seed
+    )
+    return Settings(*checked.values())
 
 
 def apply_tsg(
@@ -275,52 +162,126 @@ def apply_tsg(
     """A clone of ``model`` with time-step guidance; every input is checked against the model first."""
     settings = check_settings(scale, noise_scale, alpha, t_min, t_max, std_scaling, seed)
     target = resolve_target(model, first_n_blocks)
-    patched = model.clone()
-    handover = UNetHandover()
-    if target.kind == "unet":
-        for block in target.keys:
-            name = f"diffusion_model.{block}.emb_layers.0"
-            previous = patched.get_model_object(name)
-            patched.add_object_patch(name, PerturbedEmbeddingInput(previous, handover, block))
+    window = steps.Window.from_t(settings.t_min, settings.t_max)
+    handover = embedding.EmbeddingHandover()
 
-    def post_cfg(args):
-        denoised = args["denoised"]
-        sigma = args["sigma"]
-        model_options = args["model_options"]
-        t = None if settings.w == 1.0 else step_time(args["model"].model_sampling, sigma)
-        if t is None or not tsg.in_window(t, settings.t_min - T_TOLERANCE, settings.t_max + T_TOLERANCE):
-            telemetry.record(model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True)
-            return denoised
+    def scale(step: steps.StepContext) -> float | None:
+        return None if settings.w == 1.0 or not window.contains(step) else settings.w
+
+    def perturb(options: dict, inputs: perturbed.PassInputs) -> None:
         state = PassPerturbation(
             settings,
-            t / tsg.T_SCALE,
-            tsg.step_seed(settings.seed, step_index(model_options, toolkit.sigma_value(sigma))),
-            tracer=model_options.get("transformer_options", {}).get(TRACE_KEY),
+            inputs.step.t / tsg.T_SCALE,
+            tsg.step_seed(settings.seed, step_index(inputs.step)),
         )
-        try:
-            perturbed = toolkit.extra_cond_pass(
-                args["model"],
-                args["cond"],
-                args["input"],
-                sigma,
-                model_options,
-                name=PASS_NAME,
-                modify=lambda options: install_perturbation(options, target, state, handover),
-            )
-        finally:
-            handover.delta = None
-            handover.pass_state = None
-        telemetry.record(
-            model_options, node_id, sigma=sigma, ran=[PASS_NAME], observed=True, tsg_scale=settings.w
-        )
-        return tsg.combine(denoised, args["cond_denoised"], perturbed, settings.w)
+        embedding.install_embedding_perturbation(options, target.embedding, target.keys, state, handover)
 
-    telemetry.enable(patched, node_id, NODE)
-    telemetry.observe(patched, node_id)
-    patched.set_model_sampler_post_cfg_function(post_cfg)
+    def combine(inputs: perturbed.CombineInputs):
+        return tsg.combine(inputs.denoised, inputs.cond_denoised, inputs.perturbed, settings.w)
+
+    technique = perturbed.PerturbedPass(
+        name=PASS_NAME,
+        node=NODE,
+        scale=scale,
+        perturb=perturb,
+        combine=combine,
+        fields=lambda scale: {} if scale is None else {"tsg_scale": scale},
+        after_pass=handover.clear,
+    )
+    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id)
+    if target.embedding == "emb_patch":
+        embedding.install_resblock_inputs(patched, target.keys, handover)
     return patched
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        MODEL,
+        Input(
+            "scale",
+            "FLOAT",
+            "TSG weight w in D(t~) + w (D(t) - D(t~)). The paper: 4.0 for text-conditional Stable Diffusion, 3.0 "
+            "unconditional, 2.5-5 on DiT. 1 turns TSG off (no extra pass).",
+            default=4.0,
+            min=0.0,
+            max=100.0,
+            step=0.05,
+            extra={"round": 0.01},
+        ),
+        Input(
+            "noise_scale",
+            "FLOAT",
+            "s: strength of the noise added to the time-step embedding. The paper: 3.0 for text-conditional SD "
+            "(power schedule), 1.25 unconditional SD (constant).",
+            default=3.0,
+            min=0.0,
+            max=100.0,
+            step=0.05,
+        ),
+        Input(
+            "alpha",
+            "FLOAT",
+            "Power schedule exponent: the noise is s * t^alpha with t normalized to [0, 1] (1 = pure noise). 0 = "
+            "the paper's constant schedule. The paper: 0.25 for text-conditional SD, 1 on DiT.",
+            default=0.25,
+            min=0.0,
+            max=10.0,
+            step=0.05,
+        ),
+        Input(
+            "t_min",
+            "FLOAT",
+            "Lower end of the window (0-1000 time-step scale, 1000 = pure noise); outside the window no extra "
+            "pass runs. The paper: 400-1000 for text-conditional SD, 100-900 unconditional.",
+            default=400.0,
+            min=0.0,
+            max=tsg.T_SCALE,
+            step=1.0,
+        ),
+        Input(
+            "t_max",
+            "FLOAT",
+            "Upper end of the window (0-1000 scale, t = 1000 x (1 - the model's sampling percent)). Must not be "
+            "below t_min.",
+            default=1000.0,
+            min=0.0,
+            max=tsg.T_SCALE,
+            step=1.0,
+        ),
+        Input(
+            "first_n_blocks",
+            "INT",
+            "Perturb only the first N blocks (DiT: in forward order, Flux/HunyuanVideo double then single; UNet: "
+            "the first N ResBlocks of both encoder and decoder). 0 = all. The paper's DiT ablation was best at "
+            "10. More than the model has is an error.",
+            default=0,
+            min=0,
+            max=1000,
+        ),
+        Input(
+            "std_scaling",
+            "BOOLEAN",
+            "Scale the noise by the std of the embedding (per sample), as the paper does by default. Off: the "
+            "noise is s * t^alpha * N(0, I) in absolute units.",
+            default=True,
+        ),
+        Input(
+            "seed",
+            "INT",
+            "Seed of the embedding noise (one draw per step, from this seed and the step index; shared by every "
+            "perturbed block).",
+            default=0,
+            min=0,
+            max=MAX_SEED,
+        ),
+    ],
+    rules=[ordered("t_min", "t_max", high_label="1000")],
+    hidden=UNIQUE_ID,
+)
+
+
+@declare
 class TimeStepGuidance:
     DESCRIPTION = (
         "Time-step guidance (Sadat et al., ICLR 2025): one extra conditional pass per step with Gaussian noise "
@@ -334,123 +295,7 @@ class TimeStepGuidance:
     OUTPUT_TOOLTIPS = ("The model with time-step guidance installed.",)
     FUNCTION = "patch"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "scale": (
-                    "FLOAT",
-                    {
-                        "default": 4.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.05,
-                        "round": 0.01,
-                        "tooltip": "TSG weight w in D(t~) + w (D(t) - D(t~)). The paper: 4.0 for text-conditional "
-                        "Stable Diffusion, 3.0 unconditional, 2.5-5 on DiT. 1 turns TSG off (no extra pass).",
-                    },
-                ),
-                "noise_scale": (
-                    "FLOAT",
-                    {
-                        "default": 3.0,
-                        "min": 0.0,
-                        "max": 100.0,
-                        "step": 0.05,
-                        "tooltip": "s: strength of the noise added to the time-step embedding. The paper: 3.0 for "
-                        "text-conditional SD (power schedule), 1.25 unconditional SD (constant).",
-                    },
-                ),
-                "alpha": (
-                    "FLOAT",
-                    {
-                        "default": 0.25,
-                        "min": 0.0,
-                        "max": 10.0,
-                        "step": 0.05,
-                        "tooltip": "Power schedule exponent: the noise is s * t^alpha with t normalized to [0, 1] "
-                        "(1 = pure noise). 0 = the paper's constant schedule. The paper: 0.25 for text-conditional "
-                        "SD, 1 on DiT.",
-                    },
-                ),
-                "t_min": (
-                    "FLOAT",
-                    {
-                        "default": 400.0,
-                        "min": 0.0,
-                        "max": 1000.0,
-                        "step": 1.0,
-                        "tooltip": "Lower end of the window (0-1000 time-step scale, 1000 = pure noise); outside the "
-                        "window no extra pass runs. The paper: 400-1000 for text-conditional SD, 100-900 "
-                        "unconditional.",
-                    },
-                ),
-                "t_max": (
-                    "FLOAT",
-                    {
-                        "default": 1000.0,
-                        "min": 0.0,
-                        "max": 1000.0,
-                        "step": 1.0,
-                        "tooltip": "Upper end of the window (0-1000 scale, t = 1000 x (1 - the model's sampling "
-                        "percent)). Must not be below t_min.",
-                    },
-                ),
-                "first_n_blocks": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 1000,
-                        "tooltip": "Perturb only the first N blocks (DiT: in forward order, Flux/HunyuanVideo double "
-                        "then single; UNet: the first N ResBlocks of both encoder and decoder). 0 = all. The "
-                        "paper's DiT ablation was best at 10. More than the model has is an error.",
-                    },
-                ),
-                "std_scaling": (
-                    "BOOLEAN",
-                    {
-                        "default": True,
-                        "tooltip": "Scale the noise by the std of the embedding (per sample), as the paper does by "
-                        "default. Off: the noise is s * t^alpha * N(0, I) in absolute units.",
-                    },
-                ),
-                "seed": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": MAX_SEED,
-                        "tooltip": "Seed of the embedding noise (one draw per step, from this seed and the step "
-                        "index; shared by every perturbed block).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, scale=None, noise_scale=None, alpha=None, t_min=None, t_max=None):
-        try:
-            for name, value, high in (
-                ("scale", scale, 100.0),
-                ("noise_scale", noise_scale, 100.0),
-                ("alpha", alpha, 10.0),
-                ("t_min", t_min, 1000.0),
-                ("t_max", t_max, 1000.0),
-            ):
-                if value is not None:
-                    toolkit.check_range(NODE, name, value, 0.0, high)
-            if t_min is not None and t_max is not None and t_min > t_max:
-                raise toolkit.GuidanceInputError(
-                    NODE,
-                    "t_min",
-                    f"must not exceed t_max (valid: 0 <= t_min <= t_max <= 1000), got {t_min} > {t_max}",
-                )
-        except toolkit.GuidanceInputError as error:
-            return str(error)
-        return True
+    INPUTS = INPUTS
 
     def patch(
         self,

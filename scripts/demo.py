@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from fg_testing import reference
+from fg_testing.host import PACK_DIR, PACK_NAME
+from fg_testing.reference import Technique
+from fg_testing.server import ComfyServer
 
-from fg_testing import reference  # noqa: E402
-from fg_testing.host import PACK_DIR, PACK_NAME  # noqa: E402
-from fg_testing.reference import Technique  # noqa: E402
-from fg_testing.server import ComfyServer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # The benchmark's baseline (CFG 2) and the best entries of the evaluation-saving techniques
 # (docs/benchmark/digits_quality.md).

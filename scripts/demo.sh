@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=$(scripts/setup_host.sh | tail -n 1)
 export FREE_GUIDANCE_CACHE="$CACHE"
+export PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"  # the test harness, fg_testing
 exec "$CACHE/venv/bin/python" scripts/demo.py --out "${1:-demo-output}"

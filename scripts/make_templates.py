@@ -135,20 +135,15 @@ def txt2img_unet(info: dict, ckpt: str, size: int, name: str, perturbation: str)
     latent = w.node("EmptyLatentImage", column=1, width=size, height=size, batch_size=1)
     count = counted(w, loader.out("MODEL"))
     ag = w.node(
-        "FreeGuidanceAdaptiveGuidance", column=2, model=count.out(), threshold=0.991, start_percent=0.0
+        "FreeGuidanceAdaptiveGuidance",
+        column=2,
+        model=count.out(),
     )
     if perturbation == "pag":
         attention = w.node(
             "FreeGuidancePAG",
             column=2,
             model=ag.out(),
-            scale=3.0,
-            blocks="auto",
-            start_percent=0.0,
-            end_percent=1.0,
-            schedule="constant",
-            batched=True,
-            rescale=0.0,
         )
         attention_note = PAG_NOTE.format(blocks="the UNet's middle block, core PAG's choice")
         attention_title = "Perturbed-Attention Guidance"
@@ -157,14 +152,6 @@ def txt2img_unet(info: dict, ckpt: str, size: int, name: str, perturbation: str)
             "FreeGuidanceSEG",
             column=2,
             model=ag.out(),
-            scale=3.0,
-            blocks="auto",
-            start_percent=0.0,
-            end_percent=1.0,
-            schedule="constant",
-            batched=True,
-            rescale=0.0,
-            blur_sigma=9999.0,
         )
         attention_note = SEG_NOTE
         attention_title = "Smoothed Energy Guidance"
@@ -191,20 +178,17 @@ def txt2img_sd3(info: dict) -> dict:
     latent = w.node("EmptySD3LatentImage", column=1, width=1024, height=1024, batch_size=1)
     count = counted(w, loader.out("MODEL"))
     ag = w.node(
-        "FreeGuidanceAdaptiveGuidance", column=2, model=count.out(), threshold=0.991, start_percent=0.0
+        "FreeGuidanceAdaptiveGuidance",
+        column=2,
+        model=count.out(),
     )
     stg = w.node(
         "FreeGuidanceSTG",
         column=2,
         model=ag.out(),
         scale=3.0,
-        blocks="auto",
-        start_percent=0.0,
         end_percent=0.15,
-        schedule="constant",
-        batched=True,
         rescale=0.0,
-        mode="STG-R (skip block)",
     )
     sampler = ksampler(
         w, stg.out(), pos.out(), neg.out(), latent.out(), steps=28, cfg=4.5, scheduler="sgm_uniform"
@@ -247,12 +231,7 @@ def txt2img_flux(info: dict) -> dict:
         column=2,
         model=count.out(),
         scale=2.0,
-        blocks="auto",
-        start_percent=0.0,
         end_percent=0.5,
-        schedule="constant",
-        batched=True,
-        rescale=0.0,
     )
     sampler = ksampler(
         w, pag.out(), flux_guidance.out(), neg.out(), latent.out(), steps=20, cfg=1.0, scheduler="simple"
@@ -349,26 +328,17 @@ def video_guidance(w: UIWorkflow, model: Out) -> tuple[Node, Node, Node]:
         "FreeGuidanceCFGSchedule",
         column=2,
         model=model,
-        schedule="linear",
-        axis="step",
-        clamp=0.0,
-        exponent=1.0,
     )
     ag = w.node(
-        "FreeGuidanceAdaptiveGuidance", column=2, model=schedule.out(), threshold=0.996, start_percent=0.0
+        "FreeGuidanceAdaptiveGuidance",
+        column=2,
+        model=schedule.out(),
+        threshold=0.996,
     )
     stg = w.node(
         "FreeGuidanceSTG",
         column=2,
         model=ag.out(),
-        scale=1.0,
-        blocks="auto",
-        start_percent=0.0,
-        end_percent=1.0,
-        schedule="constant",
-        batched=True,
-        rescale=0.7,
-        mode="STG-R (skip block)",
     )
     return schedule, ag, stg
 
@@ -471,7 +441,9 @@ def inpaint_sd15(info: dict) -> dict:
     )
     count = counted(w, ckpt.out("MODEL"))
     ag = w.node(
-        "FreeGuidanceAdaptiveGuidance", column=2, model=count.out(), threshold=0.991, start_percent=0.0
+        "FreeGuidanceAdaptiveGuidance",
+        column=2,
+        model=count.out(),
     )
     sampler = ksampler(w, ag.out(), cond.out(0), cond.out(1), cond.out(2), steps=25, cfg=7.0)
     report = w.node("FreeGuidanceEvaluationReport", column=4, model=ag.out(), latent=sampler.out())
@@ -565,10 +537,6 @@ def fouriscale(info: dict, ckpt: str, native: int, name: str) -> dict:
         start=start,
         stop=stop,
         base_resolution=native,
-        dilation=0,
-        progressive=True,
-        low_pass=True,
-        mask_floor=-1.0,
     )
     sampler = ksampler(w, fs.out(), pos.out(), neg.out(), latent.out(), steps=50, cfg=7.5)
     report = w.node("FreeGuidanceEvaluationReport", column=4, model=fs.out(), latent=sampler.out())
@@ -641,11 +609,6 @@ def diffusehigh(info: dict, family: str) -> dict:
         vae=vae,
         width=2 * native,
         height=2 * native,
-        stages=1,
-        renoise=0.3,
-        structure_steps=5,
-        sharpen=1.0,
-        guidance_space="image",
     )
     sigmas = w.node(
         "BasicScheduler", column=4, model=count.out(), scheduler=scheduler, steps=steps, denoise=1.0

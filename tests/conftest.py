@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from fg_testing import host as _host  # noqa: E402
+from fg_testing import host as _host
 
 
 @pytest.fixture(scope="session")

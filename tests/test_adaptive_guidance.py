@@ -128,9 +128,11 @@ def test_evaluations_are_2k_plus_n_minus_k_and_the_switch_is_permanent(pack, fam
     k = converged_at + 1  # steps run with CFG, the converged one included
 
     model = cached_model(family).clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
-    trace = []
-    patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, threshold, trace=trace)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
+    trace = sampling.Collect("adaptive_guidance_run", "switch")
+    patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(
+        sampling.traced(pack, model, trace), threshold
+    )
     sampling.ksample(patched, family, steps=steps, batch=batch)
     run = counter.last
     assert trace[-1].switch_step == k
@@ -148,7 +150,7 @@ def test_evaluations_are_2k_plus_n_minus_k_and_the_switch_is_permanent(pack, fam
 def test_start_percent_holds_the_switch_until_the_window(pack):
     steps = 8
     model = cached_model("sd3").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
     patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, -1.0, 0.5)
     sampling.ksample(patched, "sd3", steps=steps)
     sigma_start = model.get_model_object("model_sampling").percent_to_sigma(0.5)
@@ -163,9 +165,11 @@ def test_state_is_per_run_and_the_input_model_is_unchanged(pack):
     gammas, plain_before = recorded_cfg_gammas(pack, "sd3", 6)
     threshold, _ = mid_run_threshold(gammas)
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
-    trace = []
-    patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(counted, threshold, trace=trace)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
+    trace = sampling.Collect("adaptive_guidance_run", "switch")
+    patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(
+        sampling.traced(pack, counted, trace), threshold
+    )
     first = sampling.ksample(patched, "sd3", steps=6)
     first_counts = counter.last.as_dict()
     second = sampling.ksample(patched, "sd3", steps=6)  # a switched first run must not leak into the second
@@ -180,9 +184,9 @@ def test_inner_skip_wrappers_are_not_read_as_converged(pack):
     """CFG Interval below AG fills the uncond slot with D_c (γ exactly 1): AG must not take that as converged."""
     steps = 6
     model = cached_model("sd3").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
-    trace = []
-    outer = pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, 1.0, trace=trace)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
+    trace = sampling.Collect("adaptive_guidance_run", "switch")
+    outer = pack.nodes.adaptive_guidance.apply_adaptive_guidance(sampling.traced(pack, model, trace), 1.0)
     stacked = pack.nodes.cfg_interval.apply_cfg_interval(outer, 0.0, 0.5)
     sampling.ksample(stacked, "sd3", steps=steps)
     assert 0 < counter.last.uncond < steps
@@ -204,7 +208,7 @@ def test_on_the_mixture_ag_matches_cfg_within_1e_3_with_far_fewer_evaluations(pa
     mixture, model = mixture_model
     steps, cfg = 24, 3.0
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     reference = gmm.sample(counted, "sd15", 0, cfg, steps=steps, batch=64)
     assert counter.last.total == 2 * steps
     cond_only = gmm.sample(counted, "sd15", 0, 1.0, steps=steps, batch=64)
@@ -236,8 +240,10 @@ def test_on_the_mixture_the_node_equals_the_paper_rule_in_an_independent_sampler
         return uncond + cfg * (cond - uncond)
 
     expected = euler_reference.euler(mixture, 1, sigmas, paper_rule, batch=16)
-    trace = []
-    patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, threshold, trace=trace)
+    trace = sampling.Collect("adaptive_guidance_run", "switch")
+    patched = pack.nodes.adaptive_guidance.apply_adaptive_guidance(
+        sampling.traced(pack, model, trace), threshold
+    )
     got = gmm.sample(patched, "sd15", 1, cfg, steps=steps, batch=16)
     assert state["k"] is not None and trace[-1].switch_step == state["k"] < steps
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -254,16 +260,19 @@ def test_on_the_mixture_gamma_starts_high_and_start_percent_prevents_an_early_sw
     def relative(a):
         return float((a - reference).norm() / reference.norm())
 
-    early, late = [], []
+    early, late = (
+        sampling.Collect("adaptive_guidance_run", "switch"),
+        sampling.Collect("adaptive_guidance_run", "switch"),
+    )
     eager = gmm.sample(
-        pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, 0.991, trace=early),
+        pack.nodes.adaptive_guidance.apply_adaptive_guidance(sampling.traced(pack, model, early), 0.991),
         "sd15",
         0,
         3.0,
         batch=32,
     )
     patient = gmm.sample(
-        pack.nodes.adaptive_guidance.apply_adaptive_guidance(model, 0.991, 0.3, trace=late),
+        pack.nodes.adaptive_guidance.apply_adaptive_guidance(sampling.traced(pack, model, late), 0.991, 0.3),
         "sd15",
         0,
         3.0,

@@ -34,7 +34,7 @@ def ag_start_between_steps_2_and_3(pack, family):
     model = cached_model(family)
     model_sampling = model.get_model_object("model_sampling")
     sigmas = sampling.sigmas_for(model, STEPS).tolist()
-    p2, p3 = (pack.nodes.toolkit.sigma_to_percent(model_sampling, s) for s in sigmas[2:4])
+    p2, p3 = (pack.nodes.host.steps.sigma_to_percent(model_sampling, s) for s in sigmas[2:4])
     assert p2 < p3
     return (p2 + p3) / 2
 

@@ -143,7 +143,7 @@ def test_combination_and_rescale(pack):
 
 
 def layout(pack, family):
-    return pack.nodes.attention_engine.detect_layout(cached_model(family), "Test")
+    return pack.nodes.host.families.detect_layout(cached_model(family), "Test")
 
 
 @pytest.mark.parametrize(
@@ -162,7 +162,7 @@ def layout(pack, family):
     ],
 )
 def test_block_strings(pack, family, text, keys):
-    selection = pack.nodes.attention_engine.parse_blocks("Test", "blocks", text, layout(pack, family))
+    selection = pack.nodes.host.blocks.parse_blocks("Test", "blocks", text, layout(pack, family))
     assert list(selection.keys) == keys
 
 
@@ -182,9 +182,8 @@ def test_block_strings(pack, family, text, keys):
     ],
 )
 def test_bad_block_strings_name_node_input_and_valid_blocks(pack, family, text, fragment):
-    engine = pack.nodes.attention_engine
     with pytest.raises(pack.nodes.toolkit.GuidanceInputError, match="Test: input 'blocks'") as error:
-        engine.parse_blocks("Test", "blocks", text, layout(pack, family))
+        pack.nodes.host.blocks.parse_blocks("Test", "blocks", text, layout(pack, family))
     assert fragment in str(error.value)
 
 
@@ -276,6 +275,10 @@ class Tracer:
         for handle in self.handles:
             handle.remove()
 
+    def __call__(self, event, fields):
+        if event == "perturbation":
+            self.record(fields["block"], fields["kind"])
+
 
 REACH_CASES = [
     ("sd15", "pag", "output.1, input.1"),
@@ -298,13 +301,15 @@ REACH_CASES = [
 
 @pytest.mark.parametrize("family, name, blocks", REACH_CASES)
 def test_perturbation_reaches_exactly_the_chosen_blocks(pack, family, name, blocks):
-    engine = pack.nodes.attention_engine
-    toolkit = pack.nodes.toolkit
+    engine = pack.nodes.host.attention
+    toolkit = pack.nodes.host.passes
     _, _, extra = TECHNIQUES[name]
     mode = {"pag": engine.IDENTITY, "seg": engine.BLUR, "stg_a": engine.IDENTITY, "stg_r": engine.SKIP}[name]
     perturbation = engine.Perturbation(mode, extra.get("blur_sigma", 0.0))
     model = cached_model(family)
-    selection = engine.parse_blocks("Test", "blocks", blocks, engine.detect_layout(model, "Test"))
+    selection = pack.nodes.host.blocks.parse_blocks(
+        "Test", "blocks", blocks, pack.nodes.host.families.detect_layout(model, "Test")
+    )
     probe = model.clone()
     tracer = Tracer(tiny_models.block_modules(family, model.get_model_object("diffusion_model")))
     seen = []
@@ -318,10 +323,12 @@ def test_perturbation_reaches_exactly_the_chosen_blocks(pack, family, name, bloc
         return args["denoised"]
 
     probe.set_model_sampler_post_cfg_function(post_cfg)
-    probe.model_options["transformer_options"][engine.TRACE_KEY] = tracer
     try:
         sampling.ksample(
-            probe, family, steps=1 if family == "sdxl" else 2, batch=1 if family == "sdxl" else 2
+            sampling.traced(pack, probe, tracer),
+            family,
+            steps=1 if family == "sdxl" else 2,
+            batch=1 if family == "sdxl" else 2,
         )
     finally:
         tracer.close()
@@ -344,11 +351,13 @@ def test_perturbation_reaches_exactly_the_chosen_blocks(pack, family, name, bloc
 
 @pytest.mark.parametrize("family", ["sd15", "sd3", "flux", "wan21", "hunyuan_video"])
 def test_seg_sigma_zero_perturbed_prediction_equals_the_unperturbed(pack, family):
-    engine = pack.nodes.attention_engine
-    toolkit = pack.nodes.toolkit
+    engine = pack.nodes.host.attention
+    toolkit = pack.nodes.host.passes
     model = cached_model(family)
     blocks = "double:0; single:0" if family in ("flux", "hunyuan_video") else "auto"
-    selection = engine.parse_blocks("Test", "blocks", blocks, engine.detect_layout(model, "Test"))
+    selection = pack.nodes.host.blocks.parse_blocks(
+        "Test", "blocks", blocks, pack.nodes.host.families.detect_layout(model, "Test")
+    )
     probe = model.clone()
     pairs = []
 
@@ -569,7 +578,7 @@ def test_chains_the_attention_override_and_block_replace_already_installed(
 
 
 def test_toolkit_recognises_a_main_call_with_batched_extra_conds(pack):
-    toolkit = pack.nodes.toolkit
+    toolkit = pack.nodes.host.passes
     cond, uncond = [{"c": 1}], [{"c": 2}]
     assert toolkit.is_main_pass([cond, uncond], {})
     assert not toolkit.is_main_pass([cond, None], {}) and toolkit.is_main_call([cond, None], {})

@@ -71,7 +71,7 @@ def test_half_interval_saves_exactly_the_uncond_evaluations_outside(pack, family
     steps = 8
     model = cached_model(family)
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     patched = pack.nodes.cfg_interval.apply_cfg_interval(counted, 0.0, 0.5)
     sampling.ksample(patched, family, steps=steps)
     run = counter.last

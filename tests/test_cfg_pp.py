@@ -193,7 +193,7 @@ def test_ksampler_patch_refuses_other_samplers_and_lambda_out_of_range(pack):
 def test_sampler_evaluations_are_those_of_cfg(pack):
     model = cached_model("sd15")
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     for solver in ["dpmpp_2m", "euler_ancestral"]:
         sampling.custom_sample(
             counted, "sd15", pack.nodes.cfg_pp.make_sampler(solver, 1.0, 1.0), sigmas(model, 3), cfg=1.0
@@ -358,7 +358,7 @@ def test_bad_sampler_inputs_fail_before_sampling(comfy_host, pack, bad_input, kw
 def test_lambda_out_of_range_fails_before_any_evaluation(pack):
     model = cached_model("sd15")
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     with pytest.raises(
         pack.nodes.toolkit.GuidanceInputError,
         match="CFG\\+\\+ Sampler: input 'cfg' must be between 0.0 and 1.0",

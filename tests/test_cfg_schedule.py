@@ -87,9 +87,9 @@ def test_constant_schedule_is_bit_exact_plain_cfg(run_prompt, advanced):
 def test_the_papers_clamp_linear_weight_on_the_step_axis(pack, family):
     """Fig. 1 of the paper, in its Ho units: s = max(c, 2·s̄·t/T) for t = 1 … T; ComfyUI cfg = 1 + s."""
     steps, cfg, c = 6, 5.0, 1.0
-    trace = []
+    trace = sampling.Collect("cfg_schedule_run", "weights")
     patched = pack.nodes.cfg_schedule.apply_cfg_schedule(
-        cached_model(family), "linear", "step", c, trace=trace
+        sampling.traced(pack, cached_model(family), trace), "linear", "step", c
     )
     sampling.ksample(patched, family, steps=steps, cfg=cfg)
     s_bar = cfg - 1
@@ -103,14 +103,18 @@ def test_sigma_axis_uses_the_denoising_percent_of_each_sigma(pack, family):
     model_sampling = model.get_model_object("model_sampling")
     for percent in (0.1, 0.35, 0.5, 0.8, 0.95):
         sigma = model_sampling.percent_to_sigma(percent)
-        assert pack.nodes.toolkit.sigma_to_percent(model_sampling, sigma) == pytest.approx(percent, abs=1e-6)
+        assert pack.nodes.host.steps.sigma_to_percent(model_sampling, sigma) == pytest.approx(
+            percent, abs=1e-6
+        )
     if family == "sd3":
         steps, cfg = 5, 4.0
-        trace = []
-        patched = pack.nodes.cfg_schedule.apply_cfg_schedule(model, "cosine", "sigma", trace=trace)
+        trace = sampling.Collect("cfg_schedule_run", "weights")
+        patched = pack.nodes.cfg_schedule.apply_cfg_schedule(
+            sampling.traced(pack, model, trace), "cosine", "sigma"
+        )
         sampling.ksample(patched, family, steps=steps, cfg=cfg)
         sigmas = sampling.sigmas_for(model, steps)[:-1].tolist()
-        percents = [pack.nodes.toolkit.sigma_to_percent(model_sampling, s) for s in sigmas]
+        percents = [pack.nodes.host.steps.sigma_to_percent(model_sampling, s) for s in sigmas]
         expected = [1 + (cfg - 1) * (1 - math.cos(math.pi * p)) for p in percents]
         # the first step (percent 0) has weight exactly 1, so its uncond pass is skipped
         assert expected[0] == 1.0
@@ -120,7 +124,7 @@ def test_sigma_axis_uses_the_denoising_percent_of_each_sigma(pack, family):
 def test_weight_one_skips_the_uncond_pass(pack):
     steps = 6
     model = cached_model("wan21").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
     patched = pack.nodes.cfg_schedule.apply_cfg_schedule(model, "inverse_linear", "step")
     sampling.ksample(patched, "wan21", steps=steps)
     run = counter.last
@@ -132,12 +136,14 @@ def test_weight_one_skips_the_uncond_pass(pack):
 def test_combines_with_cfg_interval(pack):
     steps, cfg = 8, 4.0
     model = cached_model("sd3").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
     interval_only = pack.nodes.cfg_interval.apply_cfg_interval(model, 0.0, 0.5)
     sampling.ksample(interval_only, "sd3", steps=steps, cfg=cfg)
     interval_uncond = counter.last.uncond
-    trace = []
-    scheduled = pack.nodes.cfg_schedule.apply_cfg_schedule(model, "linear", "step", trace=trace)
+    trace = sampling.Collect("cfg_schedule_run", "weights")
+    scheduled = pack.nodes.cfg_schedule.apply_cfg_schedule(
+        sampling.traced(pack, model, trace), "linear", "step"
+    )
     both = pack.nodes.cfg_interval.apply_cfg_interval(scheduled, 0.0, 0.5)
     out = sampling.ksample(both, "sd3", steps=steps, cfg=cfg)
     assert torch.isfinite(out).all()

@@ -124,7 +124,7 @@ def test_no_renoise_and_no_guidance_returns_the_upscaled_input(pack):
 
 def test_resampling_evaluates_the_model_only_on_the_tail_of_the_schedule(pack):
     counted = cached_model("sd15").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     out = run_sampler(counted, "sd15", diffusehigh_sampler(pack, stages=2, guidance_space="latent"), latent)
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
@@ -211,7 +211,7 @@ def test_two_times_native_end_to_end(comfy_host, run_prompt, family):
 
 def test_target_smaller_than_input_is_refused(pack):
     counted = cached_model("sd15").clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     latent = torch.zeros(1, 4, 8, 8)
     with pytest.raises(
         pack.nodes.toolkit.GuidanceInputError, match="DiffuseHigh: input 'width' must not be smaller"
@@ -237,8 +237,26 @@ def test_size_not_a_multiple_of_the_latent_factor_is_refused(comfy_host, pack):
     ok, _, _, node_errors = host.validate(prompt)
     assert not ok
     messages = " ".join(e["details"] + e["message"] for n in node_errors.values() for e in n["errors"])
-    assert "DiffuseHigh: input 'width' must be a positive multiple of 8" in messages
+    assert "DiffuseHigh: input 'width' must be a multiple of 8" in messages
     with pytest.raises(
         pack.nodes.toolkit.GuidanceInputError, match="DiffuseHigh: input 'height' must be a positive"
     ):
         pack.nodes.diffusehigh.check_sizes(torch.zeros(1, 4, 8, 8), vae(4), 128, 132)
+
+
+def test_a_size_that_cannot_fit_is_refused_before_sampling_with_the_estimate(comfy_host, pack, monkeypatch):
+    import psutil
+
+    dh = pack.nodes.diffusehigh
+    latent = torch.zeros(1, 4, 8, 8)
+    base = cached_model("sd15").model
+    # at the declared max the estimate exceeds any machine's memory; at the tests' size it is small
+    assert dh.estimate_memory(base, latent, 8, dh.MAX_SIZE, dh.MAX_SIZE) > 2 * psutil.virtual_memory().total
+    assert dh.estimate_memory(base, latent, 8, 128, 128) < 2**30
+    limit = pack.nodes.host.inputs.MEMORY_LIMIT_ENV
+    monkeypatch.setenv(limit, "0.00001")
+    prompt, _ = two_times_prompt(comfy_host, "sd15")
+    result = host.run_prompt(prompt, expect_success=False)
+    text = str(result.messages)
+    assert "DiffuseHigh: input 'width' asks for more memory than the limit: width x height 128x128" in text
+    assert "GiB" in text and f"{limit}=0.00001" in text

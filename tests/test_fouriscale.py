@@ -62,15 +62,16 @@ def test_identity_fails_without_dilation(pack):
 
 def test_patched_layer_satisfies_the_identity(pack):
     """The module that replaces a real SD1.5 ResNet conv, filter off, d = 2, on an upsampled input."""
-    fsn = pack.nodes.fouriscale
     model = cached_model("sd15_deep")
     conv = model.get_model_object("diffusion_model.input_blocks.7.0.in_layers.2")
-    runtime = fsn.Runtime()
-    layer = fsn.FouriScaleConv2d(conv, "down_blocks.2.resnets.0.conv1", 2, runtime)
+    runtime = pack.nodes.host.convs.Runtime()
+    layer = pack.nodes.host.convs.FouriScaleConv2d(conv, "down_blocks.2.resnets.0.conv1", 2, runtime)
     x = torch.randn(1, conv.in_channels, 3, 4, generator=torch.Generator().manual_seed(0))
     small = layer(x)
     assert torch.equal(small, conv(x))  # no plan: the original convolution
-    runtime.plan = fsn.Plan(2.0, 1, torch.zeros(0, dtype=torch.long), (4.0, 4.0), False, 0.0, False)
+    runtime.plan = pack.nodes.host.convs.Plan(
+        2.0, 1, torch.zeros(0, dtype=torch.long), (4.0, 4.0), False, 0.0, False
+    )
     big = layer(pack.guidance.fouriscale.nearest_upsample(x, 2))
     torch.testing.assert_close(big, pack.guidance.fouriscale.nearest_upsample(small, 2), rtol=1e-5, atol=1e-5)
 
@@ -166,25 +167,28 @@ def test_patched_layers_are_exactly_the_papers_list(pack, family):
     assert sorted(to_diffusers[path] for path in patched.object_patches) == sorted(paper)
     assert len(set(paper)) == (34 if family == "sd15_deep" else 21)
 
-    runtime = fsn.runtime_of(patched)
-    runtime.trace = []
+    trace = []
     batches = []
 
     def record(executor, x, *args, **kwargs):
         batches.append((x.shape[0], list(args[4]["cond_or_uncond"])))
         return executor(x, *args, **kwargs)
 
-    instrumented = patched.clone()
+    def conv(event, fields):
+        if event == "fouriscale_conv":
+            trace.append((fields["layer"], fields["dilation"], fields["filtered"]))
+
+    instrumented = sampling.traced(pack, patched, conv)
     instrumented.add_wrapper_with_key(
         comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.record", record
     )
     sampling.ksample(instrumented, family, steps=1)
     assert batches == [(3, [1, 0, 0])]  # uncond, cond (strong filter) and the guidance branch (weak filter)
-    assert sorted({layer for layer, _, _ in runtime.trace}) == sorted(paper)
-    assert len(runtime.trace) == len(paper)  # each once per step: one batched call with the guidance rows
-    filtered = {layer for layer, _, f in runtime.trace if f}
+    assert sorted({layer for layer, _, _ in trace}) == sorted(paper)
+    assert len(trace) == len(paper)  # each once per step: one batched call with the guidance rows
+    filtered = {layer for layer, _, f in trace if f}
     assert filtered == {layer for layer in paper if "upsamplers" not in layer}
-    assert {dilation for _, dilation, _ in runtime.trace} == {2}
+    assert {dilation for _, dilation, _ in trace} == {2}
 
 
 def test_comfyui_paths_of_the_sd15_layers(pack):
@@ -215,7 +219,7 @@ def test_schedule_off_is_bit_exact_on_changes_the_result_and_the_input_model_is_
     keys = set(model.model_state_dict())
     plain = sampling.ksample(model, "sd15_deep", steps=2)  # loading the plain patcher restores its modules
     conv = model.model.diffusion_model.input_blocks[7][0].in_layers[2]
-    assert not isinstance(conv, fsn.FouriScaleConv2d)
+    assert not isinstance(conv, pack.nodes.host.convs.FouriScaleConv2d)
 
     off = fsn.apply_fouriscale(model, SIZE, SIZE, base_resolution=BASE, start=0.0, stop=0.0)
     assert torch.equal(sampling.ksample(off, "sd15_deep", steps=2), plain)
@@ -274,11 +278,11 @@ def test_the_guidance_branch_is_counted_wherever_the_counter_sits(pack, counter_
 
     if counter_first:
         counted = model.clone()
-        counter = pack.nodes.toolkit.EvalCounter.install(counted)
+        counter = pack.nodes.host.counter.EvalCounter.install(counted)
         patched = fouriscale_clone(counted)
     else:
         patched = fouriscale_clone(model)
-        counter = pack.nodes.toolkit.EvalCounter.install(patched)
+        counter = pack.nodes.host.counter.EvalCounter.install(patched)
     sampling.ksample(patched, "sd15_deep", steps=2, batch=2)
     counts = counter.last.as_dict()
     assert (counts["cond"], counts["uncond"], counts["extra"]) == (2, 2, {"fouriscale": 2})
@@ -324,3 +328,22 @@ def test_tiny_deep_sd15_is_detected_as_sd15(comfy_host):
     detected = comfy.model_detection.detect_unet_config(tiny_models.state_dict("sd15_deep"), "")
     assert detected == tiny_models.FAMILIES["sd15_deep"].config
     assert type(cached_model("sd15_deep").model.model_config).__name__ == "SD15"
+
+
+def test_a_size_that_cannot_fit_is_refused_before_sampling_with_the_estimate(pack, monkeypatch):
+    fsn = pack.nodes.fouriscale
+    error = pack.nodes.toolkit.GuidanceInputError
+    limit = pack.nodes.host.inputs.MEMORY_LIMIT_ENV
+    model = cached_model("sd15_deep")
+    # the declared max cannot fit on any machine: refused by the default limit (the device's memory)
+    with pytest.raises(
+        error, match=f"FouriScale: input 'width' asks for more memory.*16384x16384.*GiB.*{limit}"
+    ):
+        fsn.apply_fouriscale(model, fsn.MAX_SIZE, fsn.MAX_SIZE)
+    fsn.apply_fouriscale(model, 64, 64, base_resolution=32)
+    monkeypatch.setenv(limit, "0.00001")
+    with pytest.raises(error, match=f"64x64 \\(per image\\) needs an estimated .* GiB.*{limit}=0.00001"):
+        fsn.apply_fouriscale(model, 64, 64, base_resolution=32)
+    monkeypatch.setenv(limit, "lots")
+    with pytest.raises(error, match=f"input '{limit}' \\(environment variable\\) must be a number"):
+        fsn.apply_fouriscale(model, 64, 64, base_resolution=32)

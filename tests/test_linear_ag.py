@@ -74,9 +74,9 @@ def test_the_pattern_alternates_after_two_real_steps_until_the_end(pack):
 def test_uncond_is_skipped_exactly_on_the_regressed_steps(pack, family, batch):
     steps, end_percent = 10, 0.6
     model = cached_model(family).clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(model)
-    trace = []
-    patched = pack.nodes.linear_ag.apply_linear_ag(model, end_percent, trace=trace)
+    counter = pack.nodes.host.counter.EvalCounter.install(model)
+    trace = sampling.Collect("linear_ag_run", "lag")
+    patched = pack.nodes.linear_ag.apply_linear_ag(sampling.traced(pack, model, trace), end_percent)
     out = sampling.ksample(patched, family, steps=steps, batch=batch)
     assert torch.isfinite(out).all()
     expected = [2, 4]  # end step int(0.6 * 10) = 6
@@ -100,8 +100,8 @@ def test_end_zero_is_bit_exact_plain_cfg(run_prompt):
 def test_state_is_per_run_and_the_input_model_is_unchanged(pack):
     model = cached_model("wan21")
     before = sampling.ksample(model, "wan21", steps=8)
-    trace = []
-    patched = pack.nodes.linear_ag.apply_linear_ag(model, 1.0, trace=trace)
+    trace = sampling.Collect("linear_ag_run", "lag")
+    patched = pack.nodes.linear_ag.apply_linear_ag(sampling.traced(pack, model, trace), 1.0)
     first = sampling.ksample(patched, "wan21", steps=8)
     second = sampling.ksample(patched, "wan21", steps=8)
     assert torch.equal(first, second) and not torch.equal(first, before)
@@ -125,22 +125,27 @@ def test_on_the_mixture_linear_ag_stays_close_to_cfg_and_beats_dropping_guidance
     mixture, model = mixture_model
     steps, cfg = 24, 3.0
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     reference = gmm.sample(counted, "sd15", 0, cfg, steps=steps, batch=64)
-    trace = []
+    trace = sampling.Collect("linear_ag_run", "lag")
     estimated = gmm.sample(
-        pack.nodes.linear_ag.apply_linear_ag(counted, 0.5, trace=trace), "sd15", 0, cfg, steps=steps, batch=64
+        pack.nodes.linear_ag.apply_linear_ag(sampling.traced(pack, counted, trace), 0.5),
+        "sd15",
+        0,
+        cfg,
+        steps=steps,
+        batch=64,
     )
     assert counter.last.total == 2 * steps - 5 and trace[-1].regressed_steps == [2, 4, 6, 8, 10]
 
-    toolkit = pack.nodes.toolkit
+    passes, run_steps = pack.nodes.host.passes, pack.nodes.host.steps
     dropped_model = counted.clone()
-    toolkit.install_run_state(dropped_model, "test.steps", lambda info: info)
-    toolkit.install_uncond_skip(
+    run_steps.install_run_state(dropped_model, "test.steps", lambda info: info)
+    passes.install_uncond_skip(
         dropped_model,
         "test.drop",
         lambda ctx: (
-            toolkit.run_state(ctx.model_options, "test.steps").step_index(ctx.sigma) in {2, 4, 6, 8, 10}
+            run_steps.run_state(ctx.model_options, "test.steps").step_index(ctx.sigma) in {2, 4, 6, 8, 10}
         ),
     )
     dropped = gmm.sample(dropped_model, "sd15", 0, cfg, steps=steps, batch=64)

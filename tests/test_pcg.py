@@ -98,7 +98,7 @@ def test_cost_is_one_plus_two_k_evaluations_per_step(pack, k):
     family, steps = "sd3", 3
     model = cached_model(family)
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     sampling.custom_sample(
         counted,
         family,

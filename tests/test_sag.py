@@ -41,7 +41,8 @@ def counts(result, ids):
 
 
 class Trace:
-    """The capture/guide diagnostic hook of nodes/sag.py, plus the block module running at each capture."""
+    """The capture/guide events of nodes/sag.py (an observer callback), plus the block module running at each
+    capture."""
 
     def __init__(self, modules=None):
         self.captures: list = []
@@ -67,11 +68,15 @@ class Trace:
         for handle in self.handles:
             handle.remove()
 
+    def __call__(self, event, fields):
+        if event == "sag_capture":
+            self.capture(**fields)
+        elif event == "sag_guide":
+            self.guide(**fields)
+
 
 def traced(pack, model, trace):
-    probe = model.clone()
-    probe.model_options["transformer_options"][pack.nodes.sag.TRACE_KEY] = trace
-    return probe
+    return sampling.traced(pack, model, trace)
 
 
 def sample_with_noise(model, family, noise, *, steps=2, cfg=4.0, positive=None, negative=None):

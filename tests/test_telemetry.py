@@ -36,11 +36,11 @@ def test_cfg_interval_records_every_step_into_the_history(run_prompt, pack, adva
     assert len(ran_uncond) == counts["uncond"] and 0 < counts["uncond"] < 6
     for step in steps:
         if step["skipped"]:
-            assert step == {**step, "ran": ["cond"], "skipped": ["uncond"], "scale": 1.0, "cosine": None}
+            assert step == {**step, "ran": ["cond"], "skipped": ["uncond"], "scale": 1.0, "cosine_x0": None}
             assert step["evaluations"] == 1
         else:
             assert step["ran"] == ["cond", "uncond"] and step["scale"] == 5.0 and step["evaluations"] == 2
-            assert -1.0 <= step["cosine"] <= 1.0
+            assert -1.0 <= step["cosine_x0"] <= 1.0
     # the skipped steps are the ones outside the interval: a contiguous block inside, skips at both ends
     pattern = [bool(s["skipped"]) for s in steps]
     assert pattern[0] and pattern[-1] and not all(pattern)
@@ -55,7 +55,7 @@ def test_the_record_is_reset_for_every_run(run_prompt):
 
 
 def test_record_is_a_no_op_outside_a_run_and_without_a_node_id(pack):
-    telemetry = pack.nodes.telemetry
+    telemetry = pack.nodes.host.telemetry
     telemetry.record({}, "7", sigma=1.0, ran=["cond"])  # no run state: nothing happens
     telemetry.record({"transformer_options": {}}, None, sigma=1.0)
     assert telemetry.run_cfg({}, "7") is None
@@ -91,6 +91,7 @@ def test_adaptive_guidance_records_the_cosine_and_the_switch(run_prompt):
     steps = record["steps"]
     assert len(steps) == 5
     assert steps[0]["ran"] == ["cond", "uncond"] and steps[0]["scale"] == 4.0
-    assert -1.0 <= steps[0]["cosine"] <= 1.0
+    assert -1.0 <= steps[0]["cosine_x0"] <= 1.0
+    assert -1.0 <= steps[0]["cosine_noise_min"] <= 1.0  # AG's own γ, the noise-space batch minimum
     assert all(s["skipped"] == ["uncond"] and s["scale"] == 1.0 for s in steps[1:])
     assert output["free_guidance_evaluations"][0]["uncond"] == 1

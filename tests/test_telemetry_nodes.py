@@ -46,7 +46,7 @@ def check_common(record: dict, counts: dict, sigmas: list[float], cfg: float) ->
     assert sum("cond" in s["ran"] for s in steps) <= counts["cond"]
     for step in steps:
         assert not set(step["ran"]) & set(step["skipped"])
-        cosine = step["cosine"]
+        cosine = step["cosine_x0"]
         assert cosine is None or -1.0 <= cosine <= 1.0
         # a cosine needs both real predictions
         assert (cosine is not None) == ("uncond" in step["ran"])
@@ -342,20 +342,21 @@ def test_records_are_those_of_the_last_run_and_fresh_every_run(pack):
     guided = nodes.pag.apply_pag(counted, 2.0, node_id="41")
     sampling.ksample(guided, "sd15", steps=3)
     sampling.ksample(guided, "sd15", steps=3)
-    (record,) = nodes.telemetry.records(counted)
+    (record,) = nodes.host.telemetry.records(counted)
     assert record["node"] == "41" and len(record["steps"]) == 3  # not 6: the record is made per run
     # a run without the node (it left the graph) leaves no stale record behind
     sampling.ksample(counted, "sd15", steps=2)
-    assert nodes.telemetry.records(counted) == []
+    assert nodes.host.telemetry.records(counted) == []
     # a sampler node's record, also fresh per run
     sampler = nodes.pcg.make_sampler(1, "cfg", 1.0, 1.0, node_id="42")
     for _ in range(2):
         sampling.custom_sample(counted, "sd15", sampler, sampling.sigmas_for(counted, 2), cfg=2.0)
-        (record,) = nodes.telemetry.records(counted)
+        (record,) = nodes.host.telemetry.records(counted)
         assert record["node"] == "42" and len(record["steps"]) == 2
         assert [s["evaluations"] for s in record["steps"]] == [3, 3]
         assert (
-            sum(s["evaluations"] for s in record["steps"]) == nodes.toolkit.EvalCounter.of(counted).last.total
+            sum(s["evaluations"] for s in record["steps"])
+            == nodes.host.counter.EvalCounter.of(counted).last.total
         )
 
 
@@ -363,7 +364,7 @@ def test_without_a_node_id_nothing_is_installed(pack):
     """What the pack's functions do when called without a node (scripts, or the node absent): no telemetry
     wrapper, no record, and a sampler's model options untouched."""
     nodes = pack.nodes
-    telemetry = nodes.telemetry
+    telemetry = nodes.host.telemetry
     model = cached_model("sd15")
     patched = [
         nodes.pag.apply_pag(model, 2.0),
@@ -393,4 +394,4 @@ def test_the_chart_ignores_the_nodes_own_fields():
 
     source = (Path(__file__).resolve().parents[1] / "web" / "free_guidance_telemetry.js").read_text()
     read = set(re.findall(r"\b(?:step|s)\.(\w+)", source))
-    assert read <= {"scale", "skipped", "cosine", "ran", "sigma", "evaluations"}, read
+    assert read <= {"scale", "skipped", "cosine_x0", "ran", "sigma", "evaluations"}, read

@@ -9,21 +9,16 @@ from fg_testing.prompts import tiny_txt2img
 from fg_testing.test_nodes import cached_model
 
 FAMILIES = [f for f in tiny_models.ALL_FAMILIES if f != "sd15_inpaint"]
-DEFAULTS = {
-    "scale": 4.0,
-    "noise_scale": 3.0,
-    "alpha": 0.25,
-    "t_min": 400.0,
-    "t_max": 1000.0,
-    "first_n_blocks": 0,
-    "std_scaling": True,
-    "seed": 0,
-}
+
+
+def defaults() -> dict:
+    """TSG's declared defaults, the widget values of a new node."""
+    return host.init_host().pack.nodes.tsg.INPUTS.defaults()
 
 
 def tsg_node(**overrides):
     def patch(g, model):
-        return g.node("FreeGuidanceTSG", model=model, **{**DEFAULTS, **overrides})
+        return g.node("FreeGuidanceTSG", model=model, **{**defaults(), **overrides})
 
     return patch
 
@@ -147,7 +142,7 @@ def test_scale_one_is_bit_identical_and_costs_nothing(run_prompt, family):
 def test_noise_scale_zero_equals_unpatched_but_runs_the_extra_pass(pack, family):
     model = cached_model(family)
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     patched = pack.nodes.tsg.apply_tsg(counted, scale=4.0, noise_scale=0.0, t_min=0.0, t_max=1000.0)
     got = sampling.ksample(patched, family, steps=2)
     assert counter.last.extra == {"tsg": 2} and counter.last.cond == 2 and counter.last.uncond == 2
@@ -158,7 +153,7 @@ def test_noise_scale_zero_equals_unpatched_but_runs_the_extra_pass(pack, family)
 
 def counted_clone(pack, family):
     counted = cached_model(family).clone()
-    return counted, pack.nodes.toolkit.EvalCounter.install(counted)
+    return counted, pack.nodes.host.counter.EvalCounter.install(counted)
 
 
 def test_window_outside_the_schedule_costs_nothing_and_partial_windows_count_their_steps(pack):
@@ -215,7 +210,7 @@ def dit_block_keys(model) -> list:
 
 def observe_dit(pack, model):
     """A clone whose every block replace records the conditioning vector the block runs with, per pass."""
-    extra_key = pack.nodes.toolkit.EXTRA_PASS_KEY
+    extra_key = pack.nodes.host.passes.EXTRA_PASS_KEY
     observed = model.clone()
     seen = []
 
@@ -280,7 +275,7 @@ REACH = [(f, n) for f in ["sd3", "flux", "wan21_2layer", "ltxv_2layer", "hunyuan
 def test_dit_perturbation_reaches_exactly_the_first_n_blocks(pack, family, first_n):
     model = cached_model(family)
     observed, seen, keys = observe_dit(pack, model)
-    settings = {**DEFAULTS, "seed": 11, "t_min": 0.0}
+    settings = {**defaults(), "seed": 11, "t_min": 0.0}
     patched = pack.nodes.tsg.apply_tsg(observed, **{**settings, "first_n_blocks": first_n})
     batch, steps = 2, 2
     out = sampling.ksample(patched, family, steps=steps, cfg=1.0, batch=batch)
@@ -353,19 +348,20 @@ def test_unet_whole_model_delta_is_the_formula_on_the_time_embedding(pack):
     probe = model.clone()
     traced = []
 
-    class Tracer:
-        def record(self, block, delta):
-            traced.append((block, delta.detach().clone()))
+    def record(event, fields):
+        if event == "tsg_delta":
+            traced.append((fields["block"], fields["delta"].detach().clone()))
 
-    probe.model_options["transformer_options"][pack.nodes.tsg.TRACE_KEY] = Tracer()
-    patched = pack.nodes.tsg.apply_tsg(probe, t_min=0.0, seed=5, alpha=1.0, noise_scale=2.0)
+    patched = pack.nodes.tsg.apply_tsg(
+        sampling.traced(pack, probe, record), t_min=0.0, seed=5, alpha=1.0, noise_scale=2.0
+    )
     sampling.ksample(patched, "sd15", steps=2, cfg=1.0)
     assert [b for b, _ in traced] == ["emb", "emb"]
     dm = model.get_model_object("diffusion_model")
     ms = model.get_model_object("model_sampling")
     from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
-    settings = {**DEFAULTS, "seed": 5, "alpha": 1.0, "noise_scale": 2.0}
+    settings = {**defaults(), "seed": 5, "alpha": 1.0, "noise_scale": 2.0}
     for step, sigma in enumerate(sampling.sigmas_for(model, 2)[:-1]):
         timesteps = ms.timestep(sigma).reshape(1).float()
         with torch.no_grad():
@@ -481,7 +477,7 @@ def test_stacks_with_the_packs_cfg_nodes_and_core_cfg_nodes(run_prompt):
 def test_two_tsg_nodes_chain_their_unet_object_patches(pack):
     model = cached_model("sd15")
     counted = model.clone()
-    counter = pack.nodes.toolkit.EvalCounter.install(counted)
+    counter = pack.nodes.host.counter.EvalCounter.install(counted)
     once = pack.nodes.tsg.apply_tsg(counted, t_min=0.0, first_n_blocks=1, seed=1)
     twice = pack.nodes.tsg.apply_tsg(once, t_min=0.0, first_n_blocks=1, seed=2)
     name = "diffusion_model.input_blocks.1.0.emb_layers.0"
@@ -534,7 +530,7 @@ def test_bad_numbers_fail_validation_before_sampling(pack, comfy_host, overrides
     with pytest.raises(
         pack.nodes.toolkit.GuidanceInputError, match=f"Time-Step Guidance: input '{bad_input}'"
     ):
-        pack.nodes.tsg.apply_tsg(cached_model("sd15"), **{**DEFAULTS, **overrides})
+        pack.nodes.tsg.apply_tsg(cached_model("sd15"), **{**defaults(), **overrides})
 
 
 def test_bad_first_n_fails_when_the_node_runs_before_the_sampler(run_prompt):

@@ -204,9 +204,9 @@ def test_runs_headless_through_the_cli(path, server, tmp_path):
         assert counts[0]["uncond"] == sum("uncond" in s["ran"] for s in steps), (counts, steps)
         for step in steps:
             if step["skipped"]:
-                assert step["skipped"] == ["uncond"] and step["scale"] == 1.0 and step["cosine"] is None
+                assert step["skipped"] == ["uncond"] and step["scale"] == 1.0 and step["cosine_x0"] is None
             else:
-                assert step["scale"] > 1.0 and -1.0 <= step["cosine"] <= 1.0
+                assert step["scale"] > 1.0 and -1.0 <= step["cosine_x0"] <= 1.0
 
 
 TELEMETRY_NODES = {
@@ -266,7 +266,7 @@ def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor, s
     assert len(steps) == 6
     skipped = [bool(s["skipped"]) for s in steps]
     assert skipped == [False] + [True] * 5, skipped  # switched after the first step
-    assert -1.0 <= steps[0]["cosine"] <= 1.0 and steps[0]["scale"] == 7.0
+    assert -1.0 <= steps[0]["cosine_x0"] <= 1.0 and steps[0]["scale"] == 7.0
     assert [b["skipped"] for b in chart["chart"]["bars"]] == skipped
     editor.screenshot("telemetry-chart")
 

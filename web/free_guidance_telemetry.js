@@ -1,10 +1,10 @@
 // comfyui-free-guidance: draws the per-step guidance telemetry on the guidance node after a run.
 //
-// Data comes from the websocket event "free_guidance.telemetry" (sent by nodes/telemetry.py when a sampling
+// Data comes from the websocket event "free_guidance.telemetry" (sent by nodes/host/telemetry.py when a sampling
 // run ends) and from the "free_guidance_telemetry" output of Network Evaluation Report (the same records, as
 // kept in the history). The chart: one column per evaluation (step) of the guided model, left to right; the
 // bar height is the effective guidance scale, a red mark at the bottom means a pass was skipped, and the
-// yellow line is the cond/uncond cosine where it was computed. Without this file nothing breaks: the data
+// yellow line is cosine_x0, the cond/uncond cosine of the denoised (x0) predictions (batch mean), where it was computed. Without this file nothing breaks: the data
 // stays in the history.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -76,7 +76,7 @@ function drawChart(node, ctx) {
     }
     bars.push({ x, w, skipped, top: plotTop + plotH - h, bottom: plotTop + plotH });
   });
-  const cosines = steps.map((s, i) => [i, s.cosine]).filter(([, c]) => typeof c === "number");
+  const cosines = steps.map((s, i) => [i, s.cosine_x0]).filter(([, c]) => typeof c === "number");
   if (cosines.length > 1) {
     ctx.strokeStyle = COLORS.cosine;
     ctx.lineWidth = 1.5;

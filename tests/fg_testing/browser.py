@@ -42,7 +42,7 @@ EXPECTED_CONSOLE_NOISE = (
 )
 SETUP_HINT = (
     "The browser tests need Debian's chromium (apt-get install -y chromium) and the playwright Python package "
-    "(pip install playwright, in tests/requirements.txt); .ci/run installs both."
+    "(pip install playwright, in tests/requirements.txt); scripts/test.sh installs both."
 )
 
 

@@ -92,3 +92,33 @@ def custom_sample(
         seed=seed,
         disable_pbar=True,
     )
+
+
+def traced(pack, model, callback):
+    """A clone of ``model`` whose sampling runs deliver the pack observer's events to ``callback(event, fields)``
+    (an OUTER_SAMPLE wrapper holds the subscription for the run). Events emitted when a run starts (the run
+    states of Adaptive Guidance, LinearAG, CFG Schedule) reach it when the patch is applied to this clone."""
+    import comfy.patcher_extension
+
+    probe = model.clone()
+
+    def outer_sample(executor, *args, **kwargs):
+        with pack.nodes.host.observer.subscribe(callback):
+            return executor(*args, **kwargs)
+
+    probe.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "fg_testing.traced", outer_sample
+    )
+    return probe
+
+
+class Collect(list):
+    """An observer callback that keeps the ``field`` of every ``event``."""
+
+    def __init__(self, event: str, field: str):
+        super().__init__()
+        self.event, self.field = event, field
+
+    def __call__(self, event: str, fields: dict) -> None:
+        if event == self.event:
+            self.append(fields[self.field])

@@ -15,25 +15,26 @@ A guidance node turns it on once, in its patch, on its clone, with its own node 
             telemetry.enable(patched, unique_id, "My Guidance")
             ...  # then, inside a hook that sees model_options:
             telemetry.record(model_options, unique_id, sigma=sigma, ran=["cond", "uncond"], skipped=[],
-                             scale=7.0, cosine=telemetry.cosine(cond, uncond))
+                             scale=7.0, cosine_x0=telemetry.cosine(cond, uncond))
 
 Each record is one main evaluation of the guided model (one sampler step for first-order samplers; Heun and
 other multi-evaluation samplers record each evaluation): ``sigma``, the passes that ``ran`` and those
 ``skipped`` (names such as "cond", "uncond", "pag"), the effective guidance ``scale`` used, the cond/uncond
-``cosine`` where both were computed, and ``evaluations`` (network evaluations spent; defaults to the number
+``cosine_x0`` (the cosine of the conditional and unconditional *denoised* (x0-space) predictions, the
+mean over the batch) where both were computed, and ``evaluations`` (network evaluations spent; defaults to the number
 of passes that ran). A node may add its own fields (JSON values: ``dilation``, ``stage``, ...); the chart
 ignores fields it does not know.
 
 Hooks that do not see the main cond/uncond call themselves (post-CFG functions, SAMPLER loops) let
 ``observe`` tally it: a CALC_COND_BATCH wrapper notes which of cond/uncond really ran (a slot filled by a skip
-wrapper counts as skipped), their evaluations and cosine; ``record(..., observed=True)`` then merges that tally
+wrapper counts as skipped), their evaluations and x0-space cosine; ``record(..., observed=True)`` then merges that tally
 with the node's own passes. With ``describe``, ``observe`` records every main call by itself.
 
 SAMPLER nodes have no clone to enable on: their sampler function is the run. ``sampler_run`` opens the
 record there (keyed by the node id the sampler carries in its options), puts it and the observer into the
 run's ``model_options`` copy, and publishes it when the function returns, exactly like ``enable`` does.
 
-The recorder is reset for every sampling run (``toolkit.install_run_state``). When the run ends the node's
+The recorder is reset for every sampling run (``steps.install_run_state``). When the run ends the node's
 record is:
 - sent to the editor as the websocket event ``free_guidance.telemetry`` (``{"node", "prompt_id", "title",
   "cfg", "steps"}``) to the client that queued the prompt, when a ComfyUI server is running; the web/
@@ -54,10 +55,10 @@ from dataclasses import dataclass, field
 import comfy.model_patcher
 import torch
 
-from . import toolkit
+from . import passes, steps
 
 EVENT = "free_guidance.telemetry"
-KEY = toolkit.KEY_PREFIX + "telemetry"
+KEY = passes.KEY_PREFIX + "telemetry"
 HUB_KEY = KEY + ".hub"
 MAX_STEPS = 1000  # a record keeps at most this many evaluations (the rest are counted, not stored)
 
@@ -69,19 +70,19 @@ class PassTally:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     evaluations: int = 0
-    cosine: float | None = None
+    cosine_x0: float | None = None
     uncond_ran: bool = False  # in the last call
     calls: int = 0
 
     def add(self, conds: list, out: list) -> None:
-        uncond = conds[1] is not None and toolkit.uncond_evaluated(out)
+        uncond = conds[1] is not None and passes.uncond_evaluated(out)
         self.calls += 1
         self.evaluations += 2 if uncond else 1
         self.uncond_ran = uncond
         _add_once(self.ran, "cond")
         _add_once(self.ran if uncond else self.skipped, "uncond")
         if uncond:
-            self.cosine = cosine(out[0], out[1])
+            self.cosine_x0 = cosine(out[0], out[1])
 
 
 def _add_once(names: list[str], name: str) -> None:
@@ -125,7 +126,7 @@ class TelemetryHub:
         if hub is None:
             hub = TelemetryHub()
             model_patcher.set_attachments(HUB_KEY, hub)
-            model_patcher.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, HUB_KEY, hub._outer_sample)
+            model_patcher.add_wrapper_with_key(steps.WrappersMP.OUTER_SAMPLE, HUB_KEY, hub._outer_sample)
         return hub
 
     def _outer_sample(self, executor, *args, **kwargs):
@@ -151,11 +152,11 @@ def enable(model_patcher, node_id, title: str) -> None:
     node_id = str(node_id)
     hub = TelemetryHub.ensure(model_patcher)
     key = _key(node_id)
-    toolkit.install_run_state(model_patcher, key, lambda: RunRecord(node_id, title))
+    steps.install_run_state(model_patcher, key, lambda: RunRecord(node_id, title))
 
     def publish(executor, *args, **kwargs):
         guider = executor.class_obj
-        record = toolkit.run_state(guider.model_options, key)
+        record = steps.run_state(guider.model_options, key)
         if record is not None:
             record.cfg = _guider_cfg(guider)
         try:
@@ -165,7 +166,7 @@ def enable(model_patcher, node_id, title: str) -> None:
                 hub.publish(record)
 
     # Added after install_run_state's wrapper, so it runs inside it and sees the run's record.
-    model_patcher.add_wrapper_with_key(toolkit.WrappersMP.OUTER_SAMPLE, key + ".publish", publish)
+    model_patcher.add_wrapper_with_key(steps.WrappersMP.OUTER_SAMPLE, key + ".publish", publish)
 
 
 def _guider_cfg(guider) -> float | None:
@@ -181,7 +182,7 @@ def record(
     ran=(),
     skipped=(),
     scale: float | None = None,
-    cosine: float | None = None,
+    cosine_x0: float | None = None,
     evaluations: int | None = None,
     observed: bool = False,
     **extra,
@@ -191,12 +192,12 @@ def record(
     ``observed``: merge the main cond/uncond calls tallied by ``observe`` since the last record: their passes
     come first in ``ran``/``skipped`` (a pass that ran in any of them is not listed as skipped), their
     evaluations are added to ``evaluations`` (which then counts the node's own passes only), their last
-    cosine and scale (the run's cfg, or 1 where the uncond did not run) stand in for missing ones.
+    x0-space cosine and scale (the run's cfg, or 1 where the uncond did not run) stand in for missing ones.
     ``extra``: the node's own fields, JSON values.
     """
     if node_id is None:
         return
-    run = toolkit.run_state(model_options, _key(node_id))
+    run = steps.run_state(model_options, _key(node_id))
     if run is None:
         return
     ran, skipped = list(ran), list(skipped)
@@ -206,8 +207,8 @@ def record(
         ran = tally.ran + [name for name in ran if name not in tally.ran]
         skipped = [name for name in tally.skipped if name not in ran] + skipped
         own += tally.evaluations
-        if cosine is None:
-            cosine = tally.cosine
+        if cosine_x0 is None:
+            cosine_x0 = tally.cosine_x0
         if scale is None and tally.calls:
             scale = run.cfg if tally.uncond_ran else 1.0
     if len(run.steps) >= MAX_STEPS:
@@ -215,11 +216,11 @@ def record(
         return
     run.steps.append(
         {
-            "sigma": toolkit.sigma_value(sigma),
+            "sigma": steps.sigma_value(sigma),
             "ran": ran,
             "skipped": skipped,
             "scale": None if scale is None else float(scale),
-            "cosine": None if cosine is None or not math.isfinite(cosine) else float(cosine),
+            "cosine_x0": None if cosine_x0 is None or not math.isfinite(cosine_x0) else float(cosine_x0),
             "evaluations": own,
             **extra,
         }
@@ -234,11 +235,11 @@ def _observer(node_id: str, describe: Describe | None):
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
         out = executor(model, conds, x_in, timestep, model_options)
-        run = toolkit.run_state(model_options, key)
-        if run is not None and toolkit.is_main_call(conds, model_options):
+        run = steps.run_state(model_options, key)
+        if run is not None and passes.is_main_call(conds, model_options):
             run.tally.add(conds, out)
             if describe is not None:
-                sigma = toolkit.sigma_value(timestep)
+                sigma = steps.sigma_value(timestep)
                 record(model_options, node_id, sigma=sigma, observed=True, **describe(model_options, sigma))
         return out
 
@@ -256,7 +257,7 @@ def observe(model_patcher, node_id, describe: Describe | None = None) -> None:
         return
     node_id = str(node_id)
     model_patcher.add_wrapper_with_key(
-        toolkit.WrappersMP.CALC_COND_BATCH, _key(node_id) + ".observe", _observer(node_id, describe)
+        steps.WrappersMP.CALC_COND_BATCH, _key(node_id) + ".observe", _observer(node_id, describe)
     )
 
 
@@ -290,15 +291,15 @@ def sampler_run(model, extra_args: dict, node_id, title: str) -> Iterator[Sample
         yield SamplerRun(None)
         return
     node_id = str(node_id)
-    guider = toolkit.guider_of(model)
+    guider = passes.guider_of(model)
     run = RunRecord(node_id, title, cfg=_guider_cfg(guider))
     options = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
     transformer_options = options.setdefault("transformer_options", {})
     transformer_options[_key(node_id)] = run
     wrappers = transformer_options.setdefault("wrappers", {})
-    by_key = dict(wrappers.get(toolkit.WrappersMP.CALC_COND_BATCH, {}))
+    by_key = dict(wrappers.get(steps.WrappersMP.CALC_COND_BATCH, {}))
     by_key[_key(node_id) + ".observe"] = [_observer(node_id, None)]
-    wrappers[toolkit.WrappersMP.CALC_COND_BATCH] = by_key
+    wrappers[steps.WrappersMP.CALC_COND_BATCH] = by_key
     extra_args["model_options"] = options
     try:
         yield SamplerRun(node_id, options)
@@ -313,12 +314,13 @@ def sampler_run(model, extra_args: dict, node_id, title: str) -> Iterator[Sample
 
 def run_cfg(model_options: dict, node_id) -> float | None:
     """The sampler's CFG scale of the current run (None when the guider has no single ``cfg``)."""
-    run = toolkit.run_state(model_options, _key(node_id)) if node_id is not None else None
+    run = steps.run_state(model_options, _key(node_id)) if node_id is not None else None
     return None if run is None else run.cfg
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over the batch of the cosine similarity of two predictions (flattened per sample)."""
+    """The x0-space cosine: the mean over the batch of the cosine similarity of two denoised predictions
+    (flattened per sample). Telemetry's ``cosine_x0`` field."""
     a = a.detach().reshape(a.shape[0], -1).float()
     b = b.detach().reshape(b.shape[0], -1).float()
     return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean().clamp(-1.0, 1.0))
