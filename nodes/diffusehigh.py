@@ -15,7 +15,7 @@ from ..guidance import diffusehigh
 from . import toolkit
 from .common import CATEGORY, UNIQUE_ID
 from .host import telemetry
-from .host.inputs import COMBO, MEMORY_NOTE, Input, Inputs, check_memory, declare
+from .host.inputs import COMBO, MEMORY_NOTE, Input, Inputs, activation_bytes, check_memory, declare
 
 NODE = "DiffuseHigh"
 GUIDANCE_SPACES = ("image", "latent")
@@ -70,13 +70,13 @@ def check_sizes(latent: torch.Tensor, vae, width: int, height: int) -> int:
 
 def estimate_memory(base, latent: torch.Tensor, factor: int, width: int, height: int) -> float:
     """Bytes a run needs at its last (largest) stage: the model's activations for the cond and uncond rows at
-    the target latent size (ComfyUI's own estimate) and this sampler's float32 tensors (about six images and
+    the target latent size (``activation_bytes``) and this sampler's float32 tensors (about six images and
     eight latents of the target size live at once: decode, upscale, sharpen, DWT bands, guided estimate)."""
     batch, channels = latent.shape[0], latent.shape[1]
     h, w = height // factor, width // factor
     image = batch * 3 * height * width * 4
     latents = batch * channels * h * w * 4
-    return float(base.memory_required([2 * batch, channels, h, w])) + 6 * image + 8 * latents
+    return activation_bytes(base, [2 * batch, channels, h, w]) + 6 * image + 8 * latents
 
 
 def sample_diffusehigh(

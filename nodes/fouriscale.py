@@ -15,7 +15,7 @@ from ..guidance import fouriscale
 from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP, UNIQUE_ID
 from .host import convs, telemetry
-from .host.inputs import MEMORY_NOTE, Input, Inputs, check_memory, declare, ordered
+from .host.inputs import MEMORY_NOTE, Input, Inputs, activation_bytes, check_memory, declare, ordered
 
 NODE = "FouriScale"
 PASS_NAME = convs.PASS_NAME
@@ -107,11 +107,11 @@ def comfy_paths(model, layers) -> dict[str, str]:
 
 def estimate_memory(model, paths: dict[str, str], levels: int, height: int, width: int) -> float:
     """Bytes one image needs while FouriScale is active: the model's activations for its three rows (cond,
-    uncond, guidance branch) at the latent size (ComfyUI's own estimate) and the largest patched layer's
+    uncond, guidance branch) at the latent size (``activation_bytes``) and the largest patched layer's
     Fourier filter (a complex64 spectrum, its masked copy and the output, for the three rows)."""
     h, w = height // LATENT_FACTOR, width // LATENT_FACTOR
     channels = model.model.model_config.unet_config.get("in_channels", 4)
-    activations = float(model.model.memory_required([3, channels, h, w]))
+    activations = activation_bytes(model.model, [3, channels, h, w])
     largest = 0.0
     for layer, path in paths.items():
         conv = model.get_model_object(path)

@@ -373,6 +373,19 @@ def memory_limit(device_total: int) -> tuple[int, str]:
     return int(device_total), f"the device's total memory; set {MEMORY_LIMIT_ENV} (GiB) to change it"
 
 
+def activation_bytes(base_model, shape: list[int]) -> float:
+    """Bytes the diffusion model's activations need for a forward of ``shape`` (rows, channels, *spatial).
+
+    ComfyUI's estimate for memory-efficient attention (``BaseModel.memory_required`` with xformers or flash SDPA),
+    taken on every device: without those, ComfyUI splits attention into chunks to fit, so its larger estimate
+    there is no floor and would refuse sizes it samples."""
+    import comfy.model_management
+
+    dtype = base_model.manual_cast_dtype or base_model.get_dtype()
+    area = shape[0] * math.prod(shape[2:])
+    return area * comfy.model_management.dtype_size(dtype) * 0.01 * base_model.memory_usage_factor * 2**20
+
+
 def check_memory(node: str, input_name: str, needed: float, device_total: int, what: str) -> None:
     """Refuse, before any work, a run whose estimated memory ``needed`` (bytes) exceeds the limit.
 
