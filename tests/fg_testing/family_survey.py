@@ -21,8 +21,9 @@ families with the same model code, whose counts and lengths differ with their de
 - ``tokens``: the token order in a block's (first) attention; ``seq``: its sequence length per block list at the
   survey latent (8x8, 3 frames for video, 8 text tokens unless the family fixes them), measured.
 - ``timestep``: the module that embeds the timestep (dotted path; it runs once per forward).
-- ``slg``: what core's SkipLayerGuidanceDiT (double_layers "0", single_layers "0") does: "works" (changes the
-  output) or "nothing" (the output is bit-identical to plain sampling).
+- ``slg``: what core's SkipLayerGuidanceDiT (double_layers "0", single_layers "0") does: "works" (its skip
+  changes the output) or "nothing" (bit-identical to the same node skipping a block that does not exist: only
+  its extra conditional pass runs, which moves the output by fp32 batch-size numerics alone).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ SURVEY: dict[str, dict] = {
         "blocks": {"input_blocks": "unet", "middle_block": "unet", "output_blocks": "unet"},
         "dit_replace": {},
         "dit_args_options": False,
-        "attention": {"*": 28},  # spatial and temporal (time_stack) transformer blocks, attn1 + attn2 each
+        "attention": {"*": 40},  # spatial and temporal (time_stack) transformer blocks, attn1 + attn2 each
         "attention_outside": 0,
         "layout": "BNC",
         "tokens": "frames in the batch dimension; spatial blocks attend over h*w, time_stack over frames",
