@@ -371,5 +371,8 @@ def render_markdown() -> str:
         "|" + "---|" * len(_COLUMNS),
     ]
     for claim in SURVEY.values():
-        lines.append("| " + " | ".join(_cell(claim[key]) for _, key in _COLUMNS) + " |")
+        cells = [_cell(claim[key]) for _, key in _COLUMNS]
+        if not claim["dit_replace"]:
+            cells[4] = "-"  # no replace hook, no args
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
