@@ -49,12 +49,13 @@ class Settings:
     scheduler: str = "normal"
     prompts: int = 8
     repeat: int = 4
+    shift: float | None = None  # video: ModelSamplingSD3's shift (None: the family's own, Wan 2.1: 8)
 
 
 SETTINGS = {
-    "t2i": Settings(steps=12, cfg=3.0),
-    "hires": Settings(steps=12, cfg=3.0, prompts=4, repeat=2),
-    "inpaint": Settings(steps=12, cfg=3.0, prompts=8, repeat=2),
+    "t2i": Settings(steps=10, cfg=3.0, prompts=8, repeat=2),
+    "hires": Settings(steps=10, cfg=3.0, prompts=4, repeat=1),
+    "inpaint": Settings(steps=10, cfg=3.0, prompts=8, repeat=1),
     "video": Settings(steps=10, cfg=3.0, scheduler="simple", prompts=8, repeat=2),
 }
 HIRES_SCALES = (2, 4)
@@ -105,13 +106,13 @@ ENTRIES: list[Entry] = [
     Entry("CFG++ (KSampler euler)", "FreeGuidanceCFGppEuler", cfg=0.6),
     Entry("CFG++ sampler", "FreeGuidanceCFGppSampler", kind="sampler", cfg=0.6),
     Entry("PCG sampler", "FreeGuidancePCGSampler", kind="sampler"),
-    Entry("ICG", "FreeGuidanceICG"),
+    # ICG's default mode (random_tokens) needs the prompt's CLIP, which the world has not: its gaussian mode.
+    Entry("ICG", "FreeGuidanceICG", settings={"mode": "gaussian"}),
     Entry("PAG", "FreeGuidancePAG"),
     Entry("PAG", "FreeGuidancePAG", settings={"scale": 1.0}, pipelines=("t2i",)),
     Entry("SEG", "FreeGuidanceSEG"),
     Entry("STG", "FreeGuidanceSTG"),
     Entry("SAG", "FreeGuidanceSAG"),
-    Entry("SAG", "FreeGuidanceSAG", settings={"scale": 1.5}, pipelines=("t2i",)),
     Entry("TSG", "FreeGuidanceTSG"),
     Entry("TSG alone", "FreeGuidanceTSG", cfg=1.0, pipelines=("t2i",)),
     Entry("FouriScale", "FreeGuidanceFouriScale", pipelines=("hires",), hires_scales=(2, 4)),
@@ -121,13 +122,6 @@ ENTRIES: list[Entry] = [
         kind="hires_sampler",
         pipelines=("hires",),
         hires_scales=(2, 4),
-    ),
-    Entry(
-        "DiffuseHigh",
-        "FreeGuidanceDiffuseHigh",
-        kind="hires_sampler",
-        settings={"renoise": 0.5},
-        pipelines=("hires",),
     ),
     # ComfyUI core's peers at equal settings (their defaults, on the same baseline CFG).
     Entry("PAG (core)", "PerturbedAttentionGuidance", source="core"),
@@ -256,6 +250,8 @@ def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, 
     kind = "video" if work.pipeline == "video" else "image"
     if kind == "video":
         model = g.node("UNETLoader", unet_name=fg_world.VIDEO_FILE, weight_dtype="default")
+        if s.shift is not None:
+            model = g.node("ModelSamplingSD3", model=model, shift=s.shift)
     else:
         model = g.node("WorldRefImageModelLoader", unet_name=fg_world.IMAGE_FILE)
     model = g.node("FreeGuidanceCountEvaluations", model=model)
@@ -443,6 +439,7 @@ def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> di
             "technique": entry.technique,
             "source": entry.source,
             "settings": settings,
+            "label": label(entry, settings, pipeline, scale),
             "evaluations_per_sample": float(total),
             "seconds_per_sample": round(seconds / len(work.items), 4),
             "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
@@ -506,14 +503,14 @@ HEADLINE = {
 SWEPT = ("threshold", "scale", "renoise", "cfg")
 
 
-def label(row: dict, entry_settings: bool = True) -> str:
-    s = row["settings"]
-    bits = [f"cfg {s['cfg']:g}"]
-    if row["pipeline"] == "hires":
-        bits.append(f"×{s['scale']}")
-    for key in ("threshold", "scale", "renoise"):
-        if key in s and key != "scale" or (key == "scale" and "node" in s and key in s):
-            bits.append(f"{key} {s[key]:g}" if isinstance(s[key], float | int) else f"{key} {s[key]}")
+def label(entry: Entry, settings: dict, pipeline: str, scale: int) -> str:
+    """The row's settings in words: CFG, the hires scale, what the entry changes from the node's defaults."""
+    bits = [f"cfg {settings['cfg']:g}"]
+    if pipeline == "hires":
+        bits.append(f"×{scale}")
+    bits += [f"{k} {v}" for k, v in entry.settings.items()]
+    if entry.node and not entry.settings:
+        bits.append("defaults")
     return ", ".join(bits)
 
 
@@ -546,7 +543,7 @@ def markdown(results: dict) -> str:
         for r in rows:
             values = " | ".join(f"{r['metrics'].get(k, float('nan')):.3f}" for k in keys)
             lines.append(
-                f"| {r['technique']} | {label(r)} | {r['evaluations_per_sample']:.0f} | "
+                f"| {r['technique']} | {r['label']} | {r['evaluations_per_sample']:.0f} | "
                 f"{r['seconds_per_sample']:.3f} | {values} |"
             )
         lines.append("")
@@ -591,6 +588,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="only these techniques (plus the baselines)")
     parser.add_argument("--pipelines", nargs="*", choices=PIPELINES)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other pipelines' rows of an existing world.json"
+    )
     parser.add_argument("--smoke", action="store_true", help="2 prompts × 1, 2 steps: checks the wiring only")
     parser.add_argument(
         "--weights", help="a folder with the world's weights (default reference_model/weights)"
@@ -621,6 +621,18 @@ def main() -> None:
     }
     target = Path(args.out)
     target.mkdir(parents=True, exist_ok=True)
+    if args.merge and (target / "world.json").exists():
+        done = set(args.pipelines or PIPELINES)
+        old = json.loads((target / "world.json").read_text())
+        out["rows"] = [r for r in old["rows"] if r["pipeline"] not in done] + out["rows"]
+        out["refused"] = [r for r in old["refused"] if r["pipeline"] not in done] + out["refused"]
+        out["rows"].sort(key=lambda r: PIPELINES.index(r["pipeline"]))
+        out["runs"] = old.get(
+            "runs", [{"pipelines": sorted(set(PIPELINES) - done), "seconds": old["seconds"]}]
+        )
+    out.setdefault("runs", []).append(
+        {"pipelines": sorted(args.pipelines or PIPELINES), "seconds": out["seconds"]}
+    )
     (target / "world.json").write_text(json.dumps(out, indent=1))
     (target / "world.md").write_text(markdown(out))
     plot(out, target / "world.png")

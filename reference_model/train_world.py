@@ -27,6 +27,17 @@ DEFAULT_STEPS = {"image": 800, "video": 500}
 DEFAULT_BATCH = {"image": 24, "video": 16}
 
 
+def write_loss_png(out: Path, name: str, losses: list) -> Path:
+    """``<out>/<name>_loss.png``: the loss curve (mean per logging interval, log scale)."""
+    from digitref.plot import Panel, line_chart
+
+    every = losses[1][0] - losses[0][0]
+    panel = Panel(f"{name}: training loss (mean per {every} steps, log)", "step", {"loss": losses}, True)
+    path = out / f"{name}_loss.png"
+    line_chart([panel], path, panel_size=(560, 280))
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -76,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / f"{name}_training.json").write_text(json.dumps(record, indent=1))
     if len(result.losses) > 1:
         (out / f"{name}_loss.svg").write_text(loss_curve_svg(result.losses))
+        write_loss_png(out, name, result.losses)
     print(
         f"wrote {out / name}.safetensors ({record['parameters']} parameters, {result.seconds:.0f}s)",
         flush=True,

@@ -23,6 +23,7 @@ LABEL_WIDTH = 230
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_world", ROOT / "bench" / "world.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -13,7 +13,8 @@ size) and the prompted background.
 Videos (8 frames): each prompted object is found by its colour in every frame; its centroid is a circular
 mean (the world is a torus); the mean frame-to-frame displacement gives its direction (dominant axis and sign)
 and speed (slow under 1.5 px/frame); its shape is the best template on the frame rolled to put the centroid
-in the middle. Identity consistency = the fraction of frames where the object is present (area within 0.5–1.5×
+in the middle. An object's colour is present when it covers 4+ pixels in at least half the frames; attribute accuracy = the
+mean over objects of colour present, shape, direction and speed right. Identity consistency = the fraction of frames where the object is present (area within 0.5–1.5×
 its median) with its majority shape; flicker = mean |frame[t+1] − frame[t]| over pixels that are background in
 both frames.
 """
@@ -235,7 +236,7 @@ def colour_mask(frame: np.ndarray, colour: str) -> np.ndarray:
 def score_video(frames: np.ndarray, video: world.Video) -> dict[str, float]:
     """(T, H, W, 3) frames against a video prompt (1.0 = right)."""
     t_count = frames.shape[0]
-    direction = speed = shape_ok = 0
+    direction = speed = shape_ok = colour_ok = 0
     identity = []
     any_fg = np.zeros(frames.shape[:3], bool)
     for obj in video.objects:
@@ -243,6 +244,7 @@ def score_video(frames: np.ndarray, video: world.Video) -> dict[str, float]:
         any_fg |= np.stack(masks)
         areas = np.array([m.sum() for m in masks])
         present = areas >= 4
+        colour_ok += present.mean() >= 0.5
         shapes = []
         for m in masks:
             if m.sum() < 4:
@@ -282,6 +284,8 @@ def score_video(frames: np.ndarray, video: world.Video) -> dict[str, float]:
     all_right = direction == n and speed == n and shape_ok == n and min(identity) >= 0.75
     return {
         "prompt_accuracy": float(all_right),
+        "attribute_accuracy": (colour_ok + shape_ok + direction + speed) / (4 * n),
+        "colour_presence": colour_ok / n,
         "direction_accuracy": direction / n,
         "speed_accuracy": speed / n,
         "shape_accuracy": shape_ok / n,
