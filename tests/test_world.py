@@ -14,10 +14,12 @@ import torch
 from fg_testing import host as fg_host
 from fg_testing import world as fg_world
 
-# Measured on the shipped weights with exactly these workflows (bench/world.py's settings, seed 0); see
-# reference_model/WORLD.md. The thresholds sit between cond-only and CFG with margin for other CPUs' numerics.
-IMAGE_SMOKE = {"prompts": 8, "repeat": 2, "min_gap": 0.15}
-VIDEO_SMOKE = {"prompts": 8, "repeat": 2, "min_gap": 0.10}
+# Measured on the shipped weights with exactly these workflows (bench/world.py's t2i and video rows: the same
+# prompts, settings and seed 0; docs/benchmark/world.md). The required gap is about half the measured one.
+# The video model never gets every attribute of a video right (prompt accuracy 0.0 with and without CFG), so its
+# smoke test reads the per-attribute accuracy: cond only 0.227, CFG 3 0.461.
+IMAGE_SMOKE = {"prompts": 8, "repeat": 2, "metric": "prompt_accuracy", "min_gap": 0.15}
+VIDEO_SMOKE = {"prompts": 8, "repeat": 2, "metric": "attribute_accuracy", "min_gap": 0.12}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,8 @@ def test_cfg_scores_clearly_above_cond_only(world_host, bench_world, pipeline, s
     cfg = bench_world.SETTINGS[pipeline].cfg
     guided = _smoke(bench_world, pipeline, smoke["prompts"], smoke["repeat"], cfg)
     plain = _smoke(bench_world, pipeline, smoke["prompts"], smoke["repeat"], 1.0)
-    assert guided["prompt_accuracy"] >= plain["prompt_accuracy"] + smoke["min_gap"], (guided, plain)
+    metric = smoke["metric"]
+    assert guided[metric] >= plain[metric] + smoke["min_gap"], (guided, plain)
 
 
 def test_classifier_held_out_accuracy_is_as_recorded(comfy_host):
