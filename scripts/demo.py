@@ -4,7 +4,8 @@ Starts the pinned ComfyUI (``main.py --cpu``) with the pack and the reference mo
 base directory, queues one workflow per technique over HTTP (UNETLoader → Count Network Evaluations → the
 technique → KSampler → Network Evaluation Report → Digits Decode → SaveImage), and writes
 ``<out>/grid.png`` (rows: techniques; columns: the digits 0-9, the same noise in every row) and
-``<out>/evaluations.json`` (the pack's counts of each run).
+``<out>/evaluations.json`` (the pack's counts of each run), then one grid per pipeline of the reference
+world (``<out>/world_{t2i,hires,inpaint,video}.png``, ``scripts/demo_world.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from fg_testing.reference import Technique
 from fg_testing.server import ComfyServer
 
 ROOT = Path(__file__).resolve().parents[1]
+from demo_world import world_grids  # noqa: E402
+from fg_testing import reference  # noqa: E402
+from fg_testing import world as fg_world  # noqa: E402
+from fg_testing.host import PACK_DIR, PACK_NAME  # noqa: E402
+from fg_testing.reference import Technique  # noqa: E402
+from fg_testing.server import ComfyServer  # noqa: E402
 
 # The benchmark's baseline (CFG 2) and the best entries of the evaluation-saving techniques
 # (docs/benchmark/digits_quality.md).
@@ -51,6 +58,7 @@ def prepare_base_dir() -> Path:
     custom_nodes.mkdir(parents=True)
     (custom_nodes / PACK_NAME).symlink_to(PACK_DIR, target_is_directory=True)
     reference.link_into(base_dir)
+    fg_world.link_into(base_dir)
     return base_dir
 
 
@@ -109,6 +117,7 @@ def main() -> None:
                 f"{technique.name:>26}: {counts['total']:3d} network evaluations "
                 f"({counts['cond']} cond + {counts['uncond']} uncond)"
             )
+        results["world"] = world_grids(server, base_dir, out)
     compose_grid(rows, out / "grid.png")
     (out / "evaluations.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {out / 'grid.png'} and {out / 'evaluations.json'}")

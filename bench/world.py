@@ -1,0 +1,644 @@
+"""Every technique on the reference world, per pipeline, through the real ComfyUI host (one command, one run).
+
+    FREE_GUIDANCE_CACHE=... $PY bench/world.py        (writes docs/benchmark/world.{json,md,png})
+
+Pipelines (reference_model/WORLD.md): ``t2i`` (the SD1.5-family image model at its 16×16 training size),
+``hires`` (the same model sampled at 2× and 4× — duplicated or broken objects are what hires methods exist to
+fix), ``inpaint`` (one object's cell masked with SetLatentNoiseMask, a different object prompted there) and
+``video`` (the Wan 2.1-family model, 8 frames). Every row is one workflow through ComfyUI's own
+``validate_prompt`` and ``PromptExecutor`` (in process, CPU), nodes addressed by id only:
+loader → Count Network Evaluations → the technique's node(s) → KSampler (or SamplerCustom for SAMPLER
+nodes) → Network Evaluation Report → SaveLatent. The same seed (so the same noise) in every row of a
+pipeline; latents are decoded with the linear VAE and scored by ``sceneworld.metrics`` (exact procedural
+checks) and the attribute classifier (accuracy and Fréchet distance in its feature space).
+
+A technique is one ``Entry`` in ``ENTRIES``: its node id, the inputs it overrides (everything else is the
+node's own default, read from the node's schema), the pipelines it fits, and the CFG scale it runs with.
+A node that refuses a model family (an error naming the node) is recorded in ``refused``, not as a row.
+Adding a technique = adding one entry. A benchmark, not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fg_testing import host as fg_host  # noqa: E402
+from fg_testing import world as fg_world  # noqa: E402
+from fg_testing.prompts import Graph  # noqa: E402
+
+PIPELINES = ("t2i", "hires", "inpaint", "video")
+GUIDED = ("t2i", "inpaint", "video")  # pipelines of a plain guidance technique
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-pipeline sampling settings (the same for every row of the pipeline)."""
+
+    steps: int
+    cfg: float  # the baseline CFG scale techniques run on
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    prompts: int = 8
+    repeat: int = 4
+    shift: float | None = None  # video: ModelSamplingSD3's shift (None: the family's own, Wan 2.1: 8)
+
+
+SETTINGS = {
+    "t2i": Settings(steps=10, cfg=3.0, prompts=8, repeat=2),
+    "hires": Settings(steps=10, cfg=3.0, prompts=4, repeat=1),
+    "inpaint": Settings(steps=10, cfg=3.0, prompts=8, repeat=1),
+    "video": Settings(steps=10, cfg=3.0, scheduler="simple", prompts=8, repeat=2),
+}
+HIRES_SCALES = (2, 4)
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One technique row (per pipeline it fits).
+
+    ``kind``: "none" (plain sampling), "patch" (MODEL → MODEL node), "sampler" (a SAMPLER node, run with
+    SamplerCustom), "hires_sampler" (a SAMPLER that upscales the native result: DiffuseHigh).
+    ``settings``: inputs given to the node; every other input is its schema default.
+    """
+
+    technique: str
+    node: str | None = None
+    kind: str = "patch"
+    settings: dict = field(default_factory=dict)
+    pipelines: tuple[str, ...] = GUIDED
+    cfg: float | None = None  # None: the pipeline's baseline CFG
+    source: str = "pack"  # "pack" | "core" | "baseline"
+    hires_scales: tuple[int, ...] = (2,)
+
+
+def _baselines() -> list[Entry]:
+    out = [
+        Entry("cond only", kind="none", cfg=1.0, pipelines=PIPELINES, source="baseline", hires_scales=(2, 4)),
+        Entry("CFG", kind="none", pipelines=PIPELINES, source="baseline", hires_scales=(2, 4)),
+    ]
+    for scale in (1.5, 5.0, 7.5):
+        out.append(
+            Entry(f"CFG {scale:g}", kind="none", cfg=scale, pipelines=("t2i", "video"), source="baseline")
+        )
+    return out
+
+
+ENTRIES: list[Entry] = [
+    *_baselines(),
+    # The pack's techniques at their defaults (on the pipeline's baseline CFG), then a small sweep.
+    Entry("Adaptive Guidance", "FreeGuidanceAdaptiveGuidance"),
+    Entry(
+        "Adaptive Guidance", "FreeGuidanceAdaptiveGuidance", settings={"threshold": 0.999}, pipelines=("t2i",)
+    ),
+    Entry("CFG Interval", "FreeGuidanceCFGInterval"),
+    Entry("LinearAG", "FreeGuidanceLinearAG"),
+    Entry("CFG Schedule", "FreeGuidanceCFGSchedule"),
+    Entry("CFG++ (KSampler euler)", "FreeGuidanceCFGppEuler", cfg=0.6),
+    Entry("CFG++ sampler", "FreeGuidanceCFGppSampler", kind="sampler", cfg=0.6),
+    Entry("PCG sampler", "FreeGuidancePCGSampler", kind="sampler"),
+    # ICG's default mode (random_tokens) needs the prompt's CLIP, which the world has not: its gaussian mode.
+    Entry("ICG", "FreeGuidanceICG", settings={"mode": "gaussian"}),
+    Entry("PAG", "FreeGuidancePAG"),
+    Entry("PAG", "FreeGuidancePAG", settings={"scale": 1.0}, pipelines=("t2i",)),
+    Entry("SEG", "FreeGuidanceSEG"),
+    Entry("STG", "FreeGuidanceSTG"),
+    Entry("SAG", "FreeGuidanceSAG"),
+    Entry("TSG", "FreeGuidanceTSG"),
+    Entry("TSG alone", "FreeGuidanceTSG", cfg=1.0, pipelines=("t2i",)),
+    Entry("FouriScale", "FreeGuidanceFouriScale", pipelines=("hires",), hires_scales=(2, 4)),
+    Entry(
+        "DiffuseHigh",
+        "FreeGuidanceDiffuseHigh",
+        kind="hires_sampler",
+        pipelines=("hires",),
+        hires_scales=(2, 4),
+    ),
+    # ComfyUI core's peers at equal settings (their defaults, on the same baseline CFG).
+    Entry("PAG (core)", "PerturbedAttentionGuidance", source="core"),
+    Entry("SAG (core)", "SelfAttentionGuidance", source="core", pipelines=("t2i", "inpaint")),
+    Entry("SkipLayerGuidanceDiT (core)", "SkipLayerGuidanceDiT", source="core", pipelines=("video",)),
+    Entry("APG (core)", "APG", source="core"),
+    Entry("CFGZeroStar (core)", "CFGZeroStar", source="core"),
+    Entry("RescaleCFG (core)", "RescaleCFG", source="core"),
+    Entry(
+        "Deep Shrink (core)",
+        "PatchModelAddDownscale",
+        source="core",
+        pipelines=("hires",),
+        hires_scales=(2, 4),
+    ),
+    Entry("EasyCache (core)", "EasyCache", source="core", pipelines=("t2i", "video")),
+    Entry("LazyCache (core)", "LazyCache", source="core", pipelines=("t2i", "video")),
+]
+
+WIRED = {"MODEL": "model", "VAE": "vae"}
+
+
+def node_defaults(node_id: str) -> tuple[dict, list[tuple[str, str]]]:
+    """(the node's schema defaults for its widget inputs, [(name, type)] of its linked inputs)."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+    schema = cls.INPUT_TYPES()
+    values, links = {}, []
+    for name, spec in schema.get("required", {}).items():
+        kind = spec[0]
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if isinstance(kind, (list, tuple)):
+            values[name] = options.get("default", kind[0])
+        elif kind == "COMBO":
+            values[name] = options.get("default", (options.get("options") or [None])[0])
+        elif "default" in options:
+            values[name] = options["default"]
+        elif kind == "BOOLEAN":
+            values[name] = False
+        else:
+            links.append((name, kind))
+    return values, links
+
+
+def patch_node(g: Graph, entry: Entry, model, vae=None, extra: dict | None = None):
+    values, links = node_defaults(entry.node)
+    inputs = {**values, **entry.settings, **(extra or {})}
+    for name, kind in links:
+        if kind == "MODEL":
+            inputs[name] = model
+        elif kind == "VAE" and vae is not None:
+            inputs[name] = vae
+        elif name not in inputs:
+            raise ValueError(f"{entry.node}: linked input {name!r} ({kind}) has no source in the benchmark")
+    return g.node(entry.node, **inputs), inputs
+
+
+@dataclass
+class Workload:
+    """The prompts of one pipeline run (and the ground truth they are scored against)."""
+
+    pipeline: str
+    texts: list[str]
+    repeat: int
+    items: list  # one scene/video per sample
+    groups: list[int]
+    sources: list | None = None  # inpaint: source scenes per sample
+    cells: list[str] | None = None  # inpaint: masked cell per sample
+
+
+def workloads() -> dict[str, Workload]:
+    from sceneworld import world
+
+    out = {}
+    for pipeline in ("t2i", "hires"):
+        s = SETTINGS[pipeline]
+        scenes = world.scenes(s.prompts, 2026)
+        scenes = [world.parse_scene(sc.prompt()) for sc in scenes]
+        out[pipeline] = Workload(
+            pipeline,
+            [sc.prompt() for sc in scenes],
+            s.repeat,
+            [sc for sc in scenes for _ in range(s.repeat)],
+            [i for i in range(len(scenes)) for _ in range(s.repeat)],
+        )
+    s = SETTINGS["inpaint"]
+    sources = [world.parse_scene(sc.prompt()) for sc in world.scenes(s.prompts, 2027)]
+    edited, cells = [], []
+    for sc in sources:
+        target = sc.objects[0]
+        new = world.SceneObject(
+            shape=world.SHAPES[(world.SHAPES.index(target.shape) + 1) % len(world.SHAPES)],
+            colour=world.COLOURS[(world.COLOURS.index(target.colour) + 1) % len(world.COLOURS)],
+            size=target.size,
+            position=target.position,
+        )
+        edited.append(world.Scene((new, *sc.objects[1:]), sc.background))
+        cells.append(target.position)
+    out["inpaint"] = Workload(
+        "inpaint",
+        [e.prompt() for e in edited],
+        s.repeat,
+        [e for e in edited for _ in range(s.repeat)],
+        [i for i in range(len(edited)) for _ in range(s.repeat)],
+        sources=[x for x in sources for _ in range(s.repeat)],
+        cells=[c for c in cells for _ in range(s.repeat)],
+    )
+    s = SETTINGS["video"]
+    videos = [world.parse_video(v.prompt()) for v in world.videos(s.prompts, 2028)]
+    out["video"] = Workload(
+        "video",
+        [v.prompt() for v in videos],
+        s.repeat,
+        [v for v in videos for _ in range(s.repeat)],
+        [i for i in range(len(videos)) for _ in range(s.repeat)],
+    )
+    return out
+
+
+def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, dict, dict]:
+    """(API prompt, output node ids, the row's settings) for one entry on one pipeline."""
+    s = SETTINGS[work.pipeline]
+    cfg = s.cfg if entry.cfg is None else entry.cfg
+    g = Graph()
+    kind = "video" if work.pipeline == "video" else "image"
+    if kind == "video":
+        model = g.node("UNETLoader", unet_name=fg_world.VIDEO_FILE, weight_dtype="default")
+        if s.shift is not None:
+            model = g.node("ModelSamplingSD3", model=model, shift=s.shift)
+    else:
+        model = g.node("WorldRefImageModelLoader", unet_name=fg_world.IMAGE_FILE)
+    model = g.node("FreeGuidanceCountEvaluations", model=model)
+    counted = model
+    vae = g.node("WorldRefVAE") if kind == "image" else None
+    node_inputs: dict = {}
+    if entry.kind == "patch":
+        model, node_inputs = patch_node(g, entry, model, vae)
+    positive = g.node("WorldRefPrompt", prompts="\n".join(work.texts), kind=kind, repeat=work.repeat)
+    negative = g.node("ConditioningZeroOut", conditioning=positive)
+    batch = len(work.items)
+    mask_id = None
+    if work.pipeline == "video":
+        latent = g.node("EmptyHunyuanLatentVideo", width=64, height=64, length=29, batch_size=batch)
+    elif work.pipeline == "inpaint":
+        source = g.node(
+            "WorldRefInpaintSource",
+            scenes="\n".join(sc.prompt() for sc in work.sources[:: work.repeat]),
+            positions="\n".join(work.cells[:: work.repeat]),
+            repeat=work.repeat,
+        )
+        latent = g.node("SetLatentNoiseMask", samples=source, mask=[Graph.id(source), 1])
+        mask_id = Graph.id(source)
+    else:
+        native = 1 if entry.kind == "hires_sampler" else scale
+        latent = g.node("EmptyLatentImage", width=128 * native, height=128 * native, batch_size=batch)
+    ids: dict = {}
+
+    def ksampler(model_in, latent_in):
+        return g.node(
+            "KSampler",
+            model=model_in,
+            seed=SEED,
+            steps=s.steps,
+            cfg=cfg,
+            sampler_name=s.sampler,
+            scheduler=s.scheduler,
+            positive=positive,
+            negative=negative,
+            latent_image=latent_in,
+            denoise=1.0,
+        )
+
+    def custom(model_in, sampler, latent_in, add_noise=True):
+        sigmas = g.node("BasicScheduler", model=model_in, scheduler=s.scheduler, steps=s.steps, denoise=1.0)
+        return g.node(
+            "SamplerCustom",
+            model=model_in,
+            add_noise=add_noise,
+            noise_seed=SEED,
+            cfg=cfg,
+            positive=positive,
+            negative=negative,
+            sampler=sampler,
+            sigmas=sigmas,
+            latent_image=latent_in,
+        )
+
+    reports = []
+    if entry.kind in ("none", "patch"):
+        sampled = ksampler(model, latent)
+    elif entry.kind == "sampler":
+        sampler, node_inputs = patch_node(g, entry, model, vae)
+        sampled = custom(model, sampler, latent)
+    elif entry.kind == "hires_sampler":
+        base = ksampler(model, latent)
+        first = g.node("FreeGuidanceEvaluationReport", model=counted, latent=base)
+        reports.append(Graph.id(first))
+        size = 16 * scale  # the linear VAE's pixel = one latent pixel
+        sampler, node_inputs = patch_node(g, entry, model, vae, {"width": size, "height": size})
+        sampled = custom(model, sampler, first, add_noise=False)
+    else:
+        raise ValueError(f"unknown entry kind {entry.kind!r}")
+    reports.append(Graph.id(g.node("FreeGuidanceEvaluationReport", model=counted, latent=sampled)))
+    ids["reports"] = reports
+    ids["latent"] = Graph.id(g.node("SaveLatent", samples=sampled, filename_prefix="world"))
+    settings = {"cfg": cfg, "steps": s.steps, "sampler": s.sampler, "scheduler": s.scheduler}
+    if entry.node:
+        settings["node"] = entry.node
+        settings.update({k: v for k, v in node_inputs.items() if not isinstance(v, list)})
+    if work.pipeline == "hires":
+        settings["scale"] = scale
+    ids["mask"] = mask_id
+    return g.prompt, ids, settings
+
+
+class Scorer:
+    def __init__(self):
+        import torch
+        from sceneworld import world
+
+        self.classifier = fg_world.load_classifier()
+        reference = world.scene_batch(world.scenes(1024, 4242))
+        with torch.no_grad():
+            self.reference_features = self.classifier.features(reference)
+
+    def image_metrics(self, images, work: Workload) -> dict:
+        import torch
+        from digitref.metrics import frechet_distance
+        from sceneworld import classifier, metrics
+
+        out = metrics.score_images(images, work.items)
+        with torch.no_grad():
+            features = self.classifier.features(images.float())
+        out["classifier_accuracy"] = classifier.accuracy(self.classifier, images, work.items)
+        out["fd"] = frechet_distance(features, self.reference_features)
+        out["diversity"] = metrics.diversity(images, work.groups)
+        return out
+
+    def score(self, pipeline: str, latent, work: Workload, scale: int) -> dict:
+        from sceneworld import metrics, vae, world
+
+        if pipeline == "video":
+            videos = vae.decode_video_latent(latent)
+            out = metrics.score_videos(videos, work.items)
+            out["diversity"] = metrics.diversity(videos, work.groups)
+            return out
+        images = vae.decode_image_latent(latent)
+        if pipeline == "t2i":
+            return self.image_metrics(images, work)
+        if pipeline == "hires":
+            return metrics.score_hires(images, work.items)
+        sources = world.scene_batch(work.sources)
+        return metrics.score_inpaint(images, sources, work.items, work.cells)
+
+
+def rows_for(entries: list[Entry]) -> list[tuple[Entry, str, int]]:
+    out = []
+    for entry in entries:
+        for pipeline in PIPELINES:
+            if pipeline not in entry.pipelines:
+                continue
+            for scale in entry.hires_scales if pipeline == "hires" else (1,):
+                out.append((entry, pipeline, scale))
+    return out
+
+
+def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> dict:
+    import torch
+
+    host = fg_host.init_host()
+    fg_world.load_in_process(host)
+    scorer = Scorer()
+    works = workloads()
+    entries = [e for e in ENTRIES if not only or e.technique in only or e.source == "baseline"]
+    rows, refused = [], []
+    for entry, pipeline, scale in rows_for(entries):
+        if pipelines and pipeline not in pipelines:
+            continue
+        work = works[pipeline]
+        prompt, ids, settings = build_workflow(entry, work, scale)
+        start = time.time()
+        try:
+            result = fg_host.run_prompt(prompt, expect_success=False)
+        except Exception as error:  # a validation error: the node's inputs do not fit this pipeline
+            refused.append({"pipeline": pipeline, "technique": entry.technique, "error": str(error)[:400]})
+            print(f"{pipeline:>8} {entry.technique:>30}: refused ({str(error)[:120]})", flush=True)
+            continue
+        seconds = time.time() - start
+        if not result.success:
+            message = next((m[1] for m in result.messages if m[0] == "execution_error"), {})
+            text = f"{message.get('node_type', '')}: {message.get('exception_message', '')}".strip()
+            refused.append(
+                {
+                    "pipeline": pipeline,
+                    "technique": entry.technique,
+                    "settings": settings,
+                    "error": text[:400],
+                }
+            )
+            print(f"{pipeline:>8} {entry.technique:>30}: refused ({text[:120]})", flush=True)
+            continue
+        latent = fg_world.read_saved_latent(host.base_dir, result.outputs, ids["latent"])
+        total = 0
+        extra: dict = {}
+        for report in ids["reports"]:
+            counts = result.outputs[report]["free_guidance_evaluations"][0]
+            total += counts["total"]
+            for k, v in counts["extra"].items():
+                extra[k] = extra.get(k, 0) + v
+        with torch.no_grad():
+            metrics = scorer.score(pipeline, latent, work, scale)
+        row = {
+            "pipeline": pipeline,
+            "technique": entry.technique,
+            "source": entry.source,
+            "settings": settings,
+            "label": label(entry, settings, pipeline, scale),
+            "evaluations_per_sample": float(total),
+            "seconds_per_sample": round(seconds / len(work.items), 4),
+            "metrics": {k: round(float(v), 4) for k, v in metrics.items()},
+        }
+        if extra:
+            row["extra_evaluations"] = extra
+        rows.append(row)
+        shown = " ".join(f"{k} {v:.3f}" for k, v in list(row["metrics"].items())[:5])
+        print(
+            f"{pipeline:>8} {entry.technique:>30} x{scale}: {total:4d} evals {seconds:6.1f}s  {shown}",
+            flush=True,
+        )
+    return {"rows": rows, "refused": refused}
+
+
+def models_record() -> dict:
+    out = {}
+    for kind in ("image", "video"):
+        path = fg_world.WEIGHTS_DIR / f"world_{kind}_training.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        out[kind] = {
+            "file": f"reference_model/weights/world_{kind}.safetensors",
+            "family": "SD1.5 (supported_models.SD15, eps)" if kind == "image" else "Wan 2.1 T2V (flow)",
+            "parameters": record.get("parameters"),
+            "training_seconds": record.get("seconds"),
+            "recipe": record.get("recipe"),
+        }
+    cls = fg_world.WEIGHTS_DIR / "world_classifier.json"
+    if cls.exists():
+        out["classifier"] = json.loads(cls.read_text())
+    return out
+
+
+HEADLINE = {
+    "t2i": [
+        "prompt_accuracy",
+        "count_accuracy",
+        "colour_accuracy",
+        "shape_accuracy",
+        "classifier_accuracy",
+        "fd",
+        "diversity",
+    ],
+    "hires": [
+        "prompt_accuracy",
+        "count_accuracy",
+        "duplicated_rate",
+        "broken_rate",
+        "downsampled_prompt_accuracy",
+    ],
+    "inpaint": ["new_object_accuracy", "new_object_attributes", "error_outside_mask", "prompt_accuracy"],
+    "video": [
+        "prompt_accuracy",
+        "direction_accuracy",
+        "speed_accuracy",
+        "shape_accuracy",
+        "identity_consistency",
+        "flicker",
+    ],
+}
+SWEPT = ("threshold", "scale", "renoise", "cfg")
+
+
+def label(entry: Entry, settings: dict, pipeline: str, scale: int) -> str:
+    """The row's settings in words: CFG, the hires scale, what the entry changes from the node's defaults."""
+    bits = [f"cfg {settings['cfg']:g}"]
+    if pipeline == "hires":
+        bits.append(f"×{scale}")
+    bits += [f"{k} {v}" for k, v in entry.settings.items()]
+    if entry.node and not entry.settings:
+        bits.append("defaults")
+    return ", ".join(bits)
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# Techniques on the reference world",
+        "",
+        "Generated by `bench/world.py` in one run (see its docstring and `reference_model/WORLD.md`). "
+        "Evaluations per sample are the pack's counter (one evaluation = one conditional or unconditional "
+        "network pass over the batch); seconds per sample are wall time per row divided by the samples "
+        "(one CPU thread, a shared machine: compare ratios within this file only).",
+        "",
+    ]
+    for pipeline in PIPELINES:
+        s = SETTINGS[pipeline]
+        rows = [r for r in results["rows"] if r["pipeline"] == pipeline]
+        if not rows:
+            continue
+        n = s.prompts * s.repeat
+        lines += [
+            f"## {pipeline}",
+            "",
+            f"{n} samples ({s.prompts} prompts × {s.repeat}), {s.steps} steps `{s.sampler}`/`{s.scheduler}`, "
+            f"seed {SEED}, baseline CFG {s.cfg:g}.",
+            "",
+        ]
+        keys = HEADLINE[pipeline]
+        lines.append("| technique | settings | evals/sample | s/sample | " + " | ".join(keys) + " |")
+        lines.append("|---|---|---:|---:|" + "---:|" * len(keys))
+        for r in rows:
+            values = " | ".join(f"{r['metrics'].get(k, float('nan')):.3f}" for k in keys)
+            lines.append(
+                f"| {r['technique']} | {r['label']} | {r['evaluations_per_sample']:.0f} | "
+                f"{r['seconds_per_sample']:.3f} | {values} |"
+            )
+        lines.append("")
+    if results.get("refused"):
+        lines += [
+            "## Refused (the node's own error)",
+            "",
+            "| pipeline | technique | error |",
+            "|---|---|---|",
+        ]
+        for r in results["refused"]:
+            lines.append(f"| {r['pipeline']} | {r['technique']} | {r['error'][:200].replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    from digitref.plot import Panel, line_chart
+
+    panels = []
+    for pipeline, key, title in (
+        ("t2i", "prompt_accuracy", "t2i: prompt-attribute accuracy"),
+        ("hires", "duplicated_rate", "hires: duplicated-object rate (lower is better)"),
+        ("inpaint", "new_object_accuracy", "inpaint: new-object accuracy"),
+        ("video", "prompt_accuracy", "video: prompt-attribute accuracy"),
+    ):
+        series: dict[str, list] = {}
+        for r in results["rows"]:
+            if r["pipeline"] == pipeline:
+                series.setdefault(r["technique"], []).append((r["evaluations_per_sample"], r["metrics"][key]))
+        if series:
+            panels.append(Panel(title, "network evaluations per sample", series, better="points"))
+    if panels:
+        line_chart(panels, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark"))
+    parser.add_argument("--only", nargs="*", help="only these techniques (plus the baselines)")
+    parser.add_argument("--pipelines", nargs="*", choices=PIPELINES)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the other pipelines' rows of an existing world.json"
+    )
+    parser.add_argument("--smoke", action="store_true", help="2 prompts × 1, 2 steps: checks the wiring only")
+    parser.add_argument(
+        "--weights", help="a folder with the world's weights (default reference_model/weights)"
+    )
+    args = parser.parse_args()
+    if args.weights:
+        fg_world.WEIGHTS_DIR = Path(args.weights)
+    if args.smoke:
+        for key, value in SETTINGS.items():
+            SETTINGS[key] = Settings(
+                steps=2, cfg=value.cfg, sampler=value.sampler, scheduler=value.scheduler, prompts=2, repeat=1
+            )
+    import torch
+
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    try:
+        results = run(args.only, args.pipelines)
+    except Exception:
+        traceback.print_exc()
+        raise
+    out = {
+        "models": models_record(),
+        "setup": {p: vars(SETTINGS[p]) | {"seed": SEED} for p in PIPELINES},
+        "rows": results["rows"],
+        "refused": results["refused"],
+        "seconds": round(time.time() - start, 1),
+    }
+    target = Path(args.out)
+    target.mkdir(parents=True, exist_ok=True)
+    if args.merge and (target / "world.json").exists():
+        done = set(args.pipelines or PIPELINES)
+        old = json.loads((target / "world.json").read_text())
+        out["rows"] = [r for r in old["rows"] if r["pipeline"] not in done] + out["rows"]
+        out["refused"] = [r for r in old["refused"] if r["pipeline"] not in done] + out["refused"]
+        out["rows"].sort(key=lambda r: PIPELINES.index(r["pipeline"]))
+        out["runs"] = old.get(
+            "runs", [{"pipelines": sorted(set(PIPELINES) - done), "seconds": old["seconds"]}]
+        )
+    out.setdefault("runs", []).append(
+        {"pipelines": sorted(args.pipelines or PIPELINES), "seconds": out["seconds"]}
+    )
+    (target / "world.json").write_text(json.dumps(out, indent=1))
+    (target / "world.md").write_text(markdown(out))
+    plot(out, target / "world.png")
+    print(markdown(out))
+    print(f"wrote {target}/world.{{json,md,png}} in {out['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

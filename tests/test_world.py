@@ -1,0 +1,222 @@
+"""The reference world: its generator and metrics on rendered ground truth, its linear VAEs, the shipped
+weights in ComfyUI's detection and loaders, a fixed-seed CFG-vs-cond-only smoke test per model through real
+prompts, and a few seeded, reproducible training steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from fg_testing import host as fg_host
+from fg_testing import world as fg_world
+
+# Measured on the shipped weights with exactly this workflow (bench/world.py's video rows: the same prompts,
+# settings and seed 0; docs/benchmark/world.md). The required gap is about half the measured one. The video
+# model never gets every attribute of a video right (prompt accuracy 0.0 with and without CFG), so the smoke
+# test reads the per-attribute accuracy: cond only 0.227, CFG 3 0.461. The shipped image model has no smoke
+# test: it does not generate scenes yet (reference_model/WORLD.md, "Flaws"), with or without CFG.
+VIDEO_SMOKE = {"prompts": 8, "repeat": 2, "metric": "attribute_accuracy", "min_gap": 0.12}
+
+
+@pytest.fixture(scope="module")
+def world_host(comfy_host):
+    """The host with the world nodes and weights; one torch thread (a 2-thread pool stalls on a busy CPU)."""
+    fg_world.load_in_process(comfy_host)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield comfy_host
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bench_world():
+    spec = importlib.util.spec_from_file_location("bench_world", fg_host.PACK_DIR / "bench" / "world.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rendered_ground_truth_scores_perfectly_and_corruption_scores_worse(comfy_host):
+    from sceneworld import metrics, world
+
+    scenes = world.scenes(64, 11)
+    images = world.scene_batch(scenes)
+    perfect = metrics.score_images(images, scenes)
+    assert perfect["prompt_accuracy"] == 1.0 and perfect["count_accuracy"] == 1.0
+    assert perfect["extra_objects"] == 0.0 and perfect["broken_objects"] == 0.0
+    # Another scene's image for every prompt, pixel noise, and a 2× render (read at its own scale).
+    assert metrics.score_images(images.roll(1, 0), scenes)["prompt_accuracy"] < 0.2
+    noisy = (images + 0.35 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(
+        0, 1
+    )
+    assert metrics.score_images(noisy, scenes)["prompt_accuracy"] < 0.5
+    big = images[:16].repeat_interleave(2, 2).repeat_interleave(2, 3)
+    hires = metrics.score_hires(big, scenes[:16])
+    assert hires["prompt_accuracy"] == 1.0 and hires["duplicated_rate"] == 0.0 and hires["broken_rate"] == 0.0
+    tiled = images[:16].repeat(1, 1, 2, 2)  # the whole scene four times: duplicated objects
+    tiled_scores = metrics.score_hires(tiled, scenes[:16])
+    assert tiled_scores["count_accuracy"] == 0.0 and tiled_scores["duplicated_rate"] >= 0.75
+
+    videos = world.videos(24, 12)
+    clips = world.video_batch(videos)
+    perfect = metrics.score_videos(clips, videos)
+    assert perfect == {
+        "prompt_accuracy": 1.0,
+        "attribute_accuracy": 1.0,
+        "colour_presence": 1.0,
+        "direction_accuracy": 1.0,
+        "speed_accuracy": 1.0,
+        "shape_accuracy": 1.0,
+        "identity_consistency": 1.0,
+        "flicker": 0.0,
+    }
+    backwards = metrics.score_videos(clips.flip(2), videos)
+    assert backwards["direction_accuracy"] == 0.0 and backwards["prompt_accuracy"] == 0.0
+    frozen = metrics.score_videos(clips[:, :, :1].repeat(1, 1, 8, 1, 1), videos)
+    assert frozen["direction_accuracy"] == 0.0
+    flicker = clips.clone()
+    flicker[:, :, ::2] += 0.3
+    assert metrics.score_videos(flicker.clamp(0, 1), videos)["flicker"] > 0.1
+
+
+def test_inpaint_metric_reads_the_new_object_and_the_error_outside_the_mask(comfy_host):
+    from sceneworld import metrics, world
+
+    sources = [world.parse_scene("red circle small top-left, blue square large bottom-right")] * 2
+    edited = [world.parse_scene("green cross small top-left, blue square large bottom-right")] * 2
+    images = world.scene_batch(edited)
+    right = metrics.score_inpaint(images, world.scene_batch(sources), edited, ["top-left"] * 2)
+    assert right["new_object_accuracy"] == 1.0 and right["error_outside_mask"] == 0.0
+    wrong = metrics.score_inpaint(
+        world.scene_batch(sources), world.scene_batch(sources), edited, ["top-left"] * 2
+    )
+    assert wrong["new_object_accuracy"] == 0.0
+    shifted = metrics.score_inpaint(images.roll(1, 3), world.scene_batch(sources), edited, ["top-left"] * 2)
+    assert shifted["error_outside_mask"] > 0.0
+
+
+def test_linear_vaes_are_exact_inverses_in_comfyui_latent_formats(comfy_host):
+    import comfy.latent_formats
+    from sceneworld import vae, world
+
+    images = world.scene_batch(world.scenes(8, 3))
+    latent = vae.encode_image_latent(images)
+    assert latent.shape == (8, 4, 16, 16)
+    assert torch.allclose(vae.decode_image_latent(latent), images, atol=1e-6)
+    sd15 = comfy.latent_formats.SD15()
+    assert torch.allclose(sd15.process_in(latent), vae.image_to_latent(images), atol=1e-6)
+    clips = world.video_batch(world.videos(4, 3))
+    latent = vae.encode_video_latent(clips)
+    assert latent.shape == (4, 16, 8, 8, 8)
+    assert torch.allclose(vae.decode_video_latent(latent), clips, atol=1e-5)
+    wan = comfy.latent_formats.Wan21()
+    assert torch.allclose(wan.process_in(latent), vae.video_to_latent(clips), atol=1e-5)
+
+
+def test_shipped_weights_are_detected_as_intended(world_host):
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    import world_nodes  # noqa: F401  (the loader node's module, importable from reference_model/)
+    from sceneworld import model
+
+    image_sd = comfy.utils.load_torch_file(str(fg_world.WEIGHTS_DIR / fg_world.IMAGE_FILE))
+    assert comfy.model_detection.detect_unet_config(image_sd, "") == model.IMAGE_UNET_CONFIG
+    # ComfyUI's family matcher accepts only 320-channel SD1.5 UNets: the reason for the world's loader node.
+    assert comfy.model_detection.model_config_from_unet_config(model.IMAGE_UNET_CONFIG) is None
+    patcher = world_nodes.load_image_model(str(fg_world.WEIGHTS_DIR / fg_world.IMAGE_FILE))
+    assert type(patcher.model.model_config) is comfy.supported_models.SD15
+    assert patcher.model.model_type == comfy.model_base.ModelType.EPS
+    assert isinstance(patcher.model.latent_format, comfy.latent_formats.SD15)
+
+    video_sd = comfy.utils.load_torch_file(str(fg_world.WEIGHTS_DIR / fg_world.VIDEO_FILE))
+    assert comfy.model_detection.detect_unet_config(video_sd, "") == model.VIDEO_UNET_CONFIG
+    patcher = comfy.sd.load_diffusion_model_state_dict(video_sd)
+    assert type(patcher.model.model_config) is comfy.supported_models.WAN21_T2V
+    assert isinstance(patcher.model, comfy.model_base.WAN21)
+    for sd, limit in ((image_sd, 5_000_000), (video_sd, 3_000_000)):
+        assert model.count_parameters(sd) < limit
+    loaded = patcher.model.diffusion_model.state_dict()
+    for key, value in video_sd.items():
+        assert torch.equal(loaded[key].float(), value.float()), key
+
+
+def _smoke(bench_world, pipeline: str, prompts: int, repeat: int, cfg: float) -> dict:
+    settings = bench_world.SETTINGS[pipeline]
+    bench_world.SETTINGS[pipeline] = bench_world.Settings(
+        steps=settings.steps,
+        cfg=settings.cfg,
+        sampler=settings.sampler,
+        scheduler=settings.scheduler,
+        prompts=prompts,
+        repeat=repeat,
+    )
+    try:
+        work = bench_world.workloads()[pipeline]
+        entry = bench_world.Entry("smoke", kind="none", cfg=cfg, pipelines=(pipeline,), source="baseline")
+        prompt, ids, _ = bench_world.build_workflow(entry, work)
+        result = fg_host.run_prompt(prompt)
+        latent = fg_world.read_saved_latent(fg_host.init_host().base_dir, result.outputs, ids["latent"])
+        return bench_world.Scorer().score(pipeline, latent, work, 1)
+    finally:
+        bench_world.SETTINGS[pipeline] = settings
+
+
+@pytest.mark.parametrize("pipeline,smoke", [("video", VIDEO_SMOKE)])
+def test_cfg_scores_clearly_above_cond_only(world_host, bench_world, pipeline, smoke):
+    cfg = bench_world.SETTINGS[pipeline].cfg
+    guided = _smoke(bench_world, pipeline, smoke["prompts"], smoke["repeat"], cfg)
+    plain = _smoke(bench_world, pipeline, smoke["prompts"], smoke["repeat"], 1.0)
+    metric = smoke["metric"]
+    assert guided[metric] >= plain[metric] + smoke["min_gap"], (guided, plain)
+
+
+def test_classifier_held_out_accuracy_is_as_recorded(comfy_host):
+    from sceneworld import classifier, world
+
+    record = json.loads((fg_world.WEIGHTS_DIR / "world_classifier.json").read_text())
+    model = fg_world.load_classifier()
+    scenes = world.scenes(record["held_out_scenes"], record["held_out_seed"])
+    accuracy = classifier.accuracy(model, world.scene_batch(scenes), scenes)
+    assert accuracy == pytest.approx(record["held_out_accuracy"], abs=1e-9)
+    assert accuracy > 0.75
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_training_steps_run_and_are_seeded_reproducible(comfy_host, kind):
+    from sceneworld import model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = model.TrainConfig(kind=kind, steps=2, batch=2, log_every=1)
+        first = model.train(config, log=lambda _: None)
+        second = model.train(config, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(first.losses) == 2 and all(np.isfinite(v) for _, v in first.losses)
+    assert first.losses == second.losses
+    for key, value in first.state_dict.items():
+        assert torch.equal(value, second.state_dict[key]), key
+    start = model.initial_state_dict(kind, 0)
+    assert any(not torch.equal(start[k], v) for k, v in first.state_dict.items())
+
+
+def test_world_prompt_errors_name_the_node_and_input(world_host):
+    import world_nodes
+
+    with pytest.raises(ValueError, match="World Prompt: input 'prompts'.*colour"):
+        world_nodes.WorldPrompt().encode("purple circle small top-left", "image", 1)
+    with pytest.raises(ValueError, match="World Inpaint Source: input 'positions'"):
+        world_nodes.WorldInpaintSource().build("red circle small top-left", "middle", 1)
+    (cond,) = world_nodes.WorldPrompt().encode(
+        "red circle small top-left\nblue cross large bottom-left", "image", 3
+    )
+    assert cond[0][0].shape == (6, 13, 768)
