@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from fg_testing import host as fg_host
+from fg_testing import world as fg_world
+from fg_testing.prompts import Graph
 
-from fg_testing import host as fg_host  # noqa: E402
-from fg_testing import world as fg_world  # noqa: E402
-from fg_testing.prompts import Graph  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 PIPELINES = ("t2i", "hires", "inpaint", "video")
 GUIDED = ("t2i", "inpaint", "video")  # pipelines of a plain guidance technique

@@ -16,18 +16,14 @@ import re
 import tempfile
 from pathlib import Path
 
+from demo_world import world_grids
 from fg_testing import reference
+from fg_testing import world as fg_world
 from fg_testing.host import PACK_DIR, PACK_NAME
 from fg_testing.reference import Technique
 from fg_testing.server import ComfyServer
 
 ROOT = Path(__file__).resolve().parents[1]
-from demo_world import world_grids  # noqa: E402
-from fg_testing import reference  # noqa: E402
-from fg_testing import world as fg_world  # noqa: E402
-from fg_testing.host import PACK_DIR, PACK_NAME  # noqa: E402
-from fg_testing.reference import Technique  # noqa: E402
-from fg_testing.server import ComfyServer  # noqa: E402
 
 # The benchmark's baseline (CFG 2) and the best entries of the evaluation-saving techniques
 # (docs/benchmark/digits_quality.md).

@@ -11,10 +11,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from fg_testing import world as fg_world
 
-from fg_testing import world as fg_world  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
 
 ZOOM = 6
 LABEL_WIDTH = 230
