@@ -38,6 +38,7 @@ def cfg_cache(**inputs) -> tuple[str, dict]:
 
 
 AG = ("FreeGuidanceAdaptiveGuidance", {"threshold": 0.985, "start_percent": 0.0})
+AG_HIGH = ("FreeGuidanceAdaptiveGuidance", {"threshold": 0.996, "start_percent": 0.0})
 LINEAR_AG = ("FreeGuidanceLinearAG", {"end_percent": 0.8})
 REUSE = ("FreeGuidanceFasterCacheFeatureReuse", {})
 EASY = ("EasyCache", {"reuse_threshold": 0.2, "start_percent": 0.15, "end_percent": 0.95, "verbose": False})
@@ -59,7 +60,9 @@ def techniques(defaults: dict, reuse_defaults: dict) -> list[Technique]:
         entry("core EasyCache 0.2", EASY),
         entry("core LazyCache 0.2", LAZY),
         entry("Adaptive Guidance 0.985", AG),
+        entry("Adaptive Guidance 0.996", AG_HIGH),
         entry("LinearAG end 0.8 + Adaptive Guidance 0.985", LINEAR_AG, AG),
+        entry("LinearAG end 0.8 + Adaptive Guidance 0.996", LINEAR_AG, AG_HIGH),
         entry("CFG-Cache (defaults)", cfg_cache(**cache)),
         entry("CFG-Cache compound", cfg_cache(**{**cache, "compound": True})),
         entry("CFG-Cache start 0.1, interval 10", cfg_cache(**early10)),
@@ -75,6 +78,8 @@ def techniques(defaults: dict, reuse_defaults: dict) -> list[Technique]:
         entry("FasterCache (both parts)", ("FreeGuidanceFasterCache", {})),
         entry("Adaptive Guidance 0.985 + CFG-Cache (defaults)", cfg_cache(**cache), AG),
         entry("Adaptive Guidance 0.985 + CFG-Cache start 0.1, no refresh", cfg_cache(**early2), AG),
+        entry("Adaptive Guidance 0.996 + CFG-Cache start 0.1, no refresh", cfg_cache(**early2), AG_HIGH),
+        entry("Adaptive Guidance 0.996 + CFG-Cache start 0.1, interval 10", cfg_cache(**early10), AG_HIGH),
         entry("LinearAG end 0.8 + CFG-Cache start 0.1, no refresh", LINEAR_AG, cfg_cache(**early2)),
         entry(
             "CFG-Cache start 0.1, no refresh + feature reuse",
