@@ -88,6 +88,11 @@ class FeatureReuseConfig:
     def reuse_steps(self, steps: int) -> list[bool]:
         return [self.is_reuse(i, steps) for i in range(steps)]
 
+    def last_computed(self, step: int, steps: int) -> tuple[int, int] | None:
+        """``(a, b)``: the two latest scheduled compute steps before ``step`` (None if fewer than two)."""
+        computed = [i for i in range(min(step, steps)) if not self.is_reuse(i, steps)]
+        return (computed[-1], computed[-2]) if len(computed) >= 2 else None
+
     def weight(self, step: int, steps: int) -> float:
         """``w(t)`` at ``step``: grows linearly over the window (constant when the two weights are equal)."""
         first, stop = self.window(steps)
@@ -103,6 +108,7 @@ class _Slot:
     f_a: torch.Tensor | None = None
     f_b: torch.Tensor | None = None
     step: int | None = None
+    step_b: int | None = None
 
 
 @dataclass
@@ -133,11 +139,23 @@ class FeatureCache:
             if slot.step == step:
                 self.slots[(chunk_id, tag)] = _Slot()
                 continue
-            slot.f_b, slot.f_a, slot.step = slot.f_a, part, step
+            slot.f_b, slot.step_b = slot.f_a, slot.step
+            slot.f_a, slot.step = part, step
         self.computed += 1
 
-    def can_reuse(self, chunks: Sequence[int], shape: Sequence[int], tag: Hashable = None) -> bool:
-        """Whether every chunk has two computed features of this call's chunk shape."""
+    def can_reuse(
+        self,
+        chunks: Sequence[int],
+        shape: Sequence[int],
+        tag: Hashable = None,
+        since: tuple[int, int] | None = None,
+    ) -> bool:
+        """Whether every chunk has two computed features of this call's chunk shape.
+
+        ``since = (a, b)``: ``F_a`` must have been computed at step ``a`` or later and ``F_b`` at ``b`` or later
+        (a chunk absent on the last scheduled compute steps, e.g. an uncond that CFG-Cache skipped, has a
+        stale history and is computed instead).
+        """
         if len(chunks) == 0 or shape[0] % len(chunks):
             return False
         chunk_shape = (shape[0] // len(chunks), *shape[1:])
@@ -146,6 +164,8 @@ class FeatureCache:
             if slot is None or slot.f_a is None or slot.f_b is None:
                 return False
             if tuple(slot.f_a.shape) != chunk_shape or tuple(slot.f_b.shape) != chunk_shape:
+                return False
+            if since is not None and (slot.step < since[0] or slot.step_b < since[1]):
                 return False
         return True
 

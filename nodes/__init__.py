@@ -2,11 +2,13 @@
 
 from . import (
     adaptive_guidance,
+    cfg_cache,
     cfg_interval,
     cfg_pp,
     cfg_schedule,
     diffusehigh,
     evaluation_counter,
+    faster_cache,
     fouriscale,
     icg,
     linear_ag,
@@ -23,6 +25,8 @@ NODE_MODULES = [
     adaptive_guidance,
     linear_ag,
     cfg_schedule,
+    cfg_cache,
+    faster_cache,
     cfg_pp,
     pcg,
     icg,

@@ -31,6 +31,8 @@ SETUP = {
     "FreeGuidanceSTG": ("sd15", {"mode": "STG-A (skip attention)"}, 4.0),
     "FreeGuidanceCFGppSampler": ("sd15", {}, 0.6),  # the guider's cfg is CFG++'s λ in [0, 1]
     "FreeGuidanceCFGppEuler": ("sd15", {}, 0.6),
+    "FreeGuidanceFasterCache": ("sd3", {}, 4.0),  # DiTs only
+    "FreeGuidanceFasterCacheFeatureReuse": ("sd3", {}, 4.0),
 }
 VAE_FILE = "tiny_taesd.safetensors"  # written by prepare_base_dir
 

@@ -423,3 +423,80 @@ def install_attention_callback(
         lambda key, previous: _dit_observer(key, layout, state, callback, previous, name),
         text_state=state,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replacing self-attention calls (feature caches): one hook for every DiT block
+
+
+@dataclass
+class AttentionCall:
+    """One self-attention (or joint attention) call of a DiT block, as a replacing hook sees it.
+
+    ``compute()`` runs the attention (through any override installed before); a hook returns either its result
+    or a tensor of ``output_shape`` in its place, in which case the attention is not computed at all.
+    """
+
+    block: tuple  # the block key, ("double_block", i) or ("single_block", i)
+    call: int  # the index of this attention call inside the block
+    transformer_options: dict  # the block's (cond_or_uncond, the counters' sinks, the installer's keys)
+    output_shape: tuple
+    compute: Callable[[], torch.Tensor]
+
+
+def attention_output_shape(
+    v: torch.Tensor, heads: int, skip_reshape: bool, skip_output_reshape: bool
+) -> tuple:
+    """The shape an attention function returns for values ``v`` in the layout it was called with."""
+    if skip_reshape:  # v: [B, H, N, D]
+        b, h, n, d = v.shape
+        return (b, h, n, d) if skip_output_reshape else (b, n, h * d)
+    b, n = v.shape[0], v.shape[1]
+    inner = math.prod(v.shape[2:])  # [B, N, H*D] (SD3: [B, N, H, D])
+    return (b, heads, n, inner // heads) if skip_output_reshape else (b, n, inner)
+
+
+def _replacing_block(key, layout: ModelLayout, hook: Callable[[AttentionCall], torch.Tensor], previous):
+    spec = layout.spec
+
+    def run_block(args, extra):
+        calls = [0]
+
+        def override(func, *a, previous=None, **kw):
+            index = calls[0]
+            calls[0] += 1
+            if spec.self_calls is not None and index not in spec.self_calls:
+                return passes.call_attention(func, previous, *a, **kw)
+            heads = a[3] if len(a) > 3 else kw.get("heads")
+            shape = attention_output_shape(
+                a[2], heads, kw.get("skip_reshape", False), kw.get("skip_output_reshape", False)
+            )
+            call = AttentionCall(
+                key,
+                index,
+                kw.get("transformer_options") or args["transformer_options"],
+                shape,
+                lambda: passes.call_attention(func, previous, *a, **kw),
+            )
+            return hook(call)
+
+        return run_with_override(args, extra, previous, override)
+
+    return run_block
+
+
+def install_self_attention_hook(
+    model_patcher, layout: ModelLayout, hook: Callable[[AttentionCall], torch.Tensor]
+) -> None:
+    """Route every self-attention (or joint attention) call of every DiT block of ``model_patcher`` (a clone)
+    through ``hook``. A block replace already installed at a block's key runs inside (chained); a replace
+    installed later on a pass's own options (STG, SLG) wraps or replaces this one for that pass only."""
+    if layout.spec.kind != "dit":
+        raise ValueError(f"self-attention hooks need a DiT, got {layout.spec.label}")
+    existing = (
+        model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
+    )
+    for key in layout.dit_blocks_in_order():
+        model_patcher.set_model_patch_replace(
+            _replacing_block(key, layout, hook, existing.get(key)), "dit", *key
+        )

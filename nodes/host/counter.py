@@ -15,6 +15,16 @@ COUNTER_KEY = KEY_PREFIX + "eval_counter"
 # inward: {chunk position in cond_or_uncond: pass name}; on the options it received: [(pass name, chunks)].
 APPENDED_CHUNKS_KEY = "free_guidance_appended"
 APPENDED_NOTE_KEY = "free_guidance_appended_note"
+# transformer_options key of a model call: the RunCounts of every counter around it, for attention hooks
+# (``note_attention``) that report attention calls they computed or skipped inside the call.
+ATTENTION_SINKS_KEY = "free_guidance_attention_sinks"
+
+
+def note_attention(transformer_options: dict, what: str, calls: int = 1) -> None:
+    """Tell the counters around this model call that ``calls`` attention calls were ``what`` ("computed" or
+    "skipped"), e.g. by a feature cache that manages them. Without a counter this does nothing."""
+    for run in transformer_options.get(ATTENTION_SINKS_KEY, ()):
+        run.attention[what] = run.attention.get(what, 0) + calls
 
 
 def mark_appended_chunks(received: dict, passed_on: dict, positions: list[int], name: str) -> None:
@@ -45,19 +55,24 @@ class RunCounts:
     forward_calls: int = 0
     # One (sigma, what) per evaluation, in order; what is "cond", "uncond" or an extra pass's name.
     events: list[tuple[float, str]] = field(default_factory=list)
+    # Attention calls managed by a feature cache (``note_attention``): {"computed": n, "skipped": m}.
+    attention: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return self.cond + self.uncond + sum(self.extra.values())
 
     def as_dict(self) -> dict:
-        return {
+        counts = {
             "cond": self.cond,
             "uncond": self.uncond,
             "extra": dict(self.extra),
             "total": self.total,
             "forward_calls": self.forward_calls,
         }
+        if self.attention:  # only when a feature cache reported attention calls
+            counts["attention"] = dict(self.attention)
+        return counts
 
 
 class EvalCounter:
@@ -100,9 +115,15 @@ class EvalCounter:
         transformer_options = transformer_options if transformer_options is not None else {}
         self._record(transformer_options, t)
         noted = len(transformer_options.get(APPENDED_NOTE_KEY, []))
+        run = self.runs[-1]
+        sinks = transformer_options.setdefault(ATTENTION_SINKS_KEY, [])
+        sinks.append(run)
         try:
             return executor(x, t, *args, **kwargs)
         finally:  # chunks appended by a wrapper inside this one (mark_appended_chunks)
+            sinks[:] = [s for s in sinks if s is not run]
+            if not sinks:
+                transformer_options.pop(ATTENTION_SINKS_KEY, None)
             for name, chunks in transformer_options.get(APPENDED_NOTE_KEY, [])[noted:]:
                 self._count(name, chunks, sigma_value(t))
 

@@ -179,8 +179,12 @@ class RunInfo:
         return schedule_step_index(self.sigmas, sigma)
 
 
-def install_run_state(model_patcher, key: str, factory: Callable[..., Any]) -> None:
+def install_run_state(
+    model_patcher, key: str, factory: Callable[..., Any], *, close: Callable[[Any], None] | None = None
+) -> None:
     """Give every sampling run a fresh state object from ``factory()`` (or ``factory(run_info)``).
+
+    ``close(state)``, if given, runs in the ``finally`` when the run ends (e.g. to free per-run caches).
 
     The object lives in the run's own copy of ``transformer_options`` (never in the patcher), so nothing leaks
     into the next run, into other clones or into the input model. Hooks read it with ``run_state``. A factory
@@ -203,7 +207,9 @@ def install_run_state(model_patcher, key: str, factory: Callable[..., Any]) -> N
         try:
             return executor(*args, **kwargs)
         finally:
-            transformer_options.pop(key, None)
+            state = transformer_options.pop(key, None)
+            if close is not None and state is not None:
+                close(state)
 
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, key, outer_sample)
 

@@ -118,3 +118,21 @@ def test_errors():
         fc.FeatureCache().store(_feature(1, (3, 2, 2)), [0, 1], 1)
     with pytest.raises(RuntimeError, match="chunk 0"):
         fc.FeatureCache().reuse([0], 0.5)
+
+
+def test_stale_history_is_not_reused():
+    """``since``: F_a and F_b must be at least as recent as the last two scheduled compute steps."""
+    cache = fc.FeatureCache()
+    cache.store(_feature(1), [0, 1], step=0)
+    cache.store(_feature(2), [0, 1], step=2)
+    cache.store(_feature(3, (1, 6, 4)), [0], step=4)  # the uncond (chunk 1) skipped at step 4
+    assert cache.can_reuse([0], (1, 6, 4), since=(4, 2))
+    assert not cache.can_reuse([0, 1], (2, 6, 4), since=(4, 2))
+    assert cache.can_reuse([1], (1, 6, 4), since=(2, 0)) and not cache.can_reuse([1], (1, 6, 4), since=(4, 2))
+
+
+def test_last_computed_are_the_two_latest_scheduled_compute_steps():
+    config = fc.FeatureReuseConfig(start=0.0, interval=2)
+    assert config.reuse_steps(6) == [False, True, False, True, False, True]
+    assert config.last_computed(1, 6) is None
+    assert config.last_computed(3, 6) == (2, 0) and config.last_computed(5, 6) == (4, 2)
