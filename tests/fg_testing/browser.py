@@ -39,6 +39,11 @@ EXPECTED_CONSOLE_NOISE = (
     "api.comfy.org",
     "ERR_NAME_NOT_RESOLVED",
     "favicon",
+    # the newest frontend asks for endpoints the pinned server does not have (job list, global subgraphs)
+    "/api/jobs",
+    "Jobs API",
+    "Failed to fetch jobs",
+    "global_subgraphs",
 )
 SETUP_HINT = (
     "The browser tests need Debian's chromium (apt-get install -y chromium) and the playwright Python package "
@@ -46,11 +51,11 @@ SETUP_HINT = (
 )
 
 
-def seed_settings(base_dir: Path) -> None:
-    """Write the editor settings into a server base directory (before the server starts)."""
+def seed_settings(base_dir: Path, extra: dict | None = None) -> None:
+    """Write the editor settings (and ``extra`` ones) into a server base directory (before the server starts)."""
     path = base_dir / "user" / "default" / "comfy.settings.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(EDITOR_SETTINGS, indent=1))
+    path.write_text(json.dumps({**EDITOR_SETTINGS, **(extra or {})}, indent=1))
     for folder in ("workflows", "subgraphs"):  # the editor lists them on start (a 404 otherwise)
         (path.parent / folder).mkdir(exist_ok=True)
 

@@ -87,6 +87,7 @@ class ComfyServer:
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.3)
+        self.stop()  # never leave a half-started server behind
         raise TimeoutError(f"ComfyUI server did not answer within {timeout}s; log:\n{self.log()}")
 
     def stop(self) -> None:
