@@ -534,7 +534,8 @@ class _Converter:
             target = scope.nodes.get(str(link.target_id))
             if target is None:
                 continue
-            for item_input in target.get("inputs") or []:  # saved inputs omit unlinked widgets: match the link
+            # saved inputs omit unlinked widget inputs: find the input by its link, not by target_slot
+            for item_input in target.get("inputs") or []:
                 if item_input.get("link") == link_id and item_input.get("widget"):
                     return target, item_input["widget"]["name"]
         return None
