@@ -5,9 +5,10 @@
           queue it, show progress, download the outputs, print the guidance telemetry
   sweep   WORKFLOW --server URL [--server URL ...] --grid node.input=v1,v2 [--grid ...] [--out DIR]
           run the grid over one or more servers with bounded concurrency; write results.csv/json
+  sweep   WORKFLOW --ray ADDRESS|auto --grid ...   the same, each job a Ray task on the cluster's servers
 
-WORKFLOW may be a UI-format workflow (what the editor saves) or an API prompt. ``node`` is a node id or a
-node's unique title; values are JSON where they parse (numbers, true/false, lists), else strings.
+WORKFLOW may be a UI-format workflow (what the editor saves) or an API prompt. ``node`` is a node id (inside a
+subgraph ``15:8``), a node's unique title or class type, or ``15:TITLE`` inside subgraph node 15; values are JSON where they parse (numbers, true/false, lists), else strings.
 """
 
 from __future__ import annotations

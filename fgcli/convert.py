@@ -99,6 +99,8 @@ LOAD_3D_BUTTONS = (
 VIEWER_3D_NODES = frozenset({"Preview3D", "SaveGLB"})  # + an "image" (viewer) widget; 1.27 also:
 VIEWER_3D_NODES_1_27 = VIEWER_3D_NODES | {"Preview3DAnimation"}
 WEBCAM_BUTTON = ("waiting for camera...", "capture")
+AUDIO_OUTPUT_NODES = frozenset({"PreviewAudio", "SaveAudio", "SaveAudioMP3", "SaveAudioOpus"})  # + "audioUI"
+PREVIEW_ANY_NODES = frozenset({"PreviewAny"})  # + a "preview" text widget
 
 
 def input_type(spec: list | tuple) -> str:
@@ -212,8 +214,13 @@ def widget_layout(node_def: dict, newest: bool = True) -> list[Widget]:
                 widgets += [Widget(label, serialize=True, default=value) for label, value in LOAD_3D_BUTTONS]
     if webcam:
         widgets.append(Widget(WEBCAM_BUTTON[0], serialize=True, default=WEBCAM_BUTTON[1]))
-    if node_def.get("name") in (VIEWER_3D_NODES if newest else VIEWER_3D_NODES_1_27):
+    name = node_def.get("name")
+    if name in (VIEWER_3D_NODES if newest else VIEWER_3D_NODES_1_27):
         widgets.append(Widget("image", serialize=True, default=""))
+    if name in AUDIO_OUTPUT_NODES:
+        widgets.append(Widget("audioUI", serialize=not newest, default="", stored=False))
+    if name in PREVIEW_ANY_NODES:
+        widgets.append(Widget("preview", serialize=True, default="", stored=False))
     return widgets
 
 
