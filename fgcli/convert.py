@@ -100,7 +100,9 @@ VIEWER_3D_NODES = frozenset({"Preview3D", "SaveGLB"})  # + an "image" (viewer) w
 VIEWER_3D_NODES_1_27 = VIEWER_3D_NODES | {"Preview3DAnimation"}
 WEBCAM_BUTTON = ("waiting for camera...", "capture")
 AUDIO_OUTPUT_NODES = frozenset({"PreviewAudio", "SaveAudio", "SaveAudioMP3", "SaveAudioOpus"})  # + "audioUI"
-PREVIEW_ANY_NODES = frozenset({"PreviewAny"})  # + a "preview" text widget
+PREVIEW_ANY_NODES = frozenset(
+    {"PreviewAny"}
+)  # + a "preview" text widget (the newest: text and mode, not sent)
 
 
 def input_type(spec: list | tuple) -> str:
@@ -219,7 +221,10 @@ def widget_layout(node_def: dict, newest: bool = True) -> list[Widget]:
         widgets.append(Widget("image", serialize=True, default=""))
     if name in AUDIO_OUTPUT_NODES:
         widgets.append(Widget("audioUI", serialize=not newest, default="", stored=False))
-    if name in PREVIEW_ANY_NODES:
+    if name in PREVIEW_ANY_NODES and newest:
+        widgets.append(Widget("preview_text", serialize=False, default="", stored=False))
+        widgets.append(Widget("preview_mode", serialize=False, default="", stored=False))
+    elif name in PREVIEW_ANY_NODES:
         widgets.append(Widget("preview", serialize=True, default="", stored=False))
     return widgets
 

@@ -107,8 +107,11 @@ class Cluster:
                 "--ray needs Ray: pip install 'comfyui-free-guidance[ray]' (or pip install ray)"
             ) from None
         self.ray = ray
+        host = self.address.rsplit(":", 1)[0]
+        loopback = {"_node_ip_address": "127.0.0.1"} if host in ("127.0.0.1", "localhost") else {}
         ray.init(
             address=self.address,
+            **loopback,  # a cluster on loopback stays there
             include_dashboard=False,
             log_to_driver=False,
             logging_level="ERROR",
@@ -142,11 +145,12 @@ class Cluster:
         from ray.exceptions import RayTaskError
 
         args = sweep.args
-        task = ray.remote(_job_task).options(
-            num_cpus=0,
-            max_retries=max(args.retries, 0),  # its worker or node died: Ray reruns the task
-            retry_exceptions=[ConnectionResetError, BrokenPipeError],  # a blip inside one request
-        )
+        task = ray.remote(_job_task)
+        fault_handling = {
+            "num_cpus": 0,
+            "max_retries": max(args.retries, 0),  # its worker or node died: Ray reruns the task
+            "retry_exceptions": [ConnectionResetError, BrokenPipeError],  # a blip inside one request
+        }
         alive = list(self.servers)
         sweep.out_dir.mkdir(parents=True, exist_ok=True)
         sweep.journal.write_text("")
@@ -156,7 +160,7 @@ class Cluster:
             prompt = json.loads(json.dumps(sweep.prompt))
             for key, value in job.values.items():
                 convert.set_input(prompt, (key, value))
-            ref = task.options(resources={RESOURCE_PREFIX + url: 1}).remote(
+            ref = task.options(resources={RESOURCE_PREFIX + url: 1}, **fault_handling).remote(
                 url, prompt, args.timeout, args.retries, args.backoff
             )
             pending[ref] = (job, url)

@@ -178,6 +178,10 @@ def _whole_safetensors(path: Path) -> bool:
     return len(data) == 8 + length + end
 
 
+# A throwaway cluster on loopback: no token authentication (Ray 2.5x's default asks every client for one)
+RAY_ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+
+
 @pytest.fixture
 def ray_cluster(tmp_path_factory):
     """(address, [server a, server b]): ``ray start --head --block`` (1 CPU, no dashboard, loopback) with one
@@ -203,7 +207,7 @@ def ray_cluster(tmp_path_factory):
                 "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false",
                 "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--resources={json.dumps(resources)}",
             ],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env=RAY_ENV,
         )  # fmt: skip
         deadline = time.time() + float(os.environ.get("FREE_GUIDANCE_SERVER_TIMEOUT", "240"))
         while "Ray runtime started" not in (Path(temp_dir) / "head.log").read_text():
@@ -230,7 +234,9 @@ def test_a_ray_sweep_survives_a_killed_server_every_job_done_once_every_file_who
     command = [sys.executable, "-m", "fgcli", "sweep", str(workflow), "--ray", address, "--out", str(out)]
     command += ["--retries", "1", "--backoff", "0.2", "--timeout", "300", "--grid", f"KSampler.seed={seeds}"]
     command += ["--set", "KSampler.steps=6"]  # long enough for the kill to land mid-sweep
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RAY_ENV
+    )
     victim = servers[1]
     journal = out / "results.jsonl"
     deadline = time.time() + 600

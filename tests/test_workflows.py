@@ -276,9 +276,11 @@ def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor):
     )
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     page.wait_for_function(
-        f"() => app.graph.getNodeById({node_id})?.freeGuidanceChart?.bars?.length === 6", timeout=180_000
+        f"() => app.graph.getNodeById({node_id})?.freeGuidanceChart?.bars?.length === 6", timeout=420_000
     )
-    assert page.evaluate("() => window.__freeGuidanceTelemetry.events") >= 1  # the websocket event arrived
+    # the record arrived: as the telemetry event (1.27) or as the report's "executed" output (both carry it)
+    delivered = page.evaluate("() => window.__freeGuidanceTelemetry")
+    assert delivered["events"] >= 1 or (editor.frontend.newest and delivered["executed"] >= 1), delivered
     page.wait_for_timeout(500)  # let the editor place the widget
     chart = page.evaluate(
         f"""() => {{

@@ -32,7 +32,7 @@ const FIELDS = {
   skipped: (step) => step.skipped,
 };
 
-const state = { records: new Map(), draws: 0, events: 0 };
+const state = { records: new Map(), draws: 0, events: 0, executed: 0 };
 window.__freeGuidanceTelemetry = state; // for tests and the curious
 
 function findNode(id) {
@@ -154,7 +154,10 @@ app.registerExtension({
     });
     api.addEventListener("executed", (event) => {
       const records = event.detail?.output?.free_guidance_telemetry;
-      if (Array.isArray(records)) records.forEach(apply);
+      if (Array.isArray(records)) {
+        state.executed += 1;
+        records.forEach(apply);
+      }
     });
   },
 });
