@@ -257,7 +257,7 @@ def test_a_ray_sweep_survives_a_killed_server_every_job_done_once_every_file_who
     assert process.returncode == 0, stdout + stderr  # Ray moved the lost jobs: every one is done
 
     journal_rows = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert sorted(r["job"] for r in journal_rows) == list(range(10))  # each job ends exactly once
+    assert sorted(r["index"] for r in journal_rows) == list(range(10))  # each job ends exactly once
     assert all(r["status"] == "done" for r in journal_rows), journal_rows
     rows = read_results(out)
     assert len(rows) == 10 and all(r["status"] == "done" for r in rows)
