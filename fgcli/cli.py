@@ -5,9 +5,10 @@
           queue it, show progress, download the outputs, print the guidance telemetry
   sweep   WORKFLOW --server URL [--server URL ...] --grid node.input=v1,v2 [--grid ...] [--out DIR]
           run the grid over one or more servers with bounded concurrency; write results.csv/json
+  sweep   WORKFLOW --ray ADDRESS|auto --grid ...   the same, each job a Ray task on the cluster's servers
 
-WORKFLOW may be a UI-format workflow (what the editor saves) or an API prompt. ``node`` is a node id or a
-node's unique title; values are JSON where they parse (numbers, true/false, lists), else strings.
+WORKFLOW may be a UI-format workflow (what the editor saves) or an API prompt. ``node`` is a node id (inside a
+subgraph ``15:8``), a node's unique title or class type, or ``15:TITLE`` inside subgraph node 15; values are JSON where they parse (numbers, true/false, lists), else strings.
 """
 
 from __future__ import annotations
@@ -28,18 +29,52 @@ from typing import Any
 
 from . import convert
 from .client import ComfyClient, PromptFailed, PromptRejected, ServerUnreachable
+from .ray_sweep import RayMissing
+
+
+class UsageError(ValueError):
+    """A misuse of the command line (bad file, bad folder, bad value): one line on stderr, exit status 2."""
+
+
+def read_json(path: str) -> Any:
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{path}: no such file" if not file.exists() else f"{path}: not a file")
+    try:
+        return json.loads(file.read_text())
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text file") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+
+
+def writable_file(path: str) -> Path:
+    """``path`` as an output file, refused before any work when its folder is missing."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{path}: is a folder, not a file")
+    if not target.parent.is_dir():
+        raise UsageError(f"{path}: the folder {target.parent} does not exist")
+    return target
 
 
 def load_prompt(path: str, client: ComfyClient) -> tuple[dict, dict | None]:
     """(API prompt, UI workflow or None) from a file of either format."""
-    data = json.loads(Path(path).read_text())
+    data = read_json(path)
+    return prompt_from(data, path, client.object_info), (data if convert.is_ui_workflow(data) else None)
+
+
+def prompt_from(data: Any, path: str, object_info) -> dict:
+    """The API prompt of a file's content; ``object_info()`` is asked only for a UI workflow."""
     if convert.is_ui_workflow(data):
-        return convert.ui_to_api(data, client.object_info()), data
+        return convert.ui_to_api(data, object_info())
     if isinstance(data, dict) and "prompt" in data and convert.is_api_prompt(data["prompt"]):
-        return data["prompt"], None
+        return data["prompt"]
     if convert.is_api_prompt(data):
-        return data, None
-    raise convert.ConversionError(f"{path}: neither a UI workflow nor an API prompt")
+        return data
+    raise UsageError(f"{path}: neither a UI workflow nor an API prompt")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,13 +148,14 @@ def format_telemetry(records: list[dict]) -> str:
 
 
 def cmd_convert(args) -> int:
+    output = writable_file(args.output) if args.output else None
     client = ComfyClient(args.server, retries=args.retries)
     prompt, _ = load_prompt(args.workflow, client)
     for assignment in args.set or []:
         convert.set_input(prompt, assignment)
     text = json.dumps(prompt, indent=2)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    if output is not None:
+        output.write_text(text + "\n")
     else:
         print(text)
     return 0
@@ -189,9 +225,17 @@ def parse_grid(spec: str) -> tuple[str, list[Any]]:
         raise convert.ConversionError(f"expected node.input=values, got '{spec}'")
     key, text = spec.split("=", 1)
     if text.startswith("@"):
-        values: list[Any] = [line for line in Path(text[1:]).read_text().splitlines() if line.strip()]
+        source = Path(text[1:])
+        if not source.is_file():
+            raise UsageError(f"--grid {key}: no such file {source}")
+        values: list[Any] = [line for line in source.read_text().splitlines() if line.strip()]
     elif text.startswith("["):
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--grid {key}: not a JSON list ({error.msg})") from None
+        if not isinstance(values, list):
+            raise UsageError(f"--grid {key}: not a JSON list")
     else:
         values = [convert.parse_value(v) for v in text.split(",")]
     if not values:
@@ -331,18 +375,38 @@ def write_results(jobs: list[Job], keys: list[str], out_dir: Path) -> tuple[Path
 
 
 def cmd_sweep(args) -> int:
-    servers = args.server
+    servers = args.server or []
+    if not servers and not args.ray:
+        raise UsageError("sweep needs --server URL (repeatable) or --ray ADDRESS")
+    grid = [parse_grid(spec) for spec in args.grid or []]  # misuse first, before any server is asked
+    if args.ray:
+        from . import ray_sweep
+
+        with ray_sweep.Cluster(args.ray, servers) as cluster:
+            base = prompt_from(
+                read_json(args.workflow), args.workflow, lambda: cluster.object_info(args.retries)
+            )
+            jobs = _sweep_jobs(base, grid, args)
+            cluster.run(Sweep(base, jobs, [], args))
+        return _sweep_report(jobs, [key for key, _ in grid], args)
     client = ComfyClient(servers[0], retries=args.retries, backoff=args.backoff)
     base, _ = load_prompt(args.workflow, client)
+    jobs = _sweep_jobs(base, grid, args)
+    Sweep(base, jobs, servers, args).run()
+    return _sweep_report(jobs, [key for key, _ in grid], args)
+
+
+def _sweep_jobs(base: dict, grid: list[tuple[str, list]], args) -> list[Job]:
     for assignment in args.set or []:
         convert.set_input(base, assignment)
-    grid = [parse_grid(spec) for spec in args.grid or []]
     keys = [key for key, _ in grid]
     for key in keys:  # fail early on a bad node reference
         convert.find_node(base, key.rsplit(".", 1)[0])
     combos = list(itertools.product(*[values for _, values in grid])) if grid else [()]
-    jobs = [Job(index, dict(zip(keys, combo, strict=True))) for index, combo in enumerate(combos)]
-    Sweep(base, jobs, servers, args).run()
+    return [Job(index, dict(zip(keys, combo, strict=True))) for index, combo in enumerate(combos)]
+
+
+def _sweep_report(jobs: list[Job], keys: list[str], args) -> int:
     csv_path, json_path = write_results(jobs, keys, Path(args.out))
     counts = {s: sum(1 for j in jobs if j.status == s) for s in ("done", "failed", "unfinished")}
     print(
@@ -358,14 +422,19 @@ def cmd_sweep(args) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit status 2 (argparse adds a usage block)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fgcli", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m fgcli", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def common(p, multi_server=False):
         p.add_argument("workflow", help="UI-format workflow or API prompt (JSON file)")
         if multi_server:
-            p.add_argument("--server", action="append", required=True, help="server URL (repeatable)")
+            p.add_argument("--server", action="append", help="server URL (repeatable)")
         else:
             p.add_argument("--server", default="http://127.0.0.1:8188", help="server URL")
         p.add_argument("--set", action="append", metavar="NODE.INPUT=VALUE", help="override an input")
@@ -392,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fg-sweep", help="folder for outputs and results (default fg-sweep)")
     p.add_argument("--per-server", type=int, default=1, help="prompts in flight per server (default 1)")
     p.add_argument("--reassign", action="store_true", help="rerun the jobs of a lost server elsewhere")
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS|auto",
+        help="run each job as a Ray task on the cluster's ComfyUI servers (resources 'comfyui:<URL>'); "
+        "--server then picks among them",
+    )
     p.add_argument("--backoff", type=float, default=0.5, help="first retry delay in seconds (doubles)")
     p.add_argument("--timeout", type=float, default=3600, help="per prompt")
     p.add_argument("--quiet", action="store_true")
@@ -403,9 +478,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except convert.ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (convert.ConversionError, UsageError, RayMissing) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     except ServerUnreachable as error:
-        print(f"error: server unreachable: {error}", file=sys.stderr)
+        print(f"error: server unreachable: {_one_line(error)}", file=sys.stderr)
         return 4
+    except OSError as error:  # a file or folder the command was told to use
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

@@ -1,8 +1,8 @@
 """UI-format workflow (what the ComfyUI editor saves) → API prompt (what the server executes).
 
 ComfyUI has no Python converter; the editor converts in JavaScript (``graphToPrompt`` in the frontend). This
-module follows the rules of the pinned frontend (``comfyui-frontend-package`` 1.27.10) and is tested for
-parity with it in a real browser (tests/test_workflows_browser.py):
+module follows the rules of the pinned frontend (``comfyui-frontend-package`` 1.27.10) and of the newest
+(1.58.1), and is tested for parity with both in a real browser (tests/test_workflows.py):
 
 - widget values: ``widgets_values`` is positional over the node's *widgets*, built from ``/object_info`` in
   ``input_order`` (required, then optional, then inputs added by the editor); INT inputs with
@@ -14,8 +14,18 @@ parity with it in a real browser (tests/test_workflows_browser.py):
   input of the requested type is followed); a muted node (mode 2) is dropped and so is every input linked to it;
 - Note, MarkdownNote, Reroute and PrimitiveNode are editor-only (never sent); a PrimitiveNode's value replaces
   the widget value of every input it feeds;
-- groups are drawing only; subgraphs and legacy group nodes are not supported (a clear error);
+- subgraphs are flattened like the editor's ExecutableNodeDTO: an inner node's id is the path of subgraph
+  instances (``"15:8"``), links pass through the subgraph's input and output nodes, an unlinked instance input
+  sends the instance's promoted widget value, muted/bypassed instances behave as nodes of those modes
+  (1.27 still sends the nodes inside them; the newer editors do not);
+- widgets that exist only in the frontend (3D viewers and their buttons, audio UI, webcam, remote combos)
+  are laid out as the editor's own extensions add them and sent as it sends them;
+- node types the server lacks are an error only where the node would run (bypassed/muted ones are dropped);
+- groups are drawing only; legacy group nodes are not supported (a clear error);
 - every node gets ``_meta.title``: its own title, else the node definition's display name.
+
+Where the pinned editor (1.27.10) and the newer ones differ, ``ui_to_api(..., frontend=VERSION)`` picks the
+rules (default: the version that saved the workflow, ``extra.frontendVersion``, else the newest).
 
 Plain Python, no ComfyUI import: it runs on any machine that can reach a server's ``/object_info``.
 """
@@ -72,8 +82,27 @@ class Widget:
     """One widget of a node, in the order the editor creates them."""
 
     name: str
-    serialize: bool  # False: control/filter/upload widgets, stored in widgets_values but never sent
+    serialize: bool  # False: control/filter/upload widgets, never sent
     default: Any = None
+    stored: bool = True  # has a position in widgets_values (the editor's configure skips the others)
+
+
+# Widgets that exist only in the frontend, added by the editor's own extensions (3D viewers, audio UI, webcam,
+# remote combos). Read off the editor for every node type the server has; test_workflows.py checks the
+# layout against the editor's on each frontend. (name, value; sent in the prompt as the editor sends them)
+LOAD_3D_TYPES = frozenset({"LOAD_3D", "LOAD_3D_ANIMATION"})  # 1.27; the newest draws only LOAD_3D
+LOAD_3D_BUTTONS = (
+    ("upload 3d model", "upload3dmodel"),
+    ("upload extra resources", "uploadExtraResources"),
+    ("clear", "clear"),
+)
+VIEWER_3D_NODES = frozenset({"Preview3D", "SaveGLB"})  # + an "image" (viewer) widget; 1.27 also:
+VIEWER_3D_NODES_1_27 = VIEWER_3D_NODES | {"Preview3DAnimation"}
+WEBCAM_BUTTON = ("waiting for camera...", "capture")
+AUDIO_OUTPUT_NODES = frozenset({"PreviewAudio", "SaveAudio", "SaveAudioMP3", "SaveAudioOpus"})  # + "audioUI"
+PREVIEW_ANY_NODES = frozenset(
+    {"PreviewAny"}
+)  # + a "preview" text widget (the newest: text and mode, not sent)
 
 
 def input_type(spec: list | tuple) -> str:
@@ -134,16 +163,34 @@ def is_widget_input(spec) -> bool:
     return input_type(spec) in WIDGET_TYPES and not _options(spec).get("forceInput")
 
 
-def widget_layout(node_def: dict) -> list[Widget]:
-    """The node's widgets in creation order; positions match ``widgets_values``."""
+def widget_layout(node_def: dict, newest: bool = True) -> list[Widget]:
+    """The node's widgets in creation order (those of the frontend's own extensions included).
+
+    ``newest``: the rules of the newer editors (1.28 on) where they differ from the pinned 1.27.
+    """
     widgets: list[Widget] = []
-    for name, spec, optional in ordered_inputs(node_def):
+    ordered = ordered_inputs(node_def)
+    load_3d = {"LOAD_3D"} if newest else LOAD_3D_TYPES
+    has_3d = any(input_type(spec) in load_3d for _, spec, _ in ordered)
+    webcam = False
+    for name, spec, optional in ordered:
         options = _options(spec)
         if optional and options.get("defaultInput"):
             continue  # migrated to forceInput by the editor
+        kind = input_type(spec)
+        if kind in load_3d:
+            widgets.append(Widget(name, serialize=True, default=""))
+            continue
+        if kind == "AUDIO_RECORD":  # the recorder and its record button
+            button = f"{name}#1" if newest else name
+            widgets += [Widget(name, serialize=True, default=""), Widget(button, serialize=False, default="")]
+            continue
+        if kind == "WEBCAM":
+            widgets.append(Widget(name, serialize=True, default=""))
+            webcam = True
+            continue
         if not is_widget_input(spec):
             continue
-        kind = input_type(spec)
         if kind == "IMAGEUPLOAD":
             widgets.append(Widget(name, serialize=False, default="image"))
             continue
@@ -154,9 +201,31 @@ def widget_layout(node_def: dict) -> list[Widget]:
                 control = name in ("seed", "noise_seed")
             if control:
                 widgets.append(Widget(_control_name(options), serialize=False, default="randomize"))
-        elif kind == "COMBO" and control:
-            widgets.append(Widget(_control_name(options), serialize=False, default="randomize"))
-            widgets.append(Widget("control_filter_list", serialize=False, default=""))
+        elif kind == "COMBO":
+            if control:
+                widgets.append(Widget(_control_name(options), serialize=False, default="randomize"))
+                widgets.append(Widget("control_filter_list", serialize=False, default=""))
+            remote = options.get("remote") if isinstance(options.get("remote"), dict) else {}
+            if remote.get("refresh_button"):
+                widgets.append(Widget("Auto-refresh after generation", serialize=False, default=False))
+                widgets.append(Widget("refresh", serialize=True, default="refresh"))
+            if options.get("audio_upload"):
+                widgets.append(Widget("audioUI", serialize=not newest, default="", stored=False))
+                widgets.append(Widget("upload", serialize=False, default=""))
+            if options.get("file_upload") and has_3d:
+                widgets += [Widget(label, serialize=True, default=value) for label, value in LOAD_3D_BUTTONS]
+    if webcam:
+        widgets.append(Widget(WEBCAM_BUTTON[0], serialize=True, default=WEBCAM_BUTTON[1]))
+    name = node_def.get("name")
+    if name in (VIEWER_3D_NODES if newest else VIEWER_3D_NODES_1_27):
+        widgets.append(Widget("image", serialize=True, default=""))
+    if name in AUDIO_OUTPUT_NODES:
+        widgets.append(Widget("audioUI", serialize=not newest, default="", stored=False))
+    if name in PREVIEW_ANY_NODES and newest:
+        widgets.append(Widget("preview_text", serialize=False, default="", stored=False))
+        widgets.append(Widget("preview_mode", serialize=False, default="", stored=False))
+    elif name in PREVIEW_ANY_NODES:
+        widgets.append(Widget("preview", serialize=True, default="", stored=False))
     return widgets
 
 
@@ -169,12 +238,18 @@ def _control_name(options: dict) -> str:
     return "control_after_generate"
 
 
-def widget_values(node: dict, node_def: dict) -> dict[str, Any]:
+def widget_values(node: dict, node_def: dict, newest: bool = True) -> dict[str, Any]:
     """``{widget name: value}`` for every widget of a UI node (defaults where widgets_values is short)."""
-    layout = widget_layout(node_def)
     raw = node.get("widgets_values")
     values: dict[str, Any] = {}
-    for index, widget in enumerate(layout):
+    index = -1
+    for widget in widget_layout(node_def, newest):
+        if not widget.stored:
+            values[widget.name] = widget.default
+            continue
+        index += 1
+        if widget.name in values and not widget.serialize:
+            continue  # a second widget of that name (RecordAudio's button): the first one is sent
         if isinstance(raw, dict):
             value = raw.get(widget.name, widget.default)
         elif isinstance(raw, list) and index < len(raw) and raw[index] is not None:
@@ -242,37 +317,125 @@ def valid_connection(type_a: str | None, type_b: str | None) -> bool:
     return bool(set(a.split(",")) & set(b.split(",")))
 
 
+SUBGRAPH_INPUT_ID = -10  # the subgraph's input node inside a definition
+SUBGRAPH_OUTPUT_ID = -20
+
+
+class _Scope:
+    """One graph: the root workflow or a subgraph definition (its node ids and link ids are its own)."""
+
+    def __init__(self, data: dict, definition: dict | None = None):
+        self.definition = definition
+        self.nodes = {str(n["id"]): n for n in data.get("nodes") or []}
+        self.links = _links(data)
+
+
+class _Dto:
+    """A node as the editor flattens it (ExecutableNodeDTO): its id is the path of subgraph instances."""
+
+    def __init__(self, node: dict, path: tuple[str, ...], scope: _Scope, parent: _Dto | None):
+        self.node = node
+        self.path = path
+        self.scope = scope
+        self.parent = parent  # the subgraph instance this node sits in
+        self.id = ":".join((*path, str(node["id"])))
+
+    @property
+    def mode(self) -> int:
+        return self.node.get("mode", MODE_ALWAYS)
+
+
 class _Converter:
-    def __init__(self, workflow: dict, object_info: dict):
+    def __init__(self, workflow: dict, object_info: dict, frontend: str | None = None):
         if not is_ui_workflow(workflow):
             raise ConversionError("not a UI-format workflow (no 'nodes' and 'links')")
-        if (workflow.get("definitions") or {}).get("subgraphs"):
-            raise ConversionError("subgraphs are not supported by this converter; unpack them in the editor")
         if (workflow.get("extra") or {}).get("groupNodes"):
             raise ConversionError("legacy group nodes are not supported; convert them to nodes in the editor")
         self.object_info = object_info
-        self.nodes = {str(n["id"]): n for n in workflow["nodes"]}
-        self.links = _links(workflow)
-        missing: dict[str, list] = {}
+        self.newest = frontend_rules(frontend or (workflow.get("extra") or {}).get("frontendVersion"))
+        self.definitions: dict[str, dict] = {}
+        self._collect_definitions(workflow)
+        self.scopes: dict[str, _Scope] = {sid: _Scope(d, d) for sid, d in self.definitions.items()}
+        self.root = _Scope(workflow)
+        self.dtos: dict[str, _Dto] = {}
         for node in workflow["nodes"]:
-            if node["type"] not in VIRTUAL_TYPES and node["type"] not in object_info:
-                missing.setdefault(node["type"], []).append(node["id"])
+            dto = self._add(node, (), self.root, None)
+            # 1.27 expands every instance; later editors leave out what a muted/bypassed instance holds
+            if self.is_subgraph(node) and not (self.newest and dto.mode in (MODE_NEVER, MODE_BYPASS)):
+                self._add_inner(dto, set())
+        missing: dict[str, list] = {}
+        for dto in self.dtos.values():
+            if self.executes(dto) and dto.node["type"] not in object_info:
+                missing.setdefault(dto.node["type"], []).append(dto.id)
         if missing:
             raise MissingNodeTypes(missing)
+
+    def _collect_definitions(self, data: dict) -> None:
+        for definition in (data.get("definitions") or {}).get("subgraphs") or []:
+            self.definitions[str(definition["id"])] = definition
+            self._collect_definitions(definition)
+
+    def is_subgraph(self, node: dict) -> bool:
+        return str(node.get("type")) in self.definitions
+
+    def _add(self, node: dict, path: tuple[str, ...], scope: _Scope, parent: _Dto | None) -> _Dto:
+        dto = _Dto(node, path, scope, parent)
+        self.dtos[dto.id] = dto
+        return dto
+
+    def _add_inner(self, instance: _Dto, visiting: set[str]) -> None:
+        """SubgraphNode.getInnerNodes: every node of the definition, nested instances expanded whatever their mode."""
+        definition_id = str(instance.node["type"])
+        if definition_id in visiting:
+            raise ConversionError(
+                f"subgraph node {instance.id} contains itself (circular subgraph definitions)"
+            )
+        scope = self.scopes[definition_id]
+        path = (*instance.path, str(instance.node["id"]))
+        for node in scope.nodes.values():
+            dto = self._add(node, path, scope, instance)
+            if self.is_subgraph(node):
+                self._add_inner(dto, visiting | {definition_id})
+
+    def executes(self, dto: _Dto) -> bool:
+        node = dto.node
+        return not (
+            node["type"] in VIRTUAL_TYPES or self.is_subgraph(node) or dto.mode in (MODE_NEVER, MODE_BYPASS)
+        )
+
+    def dto_in(self, scope_owner: _Dto, node_id) -> _Dto:
+        """The node ``node_id`` of the graph ``scope_owner`` sits in."""
+        key = ":".join((*scope_owner.path, str(node_id)))
+        dto = self.dtos.get(key)
+        if dto is None:
+            raise ConversionError(f"a link of node {scope_owner.id} starts at missing node {node_id}")
+        return dto
 
     # -- the editor's live input list: sockets (as saved), then one input per widget
     def live_inputs(self, node: dict) -> list[dict]:
         saved = node.get("inputs") or []
-        if node["type"] in VIRTUAL_TYPES:
+        if self.is_subgraph(node):
+            # the instance's inputs are the definition's, overlaid position by position with the saved ones
+            slots = self.definitions[str(node["type"])].get("inputs") or []
+            inputs = [{"name": i.get("name"), "type": i.get("type"), "link": None} for i in slots]
+            for index, item in enumerate(saved):
+                if index < len(inputs):
+                    inputs[index] = {**inputs[index], **item}
+                else:
+                    inputs.append(dict(item))
+            return inputs
+        if node["type"] in VIRTUAL_TYPES or node["type"] not in self.object_info:
             return list(saved)
         sockets = [i for i in saved if not i.get("widget")]
         by_name = {i["name"]: i for i in saved if i.get("widget")}
         node_def = self.object_info[node["type"]]
         specs = {name: spec for name, spec, _ in ordered_inputs(node_def)}
         widget_inputs = []
-        for widget in widget_layout(node_def):
-            if not widget.serialize and widget.name not in specs:
-                continue  # control/filter widgets have no socket
+        seen: set[str] = set()
+        for widget in widget_layout(node_def, self.newest):
+            if widget.name not in specs or widget.name in seen:
+                continue  # control/filter widgets and buttons have no socket
+            seen.add(widget.name)
             spec = specs.get(widget.name)
             saved_input = by_name.get(widget.name)
             entry = dict(saved_input) if saved_input else {"name": widget.name, "link": None}
@@ -280,43 +443,70 @@ class _Converter:
             widget_inputs.append(entry)
         return sockets + widget_inputs
 
-    def resolve_input(self, node: dict, slot_input: dict, visited: set, type_: str | None = None):
-        """(origin_id, origin_slot) the input reads from, or None (nothing connected)."""
-        key = (str(node["id"]), "I", slot_input["name"])
+    # -- link resolution (ExecutableNodeDTO.resolveInput / resolveOutput)
+    def resolve_input(self, dto: _Dto, inputs: list[dict], index: int, visited: set, type_=None):
+        """("link", origin id, slot) | ("widget", value) | None (nothing connected)."""
+        key = (dto.id, "I", index)
         if key in visited:
-            raise ConversionError(f"circular link at node {node['id']} input {slot_input['name']}")
+            raise ConversionError(f"circular link at node {dto.id} input {index}")
         visited.add(key)
+        if index >= len(inputs):
+            raise ConversionError(f"node {dto.id} has no input slot {index}")
+        slot_input = inputs[index]
         link_id = slot_input.get("link")
         if link_id is None:
             return None
-        link = self.links.get(link_id)
+        link = dto.scope.links.get(link_id)
         if link is None:
             raise ConversionError(
-                f"node {node['id']} input '{slot_input['name']}' uses missing link {link_id}"
+                f"node {dto.id} input '{slot_input.get('name')}' uses missing link {link_id}"
             )
-        origin = self.nodes.get(str(link.origin_id))
-        if origin is None:
-            raise ConversionError(f"link {link_id} starts at missing node {link.origin_id}")
+        if dto.parent is not None and link.origin_id == SUBGRAPH_INPUT_ID:
+            return self._through_subgraph_input(dto.parent, link.origin_slot, visited)
+        origin = self.dto_in(dto, link.origin_id)
         return self.resolve_output(origin, link.origin_slot, type_ or slot_input.get("type"), visited)
 
-    def resolve_output(self, node: dict, slot: int, type_: str | None, visited: set):
-        key = (str(node["id"]), "O", slot)
+    def _through_subgraph_input(self, instance: _Dto, slot: int, visited: set):
+        inputs = self.live_inputs(instance.node)
+        if slot >= len(inputs):
+            raise ConversionError(f"subgraph node {instance.id} has no input slot {slot}")
+        if inputs[slot].get("link") is None:
+            found, value = self.promoted_value(instance, slot)
+            return ("widget", value) if found else None
+        return self.resolve_input(instance, inputs, slot, visited)
+
+    def resolve_output(self, dto: _Dto, slot: int, type_: str | None, visited: set):
+        key = (dto.id, "O", slot)
         if key in visited:
-            raise ConversionError(f"circular link at node {node['id']} output {slot}")
+            raise ConversionError(f"circular link at node {dto.id} output {slot}")
         visited.add(key)
-        mode = node.get("mode", MODE_ALWAYS)
-        if mode == MODE_BYPASS:
+        node = dto.node
+        if dto.mode == MODE_NEVER and self.newest:
+            return None
+        if dto.mode == MODE_BYPASS:
             inputs = self.live_inputs(node)
             index = self._bypass_slot(node, inputs, slot, type_)
             if index < 0:
                 return None
-            return self.resolve_input(node, inputs[index], visited)
+            return self.resolve_input(dto, inputs, index, visited)
+        if self.is_subgraph(node):
+            outputs = (self.definitions[str(node["type"])].get("outputs")) or []
+            if slot >= len(outputs) or not outputs[slot].get("linkIds"):
+                return None
+            scope = self.scopes[str(node["type"])]
+            link = scope.links.get(outputs[slot]["linkIds"][0])
+            if link is None:
+                return None
+            inner = self.dtos.get(":".join((*dto.path, str(node["id"]), str(link.origin_id))))
+            if inner is None:
+                raise ConversionError(f"subgraph node {dto.id}: output {slot} starts at a missing node")
+            return self.resolve_output(inner, link.origin_slot, type_, visited)
         if node["type"] in VIRTUAL_TYPES:
             inputs = node.get("inputs") or []
             if slot < len(inputs):
-                return self.resolve_input(node, inputs[slot], visited, type_)
+                return self.resolve_input(dto, inputs, slot, visited, type_)
             return None
-        return (str(node["id"]), int(slot))
+        return ("link", dto.id, int(slot))
 
     @staticmethod
     def _bypass_slot(node: dict, inputs: list[dict], slot: int, type_: str | None) -> int:
@@ -336,6 +526,58 @@ class _Converter:
                 return index
         return -1
 
+    # -- widget values, promoted widgets of subgraph instances
+    def promoted_inputs(self, definition_id: str) -> list[int]:
+        """Indices of the definition's inputs the editor makes a widget of on each instance, in widget order."""
+        definition = self.definitions[definition_id]
+        scope = self.scopes[definition_id]
+        promoted = []
+        for index, item in enumerate(definition.get("inputs") or []):
+            if self._inner_widget(scope, item) is not None:
+                promoted.append(index)
+        return promoted
+
+    def _inner_widget(self, scope: _Scope, item: dict):
+        """(inner node, widget name) of the first inner widget input a subgraph input feeds, or None."""
+        for link_id in item.get("linkIds") or []:
+            link = scope.links.get(link_id)
+            if link is None:
+                continue
+            target = scope.nodes.get(str(link.target_id))
+            if target is None:
+                continue
+            # saved inputs omit unlinked widget inputs: find the input by its link, not by target_slot
+            for item_input in target.get("inputs") or []:
+                if item_input.get("link") == link_id and item_input.get("widget"):
+                    return target, item_input["widget"]["name"]
+        return None
+
+    def promoted_value(self, instance: _Dto, slot: int) -> tuple[bool, Any]:
+        """The value of the instance's promoted widget for its input ``slot`` (False: no such widget)."""
+        definition_id = str(instance.node["type"])
+        definition = self.definitions[definition_id]
+        promoted = self.promoted_inputs(definition_id)
+        if slot not in promoted:
+            return False, None
+        raw = instance.node.get("widgets_values")
+        position = promoted.index(slot)
+        if isinstance(raw, list) and position < len(raw):
+            return True, raw[position]
+        target, name = self._inner_widget(self.scopes[definition_id], definition["inputs"][slot])
+        return True, self.widget_value(target, name, instance)
+
+    def widget_value(self, node: dict, name: str, instance: _Dto) -> Any:
+        """The value of widget ``name`` of ``node``, a node of the definition ``instance`` is an instance of."""
+        if self.is_subgraph(node):  # a nested instance: its own promoted widget
+            dto = self.dtos.get(":".join((*instance.path, str(instance.node["id"]), str(node["id"]))))
+            for index, item in enumerate(node.get("inputs") or []):
+                if dto is not None and item.get("name") == name:
+                    return self.promoted_value(dto, index)[1]
+            return None
+        if node["type"] not in self.object_info:
+            return None
+        return widget_values(node, self.object_info[node["type"]], self.newest).get(name)
+
     def title(self, node: dict) -> str:
         if node.get("title"):
             return node["title"]
@@ -343,9 +585,10 @@ class _Converter:
         return node_def.get("display_name") or node_def.get("name") or node["type"]
 
     def primitive_values(self) -> dict[tuple[str, str], Any]:
-        """(target node id, input name) → value, for every input a PrimitiveNode feeds."""
+        """(target node id, input name) → value, for every input a PrimitiveNode feeds (in any graph)."""
         values: dict[tuple[str, str], Any] = {}
-        for node in self.nodes.values():
+        for dto in self.dtos.values():
+            node = dto.node
             if node["type"] != "PrimitiveNode":
                 continue
             raw = node.get("widgets_values") or []
@@ -353,37 +596,43 @@ class _Converter:
                 continue
             for output in node.get("outputs") or []:
                 for link_id in output.get("links") or []:
-                    link = self.links.get(link_id)
+                    link = dto.scope.links.get(link_id)
                     if link is None:
                         continue
-                    target = self.nodes.get(str(link.target_id))
+                    target = dto.scope.nodes.get(str(link.target_id))
                     if target is None:
                         continue
                     for item in target.get("inputs") or []:
                         if item.get("link") == link_id and item.get("widget"):
-                            values[(str(target["id"]), item["widget"]["name"])] = raw[0]
+                            target_id = ":".join((*dto.path, str(target["id"])))
+                            values[(target_id, item["widget"]["name"])] = raw[0]
         return values
 
     def convert(self) -> dict[str, dict]:
         primitives = self.primitive_values()
         output: dict[str, dict] = {}
-        for node_id, node in self.nodes.items():
-            mode = node.get("mode", MODE_ALWAYS)
-            if node["type"] in VIRTUAL_TYPES or mode in (MODE_NEVER, MODE_BYPASS):
+        for dto in self.dtos.values():
+            if not self.executes(dto):
                 continue
+            node = dto.node
             node_def = self.object_info[node["type"]]
             inputs: dict[str, Any] = {}
-            serialized = {w.name for w in widget_layout(node_def) if w.serialize}
-            for name, value in widget_values(node, node_def).items():
+            serialized = {w.name for w in widget_layout(node_def, self.newest) if w.serialize}
+            for name, value in widget_values(node, node_def, self.newest).items():
                 if name not in serialized:
                     continue
-                value = primitives.get((node_id, name), value)
-                inputs[name] = {"__value__": copy.deepcopy(value)} if isinstance(value, list) else value
-            for slot_input in self.live_inputs(node):
-                resolved = self.resolve_input(node, slot_input, set())
-                if resolved is not None:
-                    inputs[slot_input["name"]] = [resolved[0], resolved[1]]
-            output[node_id] = {
+                value = primitives.get((dto.id, name), value)
+                inputs[name] = _wrap(value)
+            live = self.live_inputs(node)
+            for index, slot_input in enumerate(live):
+                resolved = self.resolve_input(dto, live, index, set())
+                if resolved is None:
+                    continue
+                if resolved[0] == "widget":
+                    inputs[slot_input["name"]] = _wrap(resolved[1])
+                else:
+                    inputs[slot_input["name"]] = [resolved[1], resolved[2]]
+            output[dto.id] = {
                 "inputs": inputs,
                 "class_type": node["type"],
                 "_meta": {"title": self.title(node)},
@@ -395,9 +644,28 @@ class _Converter:
         return output
 
 
-def ui_to_api(workflow: dict, object_info: dict) -> dict[str, dict]:
-    """Convert a UI-format workflow to an API prompt with the server's ``/object_info``."""
-    return _Converter(workflow, object_info).convert()
+def _wrap(value: Any) -> Any:
+    return {"__value__": copy.deepcopy(value)} if isinstance(value, list) else value
+
+
+def frontend_rules(version: str | None) -> bool:
+    """True for the rules of the newer editors (1.28 on), False for the pinned 1.27 ones; newest if unknown."""
+    if not version:
+        return True
+    try:
+        major, minor = (int(part) for part in str(version).split(".")[:2])
+    except ValueError:
+        return True
+    return (major, minor) >= (1, 28)
+
+
+def ui_to_api(workflow: dict, object_info: dict, frontend: str | None = None) -> dict[str, dict]:
+    """Convert a UI-format workflow to an API prompt with the server's ``/object_info``.
+
+    ``frontend``: the editor version whose rules to follow where versions differ (default: the one that saved
+    the workflow, ``extra.frontendVersion``, else the newest).
+    """
+    return _Converter(workflow, object_info, frontend).convert()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -415,14 +683,28 @@ def parse_value(text: str) -> Any:
 
 
 def find_node(prompt: dict, ref: str) -> str:
-    """A node of an API prompt by id, by its unique ``_meta.title``, or by its unique class type."""
+    """A node of an API prompt by id, by its unique ``_meta.title``, or by its unique class type.
+
+    Inside a subgraph the id is the editor's path (``"15:8"``: node 8 of subgraph node 15); ``"15:KSampler"``
+    names the node of that title or class type directly inside subgraph node 15.
+    """
     if ref in prompt:
         return ref
+    scope = dict(prompt)
+    if ":" in ref:
+        prefix, ref = ref.rsplit(":", 1)
+        scope = {
+            nid: n
+            for nid, n in prompt.items()
+            if nid.startswith(prefix + ":") and ":" not in nid[len(prefix) + 1 :]
+        }
+        if not scope:
+            raise ConversionError(f"no subgraph node '{prefix}' (node ids inside subgraphs look like 15:8)")
     for field in ("title", "class_type"):
         if field == "title":
-            matches = [nid for nid, n in prompt.items() if (n.get("_meta") or {}).get("title") == ref]
+            matches = [nid for nid, n in scope.items() if (n.get("_meta") or {}).get("title") == ref]
         else:
-            matches = [nid for nid, n in prompt.items() if n.get("class_type") == ref]
+            matches = [nid for nid, n in scope.items() if n.get("class_type") == ref]
         if len(matches) == 1:
             return matches[0]
         if matches:
@@ -451,12 +733,15 @@ CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 def apply_seed_controls(workflow: dict, object_info: dict, rng) -> None:
     """What the editor does after queueing: increment/decrement/randomize each controlled INT widget."""
-    for node in workflow.get("nodes") or []:
+    nodes = list(workflow.get("nodes") or [])
+    for definition in (workflow.get("definitions") or {}).get("subgraphs") or []:
+        nodes += definition.get("nodes") or []
+    for node in nodes:
         node_def = object_info.get(node["type"])
         raw = node.get("widgets_values")
         if node_def is None or not isinstance(raw, list):
             continue
-        layout = widget_layout(node_def)
+        layout = [w for w in widget_layout(node_def) if w.stored]
         specs = {name: spec for name, spec, _ in ordered_inputs(node_def)}
         for index, widget in enumerate(layout):
             if widget.serialize or index == 0 or index >= len(raw) or raw[index] not in CONTROL_VALUES:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -160,3 +161,108 @@ def test_a_server_killed_mid_sweep_loses_no_finished_output_and_the_rest_is_repo
     assert any(r["server"] == victim.url for r in done)
     for row in unfinished:
         assert f"job {row['job']} unfinished" in stdout
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same sweep on a Ray cluster: a local head on loopback whose custom resources are two fresh servers.
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """A .latent file (safetensors) is whole when its size is header + the data its header describes."""
+    data = path.read_bytes()
+    if len(data) < 8:
+        return False
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return len(data) == 8 + length + end
+
+
+# A throwaway cluster on loopback: no token authentication (Ray 2.5x's default asks every client for one)
+RAY_ENV = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+
+
+@pytest.fixture
+def ray_cluster(tmp_path_factory):
+    """(address, [server a, server b]): ``ray start --head --block`` (1 CPU, no dashboard, loopback) with one
+    ``comfyui:<URL>`` resource per server, as a real cluster's workers declare them."""
+    import tempfile
+
+    from fg_testing.server import free_port
+
+    started = []
+    head = None
+    try:
+        for name in ("a", "b"):
+            base_dir = tmp_path_factory.mktemp(f"ray-sweep-{name}")
+            link_custom_nodes(base_dir)
+            started.append(ComfyServer(base_dir).start())
+        port = free_port()
+        temp_dir = tempfile.mkdtemp(prefix="fgray", dir="/tmp")  # Ray's socket paths must stay short
+        resources = {f"comfyui:{server.url}": 1 for server in started}
+        log = open(Path(temp_dir) / "head.log", "w")
+        head = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+                "--node-ip-address=127.0.0.1", "--num-cpus=1", "--include-dashboard=false",
+                "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--resources={json.dumps(resources)}",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, env=RAY_ENV,
+        )  # fmt: skip
+        deadline = time.time() + float(os.environ.get("FREE_GUIDANCE_SERVER_TIMEOUT", "240"))
+        while "Ray runtime started" not in (Path(temp_dir) / "head.log").read_text():
+            assert head.poll() is None and time.time() < deadline, (Path(temp_dir) / "head.log").read_text()
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", started
+    finally:
+        if head is not None and head.poll() is None:
+            head.terminate()  # --block: the head stops its own processes
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                head.kill()
+        for server in started:
+            server.stop()
+
+
+def test_a_ray_sweep_survives_a_killed_server_every_job_done_once_every_file_whole(
+    ray_cluster, workflow, tmp_path
+):
+    address, servers = ray_cluster
+    out = tmp_path / "sweep"
+    seeds = ",".join(str(2000 + i) for i in range(10))
+    command = [sys.executable, "-m", "fgcli", "sweep", str(workflow), "--ray", address, "--out", str(out)]
+    command += ["--retries", "1", "--backoff", "0.2", "--timeout", "300", "--grid", f"KSampler.seed={seeds}"]
+    command += ["--set", "KSampler.steps=6"]  # long enough for the kill to land mid-sweep
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=RAY_ENV
+    )
+    victim = servers[1]
+    journal = out / "results.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        rows = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+        if [r for r in rows if r["status"] == "done" and r["server"] == victim.url]:
+            break
+        assert process.poll() is None, "the sweep ended before the server could be killed: " + str(
+            process.communicate()
+        )
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the Ray sweep made no progress")
+    victim.process.kill()  # no goodbye: like a crash
+    victim.process.wait()
+    stdout, stderr = process.communicate(timeout=600)
+    print(stdout[-3000:], stderr[-3000:])
+    assert process.returncode == 0, stdout + stderr  # Ray moved the lost jobs: every one is done
+
+    journal_rows = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert sorted(r["index"] for r in journal_rows) == list(range(10))  # each job ends exactly once
+    assert all(r["status"] == "done" for r in journal_rows), journal_rows
+    rows = read_results(out)
+    assert len(rows) == 10 and all(r["status"] == "done" for r in rows)
+    assert {r["server"] for r in rows} == {s.url for s in servers}  # both did work before the kill
+    files = [Path(f) for row in rows for f in row["files"].split(";")]
+    assert len(files) == 10 and len(set(files)) == 10
+    assert all(f.suffix == ".latent" and _whole_safetensors(f) for f in files), files
+    assert not list(out.rglob("*.part"))

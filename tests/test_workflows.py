@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fg_testing import template_models
+from fg_testing import browser, frontends, template_models
 from fg_testing.browser import Editor
 from fg_testing.server import ComfyServer
 
@@ -54,9 +54,33 @@ def artifacts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def editor(server, artifacts):
-    with Editor(server.url, artifacts=artifacts) as running:
+def newest_server(tmp_path_factory):
+    """A second server on the same host serving the newest frontend package (--front-end-root)."""
+    frontend = frontends.Frontend(frontends.NEWEST_VERSION)
+    base_dir = template_models.prepare_base_dir(tmp_path_factory.mktemp("workflows-server-newest"))
+    with ComfyServer(base_dir, extra_args=("--fp32-text-enc", *frontend.server_args())) as running:
         yield running
+
+
+@pytest.fixture(scope="module", params=frontends.FRONTENDS, ids=lambda f: f.id)
+def editor(request, server, artifacts):
+    """The editor on each frontend and renderer: 1.27.10 (pinned), the newest with the classic canvas and
+    with Nodes 2.0. The renderer setting is written before the page opens (the server reads it per request)."""
+    frontend = request.param
+    target = request.getfixturevalue("newest_server") if frontend.newest else server
+    browser.seed_settings(target.base_dir, frontend.settings())
+    with Editor(target.url, artifacts=artifacts / frontend.id, frontend=frontend) as running:
+        yield running
+
+
+def editor_output(editor) -> dict:
+    """The editor's graphToPrompt output; the newest adds cnr_id/aux_id/ver (node pack ids) to _meta, which
+    the server never reads and the converter leaves out (README)."""
+    output = editor.graph_to_prompt()["output"]
+    for entry in output.values():
+        for key in ("cnr_id", "aux_id", "ver"):
+            entry.get("_meta", {}).pop(key, None)
+    return output
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -143,13 +167,13 @@ def test_loads_in_the_real_editor_and_matches_its_conversion(path, editor, objec
     shot = editor.screenshot(path.stem)
     assert shot.stat().st_size > 10_000
     assert report["missing"] == [], f"missing node types: {report['missing']}"
-    assert not report["dialogs"], report["dialogs"]
+    assert not report["missing_shown"] and not report["dialogs"], report
     assert not [t for t in report["toasts"] if "alidation" in t or "rror" in t], report["toasts"]
     assert report["node_count"] == len(workflow["nodes"])
     assert not editor.unexpected_console_errors(), editor.unexpected_console_errors()
 
-    frontend = editor.graph_to_prompt()["output"]
-    ours = convert.ui_to_api(workflow, object_info)
+    frontend = editor_output(editor)
+    ours = convert.ui_to_api(workflow, object_info, frontend=editor.frontend.version)
     differing = {
         k: (frontend.get(k), ours.get(k)) for k in set(frontend) | set(ours) if frontend.get(k) != ours.get(k)
     }
@@ -158,7 +182,10 @@ def test_loads_in_the_real_editor_and_matches_its_conversion(path, editor, objec
     )
 
 
-@pytest.mark.parametrize("path", TEMPLATES, ids=_ids(TEMPLATES))
+HEADLESS = TEMPLATES + [p for p in FIXTURES if p.stem.startswith("subgraph_")]
+
+
+@pytest.mark.parametrize("path", HEADLESS, ids=_ids(HEADLESS))
 def test_runs_headless_through_the_cli(path, server, tmp_path):
     """convert → (substitute what cannot be tiny) → queue with small sizes via --set; outputs downloaded."""
     converted = cli("convert", str(path), "--server", server.url)
@@ -226,8 +253,9 @@ def test_queue_shows_the_servers_node_errors(server):
     assert "FreeGuidanceAdaptiveGuidance" in result.stderr and "threshold" in result.stderr, result.stderr
 
 
-def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor, server):
-    """Queue the SD1.5 template from the editor itself; the Adaptive Guidance node gets its chart.
+def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor):
+    """Queue the SD1.5 template from the editor itself; the Adaptive Guidance node gets its chart, a DOM
+    widget that both renderers show (Nodes 2.0 never calls onDrawForeground). Read back from its pixels.
 
     Threshold −1 makes the switch deterministic: step 0 runs CFG, every later step skips the uncond pass.
     """
@@ -248,46 +276,88 @@ def test_the_telemetry_chart_is_drawn_on_the_guidance_node_after_a_run(editor, s
     )
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     page.wait_for_function(
-        f"() => app.graph.getNodeById({node_id})?.freeGuidanceChart?.bars?.length === 6", timeout=180_000
+        f"() => app.graph.getNodeById({node_id})?.freeGuidanceChart?.bars?.length === 6", timeout=420_000
     )
-    assert page.evaluate("() => window.__freeGuidanceTelemetry.events") >= 1  # the websocket event arrived
+    # the record arrived: as the telemetry event (1.27) or as the report's "executed" output (both carry it)
+    delivered = page.evaluate("() => window.__freeGuidanceTelemetry")
+    assert delivered["events"] >= 1 or (editor.frontend.newest and delivered["executed"] >= 1), delivered
+    page.wait_for_timeout(500)  # let the editor place the widget
     chart = page.evaluate(
         f"""() => {{
           const node = app.graph.getNodeById({node_id});
-          node.pos = [-3000, -3000];  // alone on the canvas: nothing overlaps what is read back
-          app.canvas.ds.scale = 1;
-          app.canvas.ds.offset = [-node.pos[0] + 60, -node.pos[1] + 80];
-          app.graph.setDirtyCanvas(true, true);
-          return {{record: node.freeGuidanceTelemetry, chart: node.freeGuidanceChart}};
+          const widget = node.widgets.find((w) => w.name === "free_guidance_chart");
+          const element = widget.chartCanvas;
+          const box = element.getBoundingClientRect();
+          return {{
+            record: node.freeGuidanceTelemetry, chart: node.freeGuidanceChart,
+            shown: element.isConnected && element.offsetParent !== null && box.width > 0 && box.height > 0,
+            widgets_values: node.serialize().widgets_values,
+          }};
         }}"""
     )
-    page.wait_for_timeout(300)  # let the canvas redraw
+    editor.screenshot("telemetry-chart")
     steps = chart["record"]["steps"]
     assert len(steps) == 6
     skipped = [bool(s["skipped"]) for s in steps]
     assert skipped == [False] + [True] * 5, skipped  # switched after the first step
     assert -1.0 <= steps[0]["cosine_x0"] <= 1.0 and steps[0]["scale"] == 7.0
     assert [b["skipped"] for b in chart["chart"]["bars"]] == skipped
-    editor.screenshot("telemetry-chart")
+    assert chart["shown"], f"the chart is not on the page in {editor.frontend.id}"
+    assert len(chart["widgets_values"]) == 2  # threshold, start_percent: the chart is never saved
 
     def pixel(x: float, y: float) -> list[int]:
         return page.evaluate(
             f"""() => {{
               const node = app.graph.getNodeById({node_id});
-              const canvas = app.canvas.canvas;
-              const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([node.pos[0] + {x}, node.pos[1] + {y}]);
-              const ratio = canvas.width / canvas.clientWidth;
-              return Array.from(canvas.getContext("2d").getImageData(
-                Math.round(cx * ratio), Math.round(cy * ratio), 1, 1).data);
+              const element = node.widgets.find((w) => w.name === "free_guidance_chart").chartCanvas;
+              return Array.from(element.getContext("2d").getImageData({round(x)}, {round(y)}, 1, 1).data);
             }}"""
         )
 
     box = chart["chart"]
-    background = pixel(box["x"] + box["width"] - 2, box["y"] + 2)
+    background = pixel(box["width"] - 2, 2)
     assert background[:3] == [0x14, 0x20, 0x2B], background
     for bar, was_skipped in zip(box["bars"], skipped, strict=True):
         centre_x = bar["x"] + bar["w"] / 2
-        mark = pixel(centre_x, box["y"] + box["height"] - 4)
+        mark = pixel(centre_x, box["height"] - 4)
         assert (mark[:3] == [0xE0, 0x48, 0x3E]) == was_skipped, (mark, was_skipped)
         assert pixel(centre_x, bar["bottom"] - 1)[:3] == [0x4C, 0xAF, 0x50]
     assert not editor.unexpected_console_errors(), editor.unexpected_console_errors()
+
+
+_EDITOR_WIDGETS_JS = """async (types) => {
+  const out = {};
+  for (const type of types) {
+    const node = LiteGraph.createNode(type);
+    if (!node) continue;
+    app.graph.add(node);
+    out[type] = (node.widgets || []).map((w) => [w.name, w.options?.serialize !== false, w.serialize !== false]);
+    app.graph.remove(node);
+  }
+  return out;
+}"""
+
+
+def test_widget_layouts_match_the_editor_for_every_node_type(editor, object_info):
+    """The widgets the editor creates (frontend-only ones included: buttons, 3D viewers, audio UI, webcam)
+    are the converter's, in order, with the same "sent in the prompt" and "kept in widgets_values" flags."""
+    layouts = editor.page.evaluate(_EDITOR_WIDGETS_JS, sorted(object_info))
+    assert len(layouts) == len(object_info)
+    newest = editor.frontend.newest
+    differing = {}
+    for node_type, widgets in layouts.items():
+        ours = [
+            [w.name, w.serialize, w.stored] for w in convert.widget_layout(object_info[node_type], newest)
+        ]
+        if widgets != ours:
+            differing[node_type] = {"editor": widgets, "ours": ours}
+    assert not differing, json.dumps(differing, indent=1)
+
+
+def test_missing_node_types_are_reported_as_each_frontend_shows_them(editor):
+    """1.27 opens a dialog, the newest shows 'Missing node: T' cards; either way the test reads it."""
+    workflow = json.loads((ROOT / "workflows" / "sd15_txt2img_ag_pag.json").read_text())
+    workflow["nodes"][0]["type"] = "FGTestNotInstalled"
+    report = editor.load(workflow, "missing-node")
+    assert report["missing"] == ["FGTestNotInstalled"], report
+    assert any("FGTestNotInstalled" in text for text in report["missing_shown"]), report

@@ -1,4 +1,4 @@
-"""The real ComfyUI editor (the pinned comfyui-frontend-package the server serves) in headless Chromium.
+"""The real ComfyUI editor (the frontend the server serves: the pinned package or the newest) in headless Chromium.
 
 Driven by Playwright with Debian's ``chromium`` (``/usr/bin/chromium``; never ``playwright install``), launched
 with the flags for a closed network. See ../../../shared/docs/frontend-browser.md for what works at 1.27.10.
@@ -39,6 +39,11 @@ EXPECTED_CONSOLE_NOISE = (
     "api.comfy.org",
     "ERR_NAME_NOT_RESOLVED",
     "favicon",
+    # the newest frontend asks for endpoints the pinned server does not have (job list, global subgraphs)
+    "/api/jobs",
+    "Jobs API",
+    "Failed to fetch jobs",
+    "global_subgraphs",
 )
 SETUP_HINT = (
     "The browser tests need Debian's chromium (apt-get install -y chromium) and the playwright Python package "
@@ -46,11 +51,11 @@ SETUP_HINT = (
 )
 
 
-def seed_settings(base_dir: Path) -> None:
-    """Write the editor settings into a server base directory (before the server starts)."""
+def seed_settings(base_dir: Path, extra: dict | None = None) -> None:
+    """Write the editor settings (and ``extra`` ones) into a server base directory (before the server starts)."""
     path = base_dir / "user" / "default" / "comfy.settings.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(EDITOR_SETTINGS, indent=1))
+    path.write_text(json.dumps({**EDITOR_SETTINGS, **(extra or {})}, indent=1))
     for folder in ("workflows", "subgraphs"):  # the editor lists them on start (a 404 otherwise)
         (path.parent / folder).mkdir(exist_ok=True)
 
@@ -70,10 +75,17 @@ _WATCH_JS = """
 """
 
 
+# Where each frontend tells the user about missing node types.
+MISSING_NODE_UI = ".p-dialog:has-text('Missing'), [data-testid='error-overlay']:has-text('Missing node')"
+
+
 class Editor:
     """``with Editor(server_url) as editor: editor.load(workflow, name)``."""
 
-    def __init__(self, url: str, artifacts: Path | None = None, timeout_ms: int = 60000):
+    def __init__(self, url: str, artifacts: Path | None = None, timeout_ms: int = 60000, frontend=None):
+        from .frontends import PINNED_VERSION, Frontend
+
+        self.frontend = frontend or Frontend(PINNED_VERSION)  # what the server serves (checked on start)
         self.url = url
         self.artifacts = Path(artifacts or tempfile.mkdtemp(prefix="free-guidance-browser-"))
         self.timeout_ms = timeout_ms
@@ -102,6 +114,13 @@ class Editor:
         self.page.goto(self.url)
         self.page.wait_for_function("() => window.app?.graph?.nodes?.length > 0", timeout=self.timeout_ms)
         self.page.evaluate(_WATCH_JS)
+        version = self.page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+        vue = self.page.evaluate("() => !!app.extensionManager?.setting?.get('Comfy.VueNodes.Enabled')")
+        if version != self.frontend.version or vue != self.frontend.vue_nodes:
+            self.__exit__(None, None, None)
+            raise RuntimeError(
+                f"the page runs frontend {version} (Nodes 2.0: {vue}), expected {self.frontend.id}"
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -132,11 +151,15 @@ class Editor:
             [workflow, name],
         )
         self.page.wait_for_function(f"() => window.__fgWatch.configured > {before}")
-        time.sleep(0.3)  # dialogs and toasts open asynchronously
+        time.sleep(0.3)  # dialogs, cards and toasts open asynchronously
         dialogs = self.page.locator(".p-dialog").all_inner_texts()
         toasts = self.page.locator(".p-toast-message").all_inner_texts()
+        # what the user is shown about missing nodes: a dialog (1.27) or "Missing node: T" cards in the
+        # error overlay (the newest)
+        shown = self.page.locator(MISSING_NODE_UI).all_inner_texts()
         report = {
             "missing": self.page.evaluate("() => window.__fgWatch.missing"),
+            "missing_shown": [t for t in shown if t.strip()],
             "dialogs": [d for d in dialogs if d.strip()],
             "toasts": [t for t in toasts if t.strip()],
             "node_count": self.page.evaluate("() => window.app.graph.nodes.length"),

@@ -55,7 +55,9 @@ class ComfyServer:
         self.process: subprocess.Popen | None = None
         self.log_path = self.base_dir / f"server-{self.port}.log"
 
-    def start(self, timeout: float = 120.0) -> ComfyServer:
+    def start(self, timeout: float | None = None) -> ComfyServer:
+        # FREE_GUIDANCE_SERVER_TIMEOUT: a longer start-up wait on a loaded machine (default 120 s)
+        timeout = timeout or float(os.environ.get("FREE_GUIDANCE_SERVER_TIMEOUT", "120"))
         root = comfyui_dir()
         command = [
             sys.executable,
@@ -87,6 +89,7 @@ class ComfyServer:
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.3)
+        self.stop()  # never leave a half-started server behind
         raise TimeoutError(f"ComfyUI server did not answer within {timeout}s; log:\n{self.log()}")
 
     def stop(self) -> None:
