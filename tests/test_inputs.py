@@ -154,6 +154,8 @@ def test_cross_input_rules_name_only_their_inputs(pack, declared, server):
         "FreeGuidanceSAG",
         "FreeGuidanceTSG",
         "FreeGuidanceFouriScale",
+        "FreeGuidanceCFGCache",
+        "FreeGuidanceFasterCacheFeatureReuse",
     }
     for class_type, rule in rules:
         spec = declared[class_type]
