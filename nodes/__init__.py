@@ -10,9 +10,12 @@ from . import (
     fouriscale,
     icg,
     linear_ag,
+    nasa,
+    negtome,
     pag,
     pcg,
     sag,
+    scfg,
     seg,
     stg,
     tsg,
@@ -33,6 +36,9 @@ NODE_MODULES = [
     sag,
     fouriscale,
     diffusehigh,
+    nasa,
+    negtome,
+    scfg,
     evaluation_counter,
 ]
 
