@@ -150,7 +150,9 @@ def apply_nasa(
         if not from_node:
             run.negative = _first_tensor(guider.original_conds.get("negative"))
             if run.negative is None:
-                raise GuidanceInputError(NODE, "negative_source", "is 'sampler negative', but the sampler has none")
+                raise GuidanceInputError(
+                    NODE, "negative_source", "is 'sampler negative', but the sampler has none"
+                )
         transformer_options = guider.model_options.setdefault("transformer_options", {})
         transformer_options[key] = run
         try:
@@ -165,7 +167,9 @@ def apply_nasa(
         if not rows.any():
             return z_pos
         if nag:
-            guided = nasa_math.nag_combine(z_pos[rows], z_neg[rows], scale, values["nag_tau"], values["nag_alpha"])
+            guided = nasa_math.nag_combine(
+                z_pos[rows], z_neg[rows], scale, values["nag_tau"], values["nag_alpha"]
+            )
         else:
             guided = nasa_math.nasa_combine(z_pos[rows], z_neg[rows], alpha)
         out = z_pos.clone()
@@ -359,7 +363,16 @@ class NegativeAwaySteerAttention:
     ):
         return (
             apply_nasa(
-                model, negative, mode, alpha, nag_scale, nag_tau, nag_alpha, negative_source, blocks, node_id=unique_id
+                model,
+                negative,
+                mode,
+                alpha,
+                nag_scale,
+                nag_tau,
+                nag_alpha,
+                negative_source,
+                blocks,
+                node_id=unique_id,
             ),
         )
 

@@ -136,7 +136,12 @@ def _unet_replace(key, which: str, module, hook: AttentionHook, previous):
             out = previous(q, k, v, extra_options)
         else:
             out = comfy_attention.optimized_attention(
-                q, k, v, heads, attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+                q,
+                k,
+                v,
+                heads,
+                attn_precision=extra_options.get("attn_precision"),
+                transformer_options=extra_options,
             )
         grid = tuple(extra_options["activations_shape"][-2:])
         call = AttentionCall(
@@ -201,7 +206,9 @@ def block_modules(layout: ModelLayout, diffusion_model, key: tuple):
     if name == "sd3":
         return diffusion_model.joint_blocks[index]
     if name in ("flux", "hunyuan_video"):
-        return (diffusion_model.double_blocks if kind == "double_block" else diffusion_model.single_blocks)[index]
+        return (diffusion_model.double_blocks if kind == "double_block" else diffusion_model.single_blocks)[
+            index
+        ]
     if name == "wan21":
         return diffusion_model.blocks[index]
     if name == "ltxv":
