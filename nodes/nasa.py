@@ -174,7 +174,7 @@ def apply_nasa(
             guided = nasa_math.nasa_combine(z_pos[rows], z_neg[rows], alpha)
         out = z_pos.clone()
         out[rows] = guided.to(out.dtype)
-        observer.emit("nasa", block=call.block, kind=call.kind, z_pos=z_pos, out=out, rows=rows)
+        observer.emit("nasa", call=call, z_pos=z_pos, z_neg=z_neg, out=out, rows=rows)
         return out
 
     def cross_hook(run: _Run):

@@ -340,7 +340,7 @@ def rerun_block(args: dict, extra: dict, previous, txt: torch.Tensor, pe=None) -
             captured.append((k, v))
         return passes.call_attention(func, previous, *a, **kw)
 
-    inner = dict(args, txt=txt, img=args["img"].clone())  # some blocks update their input in place
+    inner = dict(args, txt=txt.clone(), img=args["img"].clone())  # some blocks update their inputs in place
     if pe is not None:
         inner["pe"] = pe
     out = run_with_override(inner, extra, previous, override)
