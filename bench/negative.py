@@ -106,8 +106,11 @@ def negative_prompt(pack, setup: Setup, digits: list[int], samples: int, steps: 
     nasa = pack.nodes.nasa
     configs: dict[str, Callable] = {
         "plain cfg 1": lambda m, neg: m,
-        "NASA alpha 0.5": lambda m, neg: nasa.apply_nasa(m, neg, alpha=0.5),
-        "NASA alpha 1": lambda m, neg: nasa.apply_nasa(m, neg, alpha=1.0),
+        "NASA alpha 0.5 (text share)": lambda m, neg: nasa.apply_nasa(m, neg, alpha=0.5),
+        "NASA alpha 1 (text share)": lambda m, neg: nasa.apply_nasa(m, neg, alpha=1.0),
+        "NASA alpha 1 (text keys)": lambda m, neg: nasa.apply_nasa(
+            m, neg, alpha=1.0, joint_negative="text keys"
+        ),
         "NAG (phi 5, tau 2.5, alpha 0.25)": lambda m, neg: nasa.apply_nasa(m, neg, mode="nag"),
         "plain cfg 2 (negative as uncond, 2 evals/step)": lambda m, neg: m,
     }

@@ -7,12 +7,15 @@ What is computed per family (``guidance/nasa.py`` has the equations):
   ``to_k``/``to_v``. Self-attention is untouched.
 - Wan 2.1 (separate cross-attention): the same on each chosen block's cross-attention call, the negative through
   the model's ``text_embedding`` and the block's ``k``/``norm_k``/``v``.
-- SD3 and Flux (joint attention, text first): the paper's FLUX adaptation taken as written: for the image
-  queries of each chosen double block, ``Z⁺`` is the block's own joint attention output and
-  ``Z⁻ = softmax(Q_img K⁻_txtᵀ/√d) V⁻_txt`` over the negative text keys alone. The negative text stream is the
-  negative context through the model's text embedder and then through every double block up to the last chosen
-  one, each run a second time on [negative text, image] (so those blocks cost twice; no extra network call).
-  Text-query rows and single blocks are unchanged.
+- SD3 and Flux (joint attention, text first), for the image queries of each chosen double block, ``Z⁺`` being
+  the block's own joint attention output and Z⁻ (``joint_negative``) one of: "text share" (NASA's default) the
+  negative text keys' share of the joint softmax over [negative text, image] keys, ``Σ_{j∈txt⁻} p_j v_j``, so
+  that a negative equal to the positive scales the text part of Z⁺ by 1 − α, the joint analogue of
+  ``(1 − α) Z⁺``; "text keys" the paper's FLUX sentence taken literally, ``softmax(Q_img K⁻_txtᵀ/√d) V⁻_txt``
+  over the negative text keys alone; "joint attention" (NAG's default) the whole joint attention over
+  [negative text, image]. The negative text stream is the negative context through the model's text embedder
+  and then through every double block up to the last chosen one, each run a second time on [negative text,
+  image] (those blocks cost twice; no extra network call). Text-query rows and single blocks are unchanged.
 - LTXV, HunyuanVideo: refused (masked cross-attention / image-first joint attention: not done yet).
 
 Only the conditional rows change (chunk 0 of each forward); the unconditional pass, when cfg > 1 runs it, is
@@ -36,9 +39,11 @@ from .host.inputs import COMBO, GuidanceInputError, Input, Inputs, declare
 NODE = "NASA Negative Attention"
 MODES = ("nasa", "nag")
 SOURCES = ("node input", "sampler negative")
+JOINT_MODES = ("auto", "text keys", "text share", "joint attention")
 SUPPORTED = "SD1.5, SD2.x, SDXL (UNet), SD3, Flux, Wan 2.1"
 # α where the paper names none (SDXL, SD3, Flux, Wan): our choice, PixArt-α's 0.5 (the paper's only DiT value)
 FALLBACK_ALPHA = 0.5
+JOINT_NASA_DEFAULT = "text share"  # bench/negative.py: "text keys" is erratic on the digits model
 FALLBACK_NAG_SCALE = 5.0  # φ where NAG's README has no example: Flux schnell's
 
 
@@ -104,6 +109,7 @@ def apply_nasa(
     nag_alpha: float = nasa_math.NAG_ALPHA,
     negative_source: str = "node input",
     blocks: str = "all",
+    joint_negative: str = "auto",
     node_id=None,
 ):
     """A clone of ``model`` whose chosen attention layers steer away from a negative prompt (NASA or NAG)."""
@@ -115,6 +121,7 @@ def apply_nasa(
         nag_alpha=nag_alpha,
         negative_source=negative_source,
         blocks=blocks,
+        joint_negative=joint_negative,
     )
     layout = families.detect_layout(model, NODE)
     variant = model_variant(model)
@@ -137,6 +144,9 @@ def apply_nasa(
             NODE, "negative", "is needed when negative_source is 'node input' (connect a CONDITIONING)"
         )
     nag = values["mode"] == "nag"
+    joint = values["joint_negative"]
+    if joint == "auto":
+        joint = "joint attention" if nag else JOINT_NASA_DEFAULT
     identity = (values["nag_alpha"] == 0 or scale == 1) if nag else alpha == 0
     patched = model.clone()
     if identity:
@@ -198,12 +208,18 @@ def apply_nasa(
         return hook
 
     def joint_hook(run: _Run):
-        def hook(call, out, k_neg, v_neg):
+        def hook(call, out, k_neg, v_neg, z_joint):
             i0, i1 = call.image
-            q_img = attention_calls.merge_heads(call.q[:, :, i0:i1])
-            z_neg = attention_calls.attend(
-                q_img, attention_calls.merge_heads(k_neg), attention_calls.merge_heads(v_neg), call.heads
-            )
+            if joint == "joint attention":
+                z_neg = z_joint[:, : i1 - i0]
+            else:
+                q_img = attention_calls.merge_heads(call.q[:, :, i0:i1])
+                k_txt, v_txt = attention_calls.merge_heads(k_neg), attention_calls.merge_heads(v_neg)
+                if joint == "text share":
+                    k_img = attention_calls.merge_heads(call.k[:, :, i0:i1])
+                    z_neg = nasa_math.text_share(q_img, k_txt, v_txt, k_img, call.heads)
+                else:
+                    z_neg = attention_calls.attend(q_img, k_txt, v_txt, call.heads)
             z_img = combine(call, out[:, i0:i1], z_neg)
             if z_img is out[:, i0:i1]:
                 return out
@@ -322,6 +338,17 @@ INPUTS = Inputs(
             extra={"multiline": False},
         ),
         Input(
+            "joint_negative",
+            COMBO,
+            "SD3/Flux only: what Z- is for the image queries of a joint block. text keys: their attention over the "
+            "negative text keys alone (the paper's cross-attention reading); text share: the negative text's "
+            "share of the joint softmax over [negative text, image] keys (a negative equal to the positive scales "
+            "the text part of Z+ by 1 - alpha); joint attention: the whole joint attention with the negative "
+            f"text (NAG's Z-). auto = {JOINT_NASA_DEFAULT} for NASA, joint attention for NAG.",
+            default="auto",
+            options=JOINT_MODES,
+        ),
+        Input(
             "negative",
             "CONDITIONING",
             "The negative prompt (its first entry's text embedding). Needed when negative_source is 'node input'.",
@@ -358,6 +385,7 @@ class NegativeAwaySteerAttention:
         nag_alpha,
         negative_source,
         blocks,
+        joint_negative,
         negative=None,
         unique_id=None,
     ):
@@ -372,6 +400,7 @@ class NegativeAwaySteerAttention:
                 nag_alpha,
                 negative_source,
                 blocks,
+                joint_negative,
                 node_id=unique_id,
             ),
         )

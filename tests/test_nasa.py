@@ -74,28 +74,35 @@ def test_negative_equal_to_positive_gives_one_minus_alpha_z_plus(pack, family):
         torch.testing.assert_close(fields["out"], 0.7 * fields["z_pos"], rtol=1e-4, atol=1e-5)
 
 
-def test_joint_attention_negative_stream_equals_the_positive_stream_when_they_are_equal(pack):
-    """SD3: with negative = positive the re-run negative text stream reproduces the positive one in every
-    block, so Z- is the image queries' attention over the block's own text keys alone."""
+@pytest.mark.parametrize("joint", ["text keys", "text share", "joint attention"])
+def test_joint_attention_with_the_positive_as_negative(pack, joint):
+    """SD3, negative = positive: the re-run negative text stream reproduces the positive one in every block, so
+    Z- is computed from the block's own q, k, v: text keys = attention over its text keys alone; text share =
+    the text columns of its joint softmax (Z = Z+ - alpha (text part of Z+)); joint attention = Z+ itself."""
     family = "sd3"
     positive = tiny_models.conditioning(family, seed=1)
-    model = pack.nodes.nasa.apply_nasa(cached_model(family), positive, alpha=0.3)
+    model = pack.nodes.nasa.apply_nasa(cached_model(family), positive, alpha=0.3, joint_negative=joint)
     _, seen = events(pack, model, family, steps=2, cfg=1.0, positive=positive)
-    blocks = {fields["call"].block for fields in seen}
-    assert blocks == {
-        ("double_block", i) for i in range(len(cached_model(family).model.diffusion_model.joint_blocks))
-    }
+    depth = len(cached_model(family).model.diffusion_model.joint_blocks)
+    assert {fields["call"].block for fields in seen} == {("double_block", i) for i in range(depth)}
     for fields in seen:
         call = fields["call"]
         (t0, t1), (i0, i1) = call.text, call.image
         q = call.q[:, :, i0:i1]
-        k, v = call.k[:, :, t0:t1], call.v[:, :, t0:t1]
-        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        expected = expected.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+        if joint == "text keys":
+            z = torch.nn.functional.scaled_dot_product_attention(q, call.k[:, :, t0:t1], call.v[:, :, t0:t1])
+        elif joint == "text share":
+            p = (q @ call.k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
+            z = p[..., t0:t1] @ call.v[:, :, t0:t1]
+        else:
+            z = torch.nn.functional.scaled_dot_product_attention(q, call.k, call.v)
+        expected = z.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
         torch.testing.assert_close(fields["z_neg"], expected, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(
             fields["out"], fields["z_pos"] - 0.3 * fields["z_neg"], rtol=1e-5, atol=1e-6
         )
+        if joint == "joint attention":
+            torch.testing.assert_close(fields["z_neg"], fields["z_pos"], rtol=1e-4, atol=1e-5)
 
 
 def test_only_the_chosen_cross_attention_outputs_change(pack):

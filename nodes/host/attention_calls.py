@@ -323,22 +323,25 @@ def block_state(layout: ModelLayout, x: torch.Tensor) -> BlockState:
 
 
 def rerun_block(args: dict, extra: dict, previous, txt: torch.Tensor, pe=None) -> tuple[dict, tuple]:
-    """Run a text-first joint DiT block on the text stream ``txt`` (same image stream): ``(outputs, (k, v))``,
-    k/v the text part of its joint attention (B, H, T, D). ``pe``: the rotary table for the new token count."""
+    """Run a text-first joint DiT block on the text stream ``txt`` (same image stream): ``(outputs, (k, v, z))``,
+    k/v the text part of its joint attention (B, H, T, D), z that attention's output for the image (and any
+    later) query rows (B, N, heads·D). ``pe``: the rotary table for the new token count."""
     captured: list = []
     calls = [0]
 
     def override(func, *a, previous=None, **kw):
         index = calls[0]
         calls[0] += 1
+        out = passes.call_attention(func, previous, *a, **kw)
         if index == 0:
             heads = a[3] if len(a) > 3 else kw.get("heads")
             skip_reshape = kw.get("skip_reshape", False)
             t = txt.shape[1]
             k = canonical(a[1], heads, skip_reshape)[:, :, :t]
             v = canonical(a[2], heads, skip_reshape)[:, :, :t]
-            captured.append((k, v))
-        return passes.call_attention(func, previous, *a, **kw)
+            merged = merge_heads(out) if kw.get("skip_output_reshape", False) else out
+            captured.append((k, v, merged[:, t:]))
+        return out
 
     inner = dict(args, txt=txt.clone(), img=args["img"].clone())  # some blocks update their inputs in place
     if pe is not None:
@@ -389,7 +392,9 @@ class NegativeStream:
     txt: torch.Tensor | None = None
 
 
-JointNegativeHook = Callable[[AttentionCall, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# hook(call, out, k_neg, v_neg, z_neg_joint): the negative text keys/values of the block and the image rows of
+# its joint attention over [negative text, image]
+JointNegativeHook = Callable[..., torch.Tensor]
 
 
 def install_joint_negative(
@@ -401,8 +406,9 @@ def install_joint_negative(
     hook: JointNegativeHook,
 ) -> None:
     """On a text-first joint DiT, carry a second (negative) text stream through the double blocks and give
-    ``hook(call, out, k_neg, v_neg)`` the negative text keys/values of each chosen double block's joint
-    attention, with that block's own output ``out`` of the positive stream.
+    ``hook(call, out, k_neg, v_neg, z_neg)`` the negative text keys/values of each chosen double block's joint
+    attention and that attention's output for the image queries (over [negative text, image] keys), with the
+    block's own output ``out`` of the positive stream.
 
     ``negative_context(img)`` returns the raw negative context (B|1, T⁻, C) for a forward (None: no negative
     in this forward, the blocks run as they are); it goes through the model's text embedder at block 0 and
@@ -432,13 +438,13 @@ def install_joint_negative(
             if stream.txt is None:
                 return previous(args, extra) if previous is not None else extra["original_block"](args)
             pe = negative_rope(args.get("pe"), args["txt"].shape[1], stream.txt.shape[1])
-            negative_out, (k_neg, v_neg) = rerun_block(args, extra, previous, stream.txt, pe)
+            negative_out, (k_neg, v_neg, z_neg) = rerun_block(args, extra, previous, stream.txt, pe)
             stream.txt = negative_out.get("txt")
             if key not in selection.keys:
                 return previous(args, extra) if previous is not None else extra["original_block"](args)
 
             def positive_hook(call, out):
-                return hook(call, out, k_neg, v_neg)
+                return hook(call, out, k_neg, v_neg, z_neg)
 
             return _dit_replace(key, layout, state, positive_hook, None, previous, (JOINT,))(args, extra)
 
