@@ -22,6 +22,8 @@ computed by the same transform. Pure torch; no ComfyUI import.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -147,3 +149,55 @@ def renoise_sigmas(sigmas: torch.Tensor, noising_steps: int) -> torch.Tensor:
 def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """``x + (x − x̂0)/σ · (σ_next − σ)``."""
     return x + (x - denoised) / sigma * (sigma_next - sigma)
+
+
+def run_stages(
+    latent: torch.Tensor,
+    sizes: list,
+    tail: torch.Tensor,
+    *,
+    denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    noise_scaling: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    sharpen_amount: float,
+    structure_steps: int,
+    guidance_space: str,
+    generator: torch.Generator,
+    on_step: Callable[..., None] | None = None,
+) -> torch.Tensor:
+    """DiffuseHigh's stage loop (Kim et al. 2025, Alg. 1): per stage, upscale the decoded image to the stage's
+    size, sharpen it (blur σ drawn from U(0.1, 2)), encode, re-noise to ``tail[0]`` and run Euler steps along
+    ``tail``; during the first ``structure_steps`` steps the estimate's DWT low band is replaced by the
+    reference's (in image or latent space). The model and codec are injected: ``denoise(z, sigma)`` (the
+    guided x0 prediction), ``decode``/``encode`` (model latent ↔ (B, C, H, W) image in [0, 1]) and
+    ``noise_scaling(sigma, noise, z)``. ``on_step(stage, index, sigma, z, denoised, structure)`` sees every step.
+    """
+
+    def guide(denoised, reference_ll):
+        if guidance_space == "latent":
+            return replace_low_band(denoised, reference_ll)
+        return encode(replace_low_band(decode(denoised), reference_ll))
+
+    z = latent
+    for stage, (stage_h, stage_w) in enumerate(sizes, start=1):
+        reference = upscale(decode(z), stage_h, stage_w)
+        blur_sigma = 0.1 + 1.9 * float(torch.rand((), generator=generator))
+        reference = sharpen(reference, sharpen_amount, blur_sigma)
+        z = encode(reference)
+        reference_ll = dwt2(z if guidance_space == "latent" else reference)[0]
+        if len(tail) < 2:
+            continue
+        noise = torch.randn(z.shape, generator=generator).to(z)
+        z = noise_scaling(tail[0].to(z), noise, z)
+        s_in = z.new_ones([z.shape[0]])
+        for i in range(len(tail) - 1):
+            sigma, sigma_next = tail[i], tail[i + 1]
+            denoised = denoise(z, sigma * s_in)
+            structure = i < structure_steps
+            if structure:
+                denoised = guide(denoised, reference_ll)
+            if on_step is not None:
+                on_step(stage, i, sigma, z, denoised, structure)
+            z = euler_step(z, denoised, sigma, sigma_next)
+    return z

@@ -174,3 +174,39 @@ def share_query_key(
         key_in = key_in.clone()
         key_in[main_rows:] = key_in[weak_source]
     return query_in, key_in
+
+
+def layer_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride,
+    groups: int,
+    *,
+    dilation: float,
+    level: int,
+    base_latent: tuple[float, float],
+    main_rows: int,
+    filtered: bool,
+    mask_floor: float,
+    sdxl_variant: bool,
+) -> torch.Tensor:
+    """One patched convolution at scheduled dilation d (paper §3): rows before ``main_rows`` are the model's
+    batch (strong low-pass), the rows after it the guidance branch (weak low-pass; on SDXL convolved at
+    ``sdxl_weak_dilation(d)``). The filter works at the layer's resolution ``level`` (the base size halves per
+    level) with scale ``max(d / stride, 1)``; ``filtered`` off skips it (upsampler convolutions, low_pass off)."""
+    kernel = kernel_dilation(dilation)
+    main, weak = x[:main_rows], x[main_rows:]
+    if filtered:
+        scale = max(dilation / stride[0], 1.0)
+        base_h = base_latent[0] / 2**level
+        base_w = base_latent[1] / 2**level
+        main = low_pass(main, base_h, base_w, scale, mask_floor, weak=False)
+        if weak.shape[0]:
+            weak = low_pass(weak, base_h, base_w, scale, mask_floor, weak=True)
+    if weak.shape[0] and sdxl_variant:
+        out_main = dilated_conv2d(main, weight, bias, stride, groups, kernel)
+        out_weak = dilated_conv2d(weak, weight, bias, stride, groups, sdxl_weak_dilation(dilation))
+        return torch.cat([out_main, out_weak])
+    rows = torch.cat([main, weak]) if weak.shape[0] else main
+    return dilated_conv2d(rows, weight, bias, stride, groups, kernel)

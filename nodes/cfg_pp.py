@@ -28,11 +28,7 @@ LAMBDA_HELP = (
 )
 
 
-def alpha_of(model_sampling):
-    """a(s) of the model: 1 − s for flow (CONST) models, 1 for eps / v models."""
-    if isinstance(model_sampling, comfy.model_sampling.CONST):
-        return cfg_pp.alpha_rf
-    return cfg_pp.alpha_ve
+alpha_of = steps.signal_scale_of
 
 
 def check_lambda(node: str, guider) -> float:

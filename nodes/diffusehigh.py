@@ -131,55 +131,41 @@ def sample_diffusehigh(
     def encode(image):
         return base.process_latent_in(vae.encode(image.movedim(1, -1))).to(latent)
 
-    def guide(denoised, reference_ll):
-        if guidance_space == "latent":
-            return diffusehigh.replace_low_band(denoised, reference_ll)
-        image = decode(denoised)
-        return encode(diffusehigh.replace_low_band(image, reference_ll))
-
     sizes = diffusehigh.stage_sizes(
         (latent.shape[-2] * factor, latent.shape[-1] * factor), (height, width), stages, factor
     )
     total = (len(tail) - 1) * len(sizes)
-    z = latent
-    done = 0
+    done = [0]
     with telemetry.sampler_run(model, extra_args, node_id, NODE) as run:
-        for stage, (stage_h, stage_w) in enumerate(sizes, start=1):
-            reference = diffusehigh.upscale(decode(z), stage_h, stage_w)
-            blur_sigma = 0.1 + 1.9 * float(torch.rand((), generator=generator))
-            reference = diffusehigh.sharpen(reference, sharpen, blur_sigma)
-            z = encode(reference)
-            reference_ll = diffusehigh.dwt2(z if guidance_space == "latent" else reference)[0]
-            if len(tail) < 2:
-                continue
-            noise = torch.randn(z.shape, generator=generator).to(z)
-            z = sampling.noise_scaling(tail[0].to(z), noise, z)
-            s_in = z.new_ones([z.shape[0]])
-            for i in range(len(tail) - 1):
-                sigma, sigma_next = tail[i], tail[i + 1]
-                denoised = model(z, sigma * s_in, **extra_args)
-                structure = i < structure_steps
-                if structure:
-                    denoised = guide(denoised, reference_ll)
-                run.step(
-                    sigma,
-                    stage=stage,
-                    stages=len(sizes),
-                    resolution=[stage_w, stage_h],
-                    structure_guidance=structure,
-                )
-                if callback is not None:
-                    callback(
-                        {
-                            "x": z,
-                            "i": min(done, total - 1),
-                            "sigma": sigma,
-                            "sigma_hat": sigma,
-                            "denoised": denoised,
-                        }
-                    )
-                z = diffusehigh.euler_step(z, denoised, sigma, sigma_next)
-                done += 1
+
+        def on_step(stage, index, sigma, z, denoised, structure):
+            stage_h, stage_w = sizes[stage - 1]
+            run.step(
+                sigma,
+                stage=stage,
+                stages=len(sizes),
+                resolution=[stage_w, stage_h],
+                structure_guidance=structure,
+            )
+            if callback is not None:
+                i = min(done[0], total - 1)
+                callback({"x": z, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+            done[0] += 1
+
+        z = diffusehigh.run_stages(
+            latent,
+            sizes,
+            tail,
+            denoise=lambda z, sigma: model(z, sigma, **extra_args),
+            decode=decode,
+            encode=encode,
+            noise_scaling=sampling.noise_scaling,
+            sharpen_amount=sharpen,
+            structure_steps=structure_steps,
+            guidance_space=guidance_space,
+            generator=generator,
+            on_step=on_step,
+        )
     return z
 
 

@@ -143,11 +143,8 @@ def parse_sag_blocks(text: str, layout: families.ModelLayout) -> blocks.Selectio
 
 
 def signal_scale(model_sampling, sigma: float) -> float:
-    """``a(σ)`` of the model's own ``x = a(σ) x₀ + b(σ) ε``: 1 for ε/v models, 1 − σ for flow (CONST) models."""
-    probe = model_sampling.noise_scaling(
-        torch.tensor([float(sigma)]), torch.zeros(1, 1), torch.ones(1, 1), max_denoise=False
-    )
-    return float(probe.reshape(-1)[0])
+    """``a(σ)`` at ``sigma`` (``steps.signal_scale_of``): 1 for ε/v models, 1 − σ for flow (CONST) models."""
+    return float(steps.signal_scale_of(model_sampling)(torch.tensor([float(sigma)])).reshape(-1)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------

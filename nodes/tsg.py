@@ -69,7 +69,7 @@ class Target:
     """Where the perturbation goes on this model."""
 
     family: str
-    kind: str  # "unet" | "dit"
+    embedding: str  # how the family's timestep embedding reaches the blocks: "emb_patch" (UNet) | "vec" (DiT)
     keys: tuple  # dit: ("double_block", i) ...; unet: ResBlock paths (empty = the whole model via emb_patch)
     available: int  # the largest valid first_n_blocks
 
@@ -82,15 +82,15 @@ def resolve_target(model, first_n_blocks: int) -> Target:
     """The family and the blocks to perturb; GuidanceInputError for an unsupported model or a bad N."""
     layout = families.detect_layout(model, NODE)
     n = first_n_blocks
-    if layout.spec.kind == "unet":
+    if layout.spec.embedding == "emb_patch":
         encoder, decoder = embedding.unet_resblocks(model.get_model_object("diffusion_model"))
         available = max(len(encoder), len(decoder))
         _check_n(n, available, f"this UNet has {len(encoder)} encoder and {len(decoder)} decoder ResBlocks")
         keys = () if n == 0 else tuple(encoder[:n] + decoder[:n])
-        return Target(layout.spec.label, "unet", keys, available)
+        return Target(layout.spec.label, layout.spec.embedding, keys, available)
     order = layout.dit_blocks_in_order()
     _check_n(n, len(order), f"this {layout.spec.label} model has {layout.describe_blocks()}")
-    return Target(layout.spec.label, "dit", tuple(order if n == 0 else order[:n]), len(order))
+    return Target(layout.spec.label, layout.spec.embedding, tuple(order if n == 0 else order[:n]), len(order))
 
 
 def _check_n(n, available: int, what: str) -> None:
@@ -174,7 +174,7 @@ def apply_tsg(
             inputs.step.t / tsg.T_SCALE,
             tsg.step_seed(settings.seed, step_index(inputs.step)),
         )
-        embedding.install_embedding_perturbation(options, target.kind, target.keys, state, handover)
+        embedding.install_embedding_perturbation(options, target.embedding, target.keys, state, handover)
 
     def combine(inputs: perturbed.CombineInputs):
         return tsg.combine(inputs.denoised, inputs.cond_denoised, inputs.perturbed, settings.w)
@@ -189,7 +189,7 @@ def apply_tsg(
         after_pass=handover.clear,
     )
     patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id)
-    if target.kind == "unet":
+    if target.embedding == "emb_patch":
         embedding.install_resblock_inputs(patched, target.keys, handover)
     return patched
 

@@ -67,3 +67,35 @@ def test_the_check_sees_a_registration():
 def test_host_package_init_is_a_docstring():
     tree = ast.parse((PACK / "nodes" / "host" / "__init__.py").read_text())
     assert len(tree.body) == 1 and isinstance(tree.body[0].value, ast.Constant)
+
+
+def test_one_step_context_and_one_window(pack):
+    """StepContext: the index of the step whose interval holds sigma (an intermediate evaluation counts as its
+    step), the next sigma only on the grid, t = 1000 (1 - percent); Window: closed, with the one tolerance."""
+    from fg_testing import sampling
+    from fg_testing.test_nodes import cached_model
+
+    steps = pack.nodes.host.steps
+    model = cached_model("sd15")
+    ms = model.get_model_object("model_sampling")
+    sigmas = sampling.sigmas_for(model, 4)
+    values = tuple(float(s) for s in sigmas)
+    options = {"transformer_options": {"sample_sigmas": sigmas}}
+    for i in range(4):
+        step = steps.StepContext.of(options, sigmas[i : i + 1], ms)
+        assert (step.index, step.steps, step.on_grid, step.next_sigma) == (i, 4, True, values[i + 1])
+    middle = steps.StepContext(0.5 * (values[1] + values[2]), values, ms)
+    assert (middle.index, middle.on_grid, middle.next_sigma) == (1, False, None)
+    assert steps.StepContext(values[2], values, ms).t == pytest.approx(
+        1000 * (1 - steps.sigma_to_percent(ms, values[2]))
+    )
+    window = steps.Window(0.25, 0.75)
+    start, end = window.bounds(ms)
+    assert window.contains(steps.StepContext(start, values, ms)) and window.contains(
+        steps.StepContext(end, values, ms)
+    )
+    assert window.contains(steps.StepContext(start * (1 + 0.5 * steps.TOLERANCE), values, ms))
+    assert not window.contains(steps.StepContext(start * (1 + 2 * steps.TOLERANCE), values, ms))
+    assert not window.contains(steps.StepContext(end * (1 - 2 * steps.TOLERANCE), values, ms))
+    assert steps.Window.from_t(250.0, 750.0) == steps.Window(0.25, 0.75)
+    assert steps.Window().contains(steps.StepContext(values[0], values, ms))

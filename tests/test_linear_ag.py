@@ -138,14 +138,14 @@ def test_on_the_mixture_linear_ag_stays_close_to_cfg_and_beats_dropping_guidance
     )
     assert counter.last.total == 2 * steps - 5 and trace[-1].regressed_steps == [2, 4, 6, 8, 10]
 
-    passes, steps = pack.nodes.host.passes, pack.nodes.host.steps
+    passes, run_steps = pack.nodes.host.passes, pack.nodes.host.steps
     dropped_model = counted.clone()
-    steps.install_run_state(dropped_model, "test.steps", lambda info: info)
+    run_steps.install_run_state(dropped_model, "test.steps", lambda info: info)
     passes.install_uncond_skip(
         dropped_model,
         "test.drop",
         lambda ctx: (
-            steps.run_state(ctx.model_options, "test.steps").step_index(ctx.sigma) in {2, 4, 6, 8, 10}
+            run_steps.run_state(ctx.model_options, "test.steps").step_index(ctx.sigma) in {2, 4, 6, 8, 10}
         ),
     )
     dropped = gmm.sample(dropped_model, "sd15", 0, cfg, steps=steps, batch=64)

@@ -30,6 +30,7 @@ def toolkit(pack):
 
 
 def counted(toolkit, family="sd15"):
+    """A clone of the tiny model with the counter installed (``toolkit``: anything with ``EvalCounter``)."""
     model = cached_model(family).clone()
     return model, toolkit.EvalCounter.install(model)
 
@@ -208,13 +209,13 @@ def test_a_slot_filled_inside_a_batched_perturbation_is_still_known_as_filled(pa
     uncond slot holds D_c (cosine 1). PAG's wrapper returns a slice of the list; AG must still see that the
     slot was filled, or it would switch to cond-only at the first step."""
     nodes = pack.nodes
-    model, counter = counted(pack.nodes.toolkit)
+    model, counter = counted(pack.nodes.host.counter)
     model = nodes.adaptive_guidance.apply_adaptive_guidance(model, threshold=0.9999)
     model = nodes.pag.apply_pag(model, scale=1.0, blocks="auto", batched=True)
     model = nodes.cfg_interval.apply_cfg_interval(model, 0.5, 1.0)
     sampling.ksample(model, "sd15", steps=6)
 
-    reference, reference_counter = counted(pack.nodes.toolkit)
+    reference, reference_counter = counted(pack.nodes.host.counter)
     reference = nodes.cfg_interval.apply_cfg_interval(reference, 0.5, 1.0)
     sampling.ksample(reference, "sd15", steps=6)
     assert 0 < reference_counter.last.uncond < 6
@@ -224,7 +225,7 @@ def test_a_slot_filled_inside_a_batched_perturbation_is_still_known_as_filled(pa
 def test_sampler_conditional_only_calls_keep_batched_extra_passes(pack):
     """PCG's conditional-only predictor call with a batched PAG pass in the same forward."""
     nodes = pack.nodes
-    model, counter = counted(pack.nodes.toolkit)
+    model, counter = counted(pack.nodes.host.counter)
     model = nodes.pag.apply_pag(model, scale=1.0, blocks="auto", batched=True)
     sampler = nodes.pcg.make_sampler(1, "2*cfg-1 (matches DDPM CFG)", 1.0, 1.0)
     grid = sampling.sigmas_for(model, 3)

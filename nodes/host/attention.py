@@ -238,25 +238,42 @@ def install_perturbation(
 ):
     """Install the perturbation of the chosen blocks on ``model_options`` (a copy for one pass)."""
     layout = selection.layout
+    install_block_hooks(
+        model_options,
+        selection,
+        lambda key, previous: _unet_replace(key, perturbation, state, previous),
+        lambda key, previous: _dit_replace(key, layout, perturbation, state, previous),
+        text_state=state if perturbation.mode == BLUR else None,
+    )
+
+
+def install_block_hooks(
+    model_options: dict, selection: Selection, unet_hook, dit_hook, *, text_state=None
+) -> None:
+    """The one way a hook reaches the chosen blocks: ``unet_hook(key, previous)`` as the ``attn1`` replace of each
+    UNet transformer block, ``dit_hook(key, previous)`` as the ``patches_replace["dit"]`` replace of each DiT
+    block, ``previous`` the replace already installed there (chained). ``text_state``: on joint-attention DiTs,
+    record the text length there (in the first double block when no double block is chosen)."""
+    layout = selection.layout
     replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
     if layout.spec.kind == "unet":
         existing = replaces.get("attn1", {})
         for key in selection.keys:
             previous = existing.get(key, existing.get(key[:2]))
             comfy.model_patcher.set_model_options_patch_replace(
-                model_options, _unet_replace(key, perturbation, state, previous), "attn1", *key
+                model_options, unet_hook(key, previous), "attn1", *key
             )
         return
     existing = replaces.get("dit", {})
     for key in selection.keys:
         comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _dit_replace(key, layout, perturbation, state, existing.get(key)), "dit", *key
+            model_options, dit_hook(key, existing.get(key)), "dit", *key
         )
-    needs_text = perturbation.mode == BLUR and layout.spec.text_first
+    needs_text = text_state is not None and layout.spec.text_first
     if needs_text and not any(kind == "double_block" for kind, _ in selection.keys):
         first = ("double_block", 0)
         comfy.model_patcher.set_model_options_patch_replace(
-            model_options, text_length_recorder(state, existing.get(first)), "dit", *first
+            model_options, text_length_recorder(text_state, existing.get(first)), "dit", *first
         )
 
 
@@ -399,22 +416,10 @@ def install_attention_callback(
     """Call ``callback`` with every self-attention call of the chosen blocks, on ``model_options`` (a copy for one
     call). ``state`` has ``grid`` (the DiT image-token grid) and ``text_tokens`` (filled here on joint DiTs)."""
     layout = selection.layout
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
-    if layout.spec.kind == "unet":
-        existing = replaces.get("attn1", {})
-        for key in selection.keys:
-            previous = existing.get(key, existing.get(key[:2]))
-            comfy.model_patcher.set_model_options_patch_replace(
-                model_options, _unet_observer(key, callback, previous), "attn1", *key
-            )
-        return
-    existing = replaces.get("dit", {})
-    for key in selection.keys:
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _dit_observer(key, layout, state, callback, existing.get(key), name), "dit", *key
-        )
-    if layout.spec.text_first and not any(kind == "double_block" for kind, _ in selection.keys):
-        first = ("double_block", 0)
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, text_length_recorder(state, existing.get(first)), "dit", *first
-        )
+    install_block_hooks(
+        model_options,
+        selection,
+        lambda key, previous: _unet_observer(key, callback, previous),
+        lambda key, previous: _dit_observer(key, layout, state, callback, previous, name),
+        text_state=state,
+    )

@@ -72,25 +72,23 @@ class FouriScaleConv2d(torch.nn.Module, comfy.ops.CastWeightBiasOp):
         return self._fouriscale(plan, x, weight, bias)
 
     def _fouriscale(self, plan: Plan, x, weight, bias):
-        d = plan.dilation
-        dilation = fouriscale.kernel_dilation(d)
+        dilation = fouriscale.kernel_dilation(plan.dilation)
         filtered = self.filtered and plan.low_pass
-        main, weak = x[: plan.main_rows], x[plan.main_rows :]
-        if filtered:
-            scale = max(d / self.stride[0], 1.0)
-            base_h = plan.base_latent[0] / 2**self.level
-            base_w = plan.base_latent[1] / 2**self.level
-            main = fouriscale.low_pass(main, base_h, base_w, scale, plan.mask_floor, weak=False)
-            if weak.shape[0]:
-                weak = fouriscale.low_pass(weak, base_h, base_w, scale, plan.mask_floor, weak=True)
         observer.emit("fouriscale_conv", layer=self.layer, dilation=dilation, filtered=filtered)
-        if weak.shape[0] and plan.sdxl_variant:
-            out_main = fouriscale.dilated_conv2d(main, weight, bias, self.stride, self.groups, dilation)
-            weak_dilation = fouriscale.sdxl_weak_dilation(d)
-            out_weak = fouriscale.dilated_conv2d(weak, weight, bias, self.stride, self.groups, weak_dilation)
-            return torch.cat([out_main, out_weak])
-        rows = torch.cat([main, weak]) if weak.shape[0] else main
-        return fouriscale.dilated_conv2d(rows, weight, bias, self.stride, self.groups, dilation)
+        return fouriscale.layer_forward(
+            x,
+            weight,
+            bias,
+            self.stride,
+            self.groups,
+            dilation=plan.dilation,
+            level=self.level,
+            base_latent=plan.base_latent,
+            main_rows=plan.main_rows,
+            filtered=filtered,
+            mask_floor=plan.mask_floor,
+            sdxl_variant=plan.sdxl_variant,
+        )
 
 
 def _extend(value, rows: torch.Tensor, batch: int):

@@ -110,14 +110,15 @@ def _dit_replace(key, perturbation: EmbeddingPerturbation, previous):
 
 def install_embedding_perturbation(
     model_options: dict,
-    kind: str,
+    embedding: str,
     keys: tuple,
     perturbation: EmbeddingPerturbation,
     handover: EmbeddingHandover,
 ) -> None:
-    """Install the perturbation on ``model_options`` (the perturbed pass's copy). UNet: ``keys`` empty = every
-    block (the whole ``emb``), else the object-patched ResBlocks; DiT: the block keys."""
-    if kind == "unet":
+    """Install the perturbation on ``model_options`` (the perturbed pass's copy), by the family's ``embedding``
+    (``FamilySpec.embedding``). "emb_patch" (UNet): ``keys`` empty = every block (the whole ``emb``), else the
+    object-patched ResBlocks; "vec" (DiT): the block keys."""
+    if embedding == "emb_patch":
         whole_model = not keys
 
         def emb_patch(emb, model_channels, transformer_options):

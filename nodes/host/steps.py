@@ -15,8 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import comfy.model_sampling
 import comfy.patcher_extension
 import torch
+
+from ...guidance import cfg_pp as cfg_pp_math
 
 WrappersMP = comfy.patcher_extension.WrappersMP
 
@@ -71,6 +74,14 @@ def sigma_to_percent(model_sampling, sigma: float | torch.Tensor) -> float:
         else:
             high = mid
     return 0.5 * (low + high)
+
+
+def signal_scale_of(model_sampling) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``a(σ)`` of the model's ``x = a(σ) x₀ + σ ε``-style noising, the one definition: ``1 − σ`` for flow
+    (CONST) models, 1 for eps / v models (guidance/cfg_pp's ``alpha_rf`` / ``alpha_ve``)."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return cfg_pp_math.alpha_rf
+    return cfg_pp_math.alpha_ve
 
 
 T_SCALE = 1000.0  # t on the papers' 0-1000 scale: t = 1000 (1 - percent)

@@ -102,10 +102,16 @@ def _model(family: str):
 
 
 def run_case(pack, node_id: str, family: str) -> dict:
-    """Hash and counts of one node on one family (or the error it raises), from a fixed global seed."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return _run_case(pack, node_id, family)
+    """Hash and counts of one node on one family (or the error it raises), from a fixed global seed, on one CPU
+    thread (a multi-threaded reduction may round differently)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return _run_case(pack, node_id, family)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_case(pack, node_id: str, family: str) -> dict:
