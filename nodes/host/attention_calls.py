@@ -7,10 +7,11 @@ and the call's own output ``out`` (B, N, heads·D, head-merged, before the outpu
 output to use (``out`` itself to only observe). Installed on a *copy* of ``model_options`` for one call:
 
 - UNet: an ``attn1`` (kind "self") or ``attn2`` (kind "cross") replace per chosen transformer block, keyed by
-  the 3-tuple, chained to a replace already there; ``call.module`` is that ``CrossAttention`` (its own
+  the 3-tuple, chained to a replace already there (``install_block_hooks`` knows ``attn1`` only, hence
+  ``install_unet_hook``); ``call.module`` is that ``CrossAttention`` (its own
   ``to_k``/``to_v`` for a second context). ComfyUI applies ``to_out`` to what the replace returns.
-- DiTs: a ``patches_replace["dit"]`` block replace with a runtime attention override of that block only
-  (``attention.run_with_override``), chained. Call 0 is the block's self or joint attention; on Wan and LTXV
+- DiTs: a ``patches_replace["dit"]`` block replace (``attention.install_block_hooks``) with a runtime attention
+  override of that block only (``attention.run_with_override``), chained. Call 0 is the block's self or joint attention; on Wan and LTXV
   call 1 is the cross-attention (``call.module``: the block's cross-attention module). Joint attention with the
   text first (SD3, Flux): ``call.text`` and ``call.image`` are the spans of the two parts.
 
@@ -33,7 +34,7 @@ import torch
 from comfy.ldm.modules import attention as comfy_attention
 
 from . import passes
-from .attention import run_with_override
+from .attention import install_block_hooks, run_with_override
 from .blocks import Selection
 from .families import ModelLayout, token_grid
 
@@ -295,27 +296,15 @@ def install_dit_hook(
     hook: AttentionHook,
     kinds: tuple = (SELF, CROSS, JOINT),
 ) -> None:
-    """``hook`` on the attention calls of ``kinds`` in every chosen DiT block (on a copy of model_options)."""
+    """``hook`` on the attention calls of ``kinds`` in every chosen DiT block (on a copy of model_options),
+    through ``attention.install_block_hooks``."""
     layout = selection.layout
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
-    existing = replaces.get("dit", {})
-    for key in selection.keys:
+
+    def dit_hook(key, previous):
         module = cross_attention_module(layout, diffusion_model, key) if layout.spec.self_calls else None
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options,
-            _dit_replace(key, layout, state, hook, module, existing.get(key), kinds),
-            "dit",
-            *key,
-        )
-    if layout.spec.text_first and not any(kind == "double_block" for kind, _ in selection.keys):
-        first = ("double_block", 0)
-        previous = existing.get(first)
+        return _dit_replace(key, layout, state, hook, module, previous, kinds)
 
-        def record(args, extra):
-            state.text_tokens = args["txt"].shape[1]
-            return previous(args, extra) if previous is not None else extra["original_block"](args)
-
-        comfy.model_patcher.set_model_options_patch_replace(model_options, record, "dit", *first)
+    install_block_hooks(model_options, selection, None, dit_hook, text_state=state)
 
 
 def block_state(layout: ModelLayout, x: torch.Tensor) -> BlockState:
