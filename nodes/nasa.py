@@ -202,8 +202,9 @@ def apply_nasa(
             else:
                 k_neg, v_neg = module.to_k(context), module.to_v(context)
             z_neg = attention_calls.attend(attention_calls.merge_heads(call.q), k_neg, v_neg, call.heads)
-            run.layers += 1
-            return combine(call, out, z_neg)
+            guided = combine(call, out, z_neg)
+            run.layers += guided is not out
+            return guided
 
         return hook
 
@@ -220,8 +221,9 @@ def apply_nasa(
                     z_neg = nasa_math.text_share(q_img, k_txt, v_txt, k_img, call.heads)
                 else:
                     z_neg = attention_calls.attend(q_img, k_txt, v_txt, call.heads)
-            z_img = combine(call, out[:, i0:i1], z_neg)
-            if z_img is out[:, i0:i1]:
+            part = out[:, i0:i1]
+            z_img = combine(call, part, z_neg)
+            if z_img is part:
                 return out
             result = out.clone()
             result[:, i0:i1] = z_img

@@ -148,8 +148,9 @@ def apply_negtome(
     def dit_hook(run: _Run):
         def hook(call, out):
             i0, i1 = call.image
-            merged = merge(run, out[:, i0:i1], call.chunks, call.block)
-            if merged is out[:, i0:i1]:
+            part = out[:, i0:i1]
+            merged = merge(run, part, call.chunks, call.block)
+            if merged is part:
                 return out
             result = out.clone()
             result[:, i0:i1] = merged
