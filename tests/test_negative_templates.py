@@ -58,6 +58,7 @@ def queue(server, tmp_path, overrides=()):
     assert converted.returncode == 0, converted.stderr
     prompt, substituted = template_models.substitute(json.loads(converted.stdout))
     assert substituted  # the Flux model and T5 become their tiny stand-ins
+    tmp_path.mkdir(parents=True, exist_ok=True)
     target = tmp_path / "prompt.json"
     target.write_text(json.dumps(prompt))
     (nasa_id,) = [k for k, n in prompt.items() if n["class_type"] == "FreeGuidanceNASA"]
