@@ -59,7 +59,7 @@ def test_a_constant_guidance_norm_gives_plain_cfg(pack, family):
     assert masks.sum(dim=1).eq(1).all()  # every pixel belongs to exactly one region
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])  # SDXL: covered by the run test (slow here)
 def test_the_scale_stays_within_the_clamps(pack, family):
     cfg = 7.5
     model = pack.nodes.scfg.apply_scfg(cached_model(family), blocks=BLOCKS[family])
