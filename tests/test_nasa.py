@@ -23,6 +23,7 @@ def nasa_node(**overrides):
             "nag_alpha": 0.25,
             "negative_source": "node input",
             "blocks": "all",
+            "joint_negative": "auto",
             **overrides,
         }
         if inputs["negative_source"] == "node input":
