@@ -230,6 +230,8 @@ def region_scale_from_attention(
     tokens: Sequence[int] | None = None,
     powers: int = POWERS,
     official_powers: bool = False,
+    clamp: tuple[float, float] = (RATE_MIN, RATE_MAX),
+    product_max: float = SCALE_PRODUCT_MAX,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention maps → regions → per-pixel scale: ``(rate, masks, foreground)``.
 
@@ -255,7 +257,8 @@ def region_scale_from_attention(
     _, pairs = refined(uncond)
     masks = region_masks(token_maps, tokens)
     foreground = foreground_mask(pairs)
-    return region_scale(delta, masks, foreground, cfg), masks, foreground
+    rate = region_scale(delta, masks, foreground, cfg, clamp=clamp, product_max=product_max)
+    return rate, masks, foreground
 
 
 def region_means(rate: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

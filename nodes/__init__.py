@@ -12,9 +12,12 @@ from . import (
     fouriscale,
     icg,
     linear_ag,
+    nasa,
+    negtome,
     pag,
     pcg,
     sag,
+    scfg,
     seg,
     stg,
     tsg,
@@ -37,6 +40,9 @@ NODE_MODULES = [
     sag,
     fouriscale,
     diffusehigh,
+    nasa,
+    negtome,
+    scfg,
     evaluation_counter,
 ]
 

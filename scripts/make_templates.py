@@ -717,6 +717,49 @@ def converter_features(info: dict) -> dict:
     return w.to_json()
 
 
+NASA_NOTE = (
+    "Flux schnell is distilled to run at **cfg 1** in 1-4 steps, so ComfyUI never evaluates a negative prompt "
+    "there. **NASA / NAG Negative Attention** puts the negative prompt inside the attention of the one "
+    "conditional pass: in every double (joint) block the image tokens' attention to the negative text is "
+    "subtracted, alpha x Z-, before the output projection (SNOOPI, Nguyen et al.). Connect the negative "
+    "prompt to its *negative* input and keep the sampler's *cfg* at 1. *alpha* -1 = 0.5 here (the paper names "
+    "no Flux value; raise it toward 1 if the negative concept survives, lower it if the image degrades). "
+    "*mode* nag switches to Normalized Attention Guidance (phi 5 on Flux schnell). Costs no extra network "
+    "evaluation; the double blocks run a second time for the negative text stream."
+)
+
+
+def flux_schnell_nasa(info: dict) -> dict:
+    """Flux schnell at cfg 1, 4 steps, with a negative prompt through NASA."""
+    w = UIWorkflow(info)
+    unet = w.node("UNETLoader", column=0, unet_name="flux1-schnell.safetensors", weight_dtype="default")
+    clip = w.node(
+        "DualCLIPLoader",
+        column=0,
+        clip_name1="clip_l.safetensors",
+        clip_name2="t5xxl_fp16.safetensors",
+        type="flux",
+    )
+    vae = w.node("VAELoader", column=0, vae_name="ae.safetensors")
+    pos = w.node("CLIPTextEncode", column=1, title="Positive", clip=clip.out(), text=FLUX_PROMPT)
+    neg_text = w.node(
+        "CLIPTextEncode", column=1, title="Negative (through NASA)", clip=clip.out(), text="boats, people"
+    )
+    empty = w.node("ConditioningZeroOut", column=1, conditioning=pos.out())
+    latent = w.node("EmptySD3LatentImage", column=1, width=1024, height=1024, batch_size=1)
+    count = counted(w, unet.out())
+    nasa = w.node("FreeGuidanceNASA", column=2, model=count.out(), negative=neg_text.out())
+    sampler = ksampler(
+        w, nasa.out(), pos.out(), empty.out(), latent.out(), steps=4, cfg=1.0, scheduler="simple"
+    )
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=nasa.out(), latent=sampler.out())
+    save_image(w, report, vae.out(), "flux_schnell_nasa")
+    note(w, NASA_NOTE, column=3, title="A negative prompt at cfg 1")
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+    w.group("Guidance", [count, nasa])
+    return w.to_json()
+
+
 TEMPLATES = {
     "sd15_txt2img_ag_pag": lambda info: txt2img_unet(info, SD15, 512, "sd15", "pag"),
     "sdxl_txt2img_ag_seg": lambda info: txt2img_unet(info, SDXL, 1024, "sdxl", "seg"),
@@ -730,6 +773,7 @@ TEMPLATES = {
     "sdxl_diffusehigh_2x": lambda info: diffusehigh(info, "sdxl"),
     "sd3_diffusehigh_2x": lambda info: diffusehigh(info, "sd3"),
     "flux_dev_diffusehigh_2x": lambda info: diffusehigh(info, "flux"),
+    "flux_schnell_nasa": flux_schnell_nasa,
 }
 FIXTURES = {"converter_features": converter_features}
 

@@ -74,7 +74,7 @@ MODEL_FILES = {
     ]
 }
 # Diffusion-model files ComfyUI cannot detect at a tiny size: the loader node is replaced by FGTest_TinyModel.
-UNDETECTABLE_MODELS = {"flux1-dev.safetensors": "flux"}
+UNDETECTABLE_MODELS = {"flux1-dev.safetensors": "flux", "flux1-schnell.safetensors": "flux"}
 # Text-encoder files too big to fake (the encode nodes that use them get FGTest_TinyConditioning).
 TEXT_ENCODER_FILES = {
     "t5xxl_fp16.safetensors",
