@@ -156,6 +156,7 @@ def test_cross_input_rules_name_only_their_inputs(pack, declared, server):
         "FreeGuidanceFouriScale",
         "FreeGuidanceCFGCache",
         "FreeGuidanceFasterCacheFeatureReuse",
+        "FreeGuidanceSCFG",
     }
     for class_type, rule in rules:
         spec = declared[class_type]
