@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ...guidance import perturbation as guidance_math
-from . import attention, passes, steps, telemetry
+from . import attention, guiders, passes, steps, telemetry
 from .blocks import Selection
 
 
@@ -79,6 +79,7 @@ def install_perturbed_pass(model, technique: PerturbedPass, *, batched: bool = F
     """A clone of ``model`` with the technique's perturbed pass and combine installed."""
     patched = model.clone()
     key = f"{passes.KEY_PREFIX}{technique.name}.{uuid.uuid4().hex[:12]}"
+    guiders.install_guard(patched, technique.node, guiders.ALL, key)
     steps.install_run_state(patched, key, _RunState)
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
