@@ -160,6 +160,7 @@ class GuidanceSettings:
     interval: steps.Window
     rescale: float = 0.0
     schedule: str = "constant"
+    rescale_per_image: bool = True  # False: the batch-wide std of core's SkipLayerGuidanceDiT
 
 
 def step_scale(settings: GuidanceSettings, step: steps.StepContext) -> float:
@@ -200,6 +201,8 @@ def perturbation_pass(
         guided = guidance_math.perturbation_guidance(
             inputs.denoised, inputs.cond_denoised, inputs.perturbed, inputs.scale
         )
-        return guidance_math.std_rescale(guided, inputs.cond_denoised, settings.rescale)
+        return guidance_math.std_rescale(
+            guided, inputs.cond_denoised, settings.rescale, settings.rescale_per_image
+        )
 
     return PerturbedPass(name=name, node=node, scale=scale, perturb=perturb, combine=combine, batchable=True)
