@@ -76,6 +76,7 @@ INPUTS = Inputs(
             "'batch' (one std over the whole batch, as core SkipLayerGuidanceDiT and the official STG code).",
             default=RESCALE_STATISTICS[0],
             options=RESCALE_STATISTICS,
+            optional=True,  # prompts saved before it keep validating
         ),
     ],
     common.COMMON_RULES,

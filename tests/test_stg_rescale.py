@@ -55,7 +55,8 @@ def test_a_batch_does_not_change_an_image_by_default(pack):
 
 
 def test_rescale_statistic_is_the_last_input_and_defaults_to_per_image(pack):
-    inputs = pack.nodes.stg.SpatiotemporalSkipGuidance.INPUT_TYPES()["required"]
-    assert list(inputs)[-1] == "rescale_statistic"
+    types = pack.nodes.stg.SpatiotemporalSkipGuidance.INPUT_TYPES()
+    inputs = {**types["required"], **types["optional"]}
+    assert list(inputs)[-1] == "rescale_statistic" and "rescale_statistic" not in types["required"]
     assert inputs["rescale_statistic"][1]["default"] == "per image"
     assert "SkipLayerGuidanceDiT" in inputs["rescale_statistic"][1]["tooltip"]
