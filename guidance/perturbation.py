@@ -11,9 +11,9 @@ written here in ComfyUI's denoised space. Because the coefficients act on networ
 expression in ε-, v- or flow space gives exactly ``x − σ·ε̃`` (an affine map of the predictions).
 
 Optional rescale (STG's "rescaling trick", after Lin et al. 2024's CFG rescale): with ``r = std(D_c) / std(D)``
-over the whole tensor, ``D ← D · (φ r + 1 − φ)``; φ = 0 is off. The std is taken over every element (batch
-included), as in the official STG code and in ComfyUI's SkipLayerGuidanceDiT, and on denoised predictions as
-in the latter.
+per image, ``D ← D · (φ r + 1 − φ)``; φ = 0 is off. By default the std is taken per image (so the batch
+around an image never changes it); ``per_image=False`` takes it over every element, batch included, as the
+official STG code and ComfyUI's SkipLayerGuidanceDiT do. On denoised predictions, as in the latter.
 """
 
 from __future__ import annotations
@@ -30,11 +30,16 @@ def perturbation_guidance(
     return denoised + (cond - perturbed) * scale
 
 
-def std_rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
-    """``guided · (φ · std(cond)/std(guided) + 1 − φ)``, std over the whole tensor; φ = 0 returns ``guided``."""
+def std_rescale(guided: torch.Tensor, cond: torch.Tensor, phi: float, per_image: bool = True) -> torch.Tensor:
+    """``guided · (φ · std(cond)/std(guided) + 1 − φ)``, std per image (``per_image``) or over the whole tensor;
+    φ = 0 returns ``guided``."""
     if phi == 0:
         return guided
-    factor = cond.std() / guided.std()
+    if per_image and guided.ndim > 1:
+        dims = tuple(range(1, guided.ndim))
+        factor = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    else:
+        factor = cond.std() / guided.std()
     return guided * (phi * factor + (1 - phi))
 
 

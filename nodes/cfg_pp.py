@@ -14,7 +14,7 @@ import comfy.samplers
 from ..guidance import cfg_pp
 from . import toolkit
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import passes, steps, telemetry
+from .host import guiders, passes, steps, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
 
 SAMPLER_NODE = "CFG++ Sampler"
@@ -32,13 +32,9 @@ alpha_of = steps.signal_scale_of
 
 
 def check_lambda(node: str, guider) -> float:
-    """The guider's cfg is λ: it must lie in [0, 1]; the guider must have a negative (unconditional) input."""
-    conds = getattr(guider, "conds", None) or {}
-    if "negative" not in conds:
-        raise toolkit.GuidanceInputError(
-            node, "guider", "needs a guider with a negative (unconditional) conditioning, e.g. CFGGuider"
-        )
-    cfg = getattr(guider, "cfg", None)
+    """The guider's cfg is λ: it must lie in [0, 1]; the guider must be a two-cond CFGGuider (``guiders``)."""
+    guiders.check(node, guider, guiders.TWO_COND)
+    cfg = guiders.main_scale(guider)
     if cfg is None:
         raise toolkit.GuidanceInputError(node, "guider", "has no cfg; use CFGGuider or the KSampler")
     return toolkit.check_range(node, "cfg", cfg, 0.0, 1.0)
@@ -227,6 +223,7 @@ def apply_cfg_pp_euler(model, node_id=None):
 
     passes.add_post_cfg(patched, post_cfg, disable_cfg1_optimization=True)
     passes.add_outer_sample(patched, PATCH_KEY, outer_sample)
+    guiders.install_guard(patched, PATCH_NODE, guiders.TWO_COND)
     telemetry.enable(patched, node_id, PATCH_NODE)
     telemetry.observe(patched, node_id)
     return patched

@@ -42,6 +42,7 @@ def apply_perturbation_guidance(
     schedule: str = "constant",
     batched: bool = False,
     check: Callable[[families.ModelLayout], None] | None = None,
+    rescale_per_image: bool = True,
     node_id=None,
 ):
     """Validate everything against the model and return a clone with the guidance installed.
@@ -60,7 +61,7 @@ def apply_perturbation_guidance(
         check(layout)
     selection = blocks_module.parse_blocks(node, "blocks", blocks, layout)
     settings = perturbed.GuidanceSettings(
-        float(scale), steps.Window(start_percent, end_percent), float(rescale), schedule
+        float(scale), steps.Window(start_percent, end_percent), float(rescale), schedule, rescale_per_image
     )
     technique = perturbed.perturbation_pass(
         node=node, name=name, selection=selection, perturbation=perturbation, settings=settings

@@ -14,7 +14,7 @@ import torch
 from ..guidance import fouriscale
 from . import toolkit
 from .common import CATEGORY, MODEL_TOOLTIP, UNIQUE_ID
-from .host import convs, telemetry
+from .host import convs, guiders, telemetry
 from .host.inputs import MEMORY_NOTE, Input, Inputs, activation_bytes, check_memory, declare, ordered
 
 NODE = "FouriScale"
@@ -215,6 +215,7 @@ def apply_fouriscale(
             "branch": "fouriscale" if active else "original",
         }
 
+    guiders.install_guard(patched, NODE, guiders.ALL)
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id, describe)
     return patched

@@ -16,7 +16,7 @@ import torch
 from ..guidance import icg
 from . import toolkit
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import passes, telemetry
+from .host import guiders, passes, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "ICG"
@@ -55,6 +55,7 @@ def apply_icg(model, draw: Draw, seed: int, *, node_id=None, mode: str = ""):
         finally:
             conds["negative"] = original
 
+    guiders.install_guard(patched, "ICG", guiders.WITH_NEGATIVE)  # added first: outermost, checks first
     passes.add_outer_sample(patched, KEY, outer_sample)
     telemetry.enable(patched, node_id, "ICG")
     # the unconditional slot is fed the independent condition; "uncond_input" says which kind

@@ -14,7 +14,7 @@ from ..guidance import pcg
 from . import toolkit
 from .cfg_pp import alpha_of
 from .common import CATEGORY, UNIQUE_ID
-from .host import passes, telemetry
+from .host import guiders, passes, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "PCG Sampler"
@@ -42,11 +42,8 @@ def sample_pcg(
     number of corrector calls (``correctors``).
     """
     guider = passes.guider_of(model)
-    if "negative" not in (getattr(guider, "conds", None) or {}):
-        raise toolkit.GuidanceInputError(
-            NODE, "guider", "needs a guider with a negative (unconditional) conditioning, e.g. CFGGuider"
-        )
-    cfg = getattr(guider, "cfg", None)
+    guiders.check(NODE, guider, guiders.TWO_COND)
+    cfg = guiders.main_scale(guider)
     if cfg is None:
         raise toolkit.GuidanceInputError(NODE, "guider", "has no cfg; use CFGGuider or the KSampler")
     gamma = pcg.corrector_gamma(float(cfg), match_ddpm=gamma_rule == GAMMA_RULES[0])

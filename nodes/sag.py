@@ -30,7 +30,7 @@ import torch
 from ..guidance import sag as sag_math
 from . import common, toolkit
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import attention, blocks, families, observer, passes, perturbed, steps, telemetry
+from .host import attention, blocks, families, guiders, observer, passes, perturbed, steps, telemetry
 from .host.inputs import Input, Inputs, declare
 
 NODE = "Self-Attention Guidance"
@@ -265,6 +265,7 @@ def apply_sag(
 
     settings_threshold = float(threshold)
     blur = float(blur_sigma)
+    guiders.install_guard(patched, NODE, guiders.SAG)
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id)
     passes.add_post_cfg(patched, post_cfg)

@@ -9,6 +9,7 @@ from .host.inputs import COMBO, Input, Inputs, declare
 
 NODE = "Spatiotemporal Skip Guidance"
 PASS_NAME = "stg"
+RESCALE_STATISTICS = ("per image", "batch")
 MODES = {"STG-R (skip block)": attention.SKIP, "STG-A (skip attention)": attention.IDENTITY}
 
 
@@ -22,10 +23,11 @@ def apply_stg(
     schedule: str = "constant",
     rescale: float = 0.7,
     batched: bool = True,
+    rescale_statistic: str = RESCALE_STATISTICS[0],
     node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with the chosen blocks (or their attention) skipped."""
-    mode = INPUTS.check(mode=mode)["mode"]
+    mode, rescale_statistic = INPUTS.check(mode=mode, rescale_statistic=rescale_statistic).values()
     perturbation = attention.Perturbation(MODES[mode])
 
     def check(layout: families.ModelLayout):
@@ -51,6 +53,7 @@ def apply_stg(
         batched=batched,
         node_id=node_id,
         check=check,
+        rescale_per_image=rescale_statistic == RESCALE_STATISTICS[0],
     )
 
 
@@ -65,6 +68,15 @@ INPUTS = Inputs(
             "self-attention the identity.",
             default="STG-R (skip block)",
             options=tuple(MODES),
+        ),
+        Input(
+            "rescale_statistic",
+            COMBO,
+            "The std the rescale compares: 'per image' (default: the batch around an image never changes it) or "
+            "'batch' (one std over the whole batch, as core SkipLayerGuidanceDiT and the official STG code).",
+            default=RESCALE_STATISTICS[0],
+            options=RESCALE_STATISTICS,
+            optional=True,  # prompts saved before it keep validating
         ),
     ],
     common.COMMON_RULES,
@@ -100,6 +112,7 @@ class SpatiotemporalSkipGuidance:
         rescale,
         mode,
         batched,
+        rescale_statistic=RESCALE_STATISTICS[0],
         unique_id=None,
     ):
         return (
@@ -113,6 +126,7 @@ class SpatiotemporalSkipGuidance:
                 schedule,
                 rescale,
                 batched,
+                rescale_statistic,
                 node_id=unique_id,
             ),
         )

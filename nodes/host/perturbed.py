@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ...guidance import perturbation as guidance_math
-from . import attention, passes, steps, telemetry
+from . import attention, guiders, passes, steps, telemetry
 from .blocks import Selection
 
 
@@ -79,6 +79,7 @@ def install_perturbed_pass(model, technique: PerturbedPass, *, batched: bool = F
     """A clone of ``model`` with the technique's perturbed pass and combine installed."""
     patched = model.clone()
     key = f"{passes.KEY_PREFIX}{technique.name}.{uuid.uuid4().hex[:12]}"
+    guiders.install_guard(patched, technique.node, guiders.ALL, key)
     steps.install_run_state(patched, key, _RunState)
 
     def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
@@ -159,6 +160,7 @@ class GuidanceSettings:
     interval: steps.Window
     rescale: float = 0.0
     schedule: str = "constant"
+    rescale_per_image: bool = True  # False: the batch-wide std of core's SkipLayerGuidanceDiT
 
 
 def step_scale(settings: GuidanceSettings, step: steps.StepContext) -> float:
@@ -199,6 +201,8 @@ def perturbation_pass(
         guided = guidance_math.perturbation_guidance(
             inputs.denoised, inputs.cond_denoised, inputs.perturbed, inputs.scale
         )
-        return guidance_math.std_rescale(guided, inputs.cond_denoised, settings.rescale)
+        return guidance_math.std_rescale(
+            guided, inputs.cond_denoised, settings.rescale, settings.rescale_per_image
+        )
 
     return PerturbedPass(name=name, node=node, scale=scale, perturb=perturb, combine=combine, batchable=True)

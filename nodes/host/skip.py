@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import passes, telemetry
+from . import guiders, passes, telemetry
 
 Fields = Callable[[passes.PassContext, str], dict]
 
@@ -33,6 +33,7 @@ def install_skip(
     fields: Fields | None = None,
 ) -> None:
     """Install the skip policy on ``model_patcher`` (a clone) with its telemetry for node ``node_id``."""
+    guiders.install_guard(model_patcher, title, guiders.TWO_COND, key)
     telemetry.enable(model_patcher, node_id, title)
 
     def record(ctx: passes.PassContext, out: list, skipped: bool) -> None:

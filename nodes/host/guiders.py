@@ -1,0 +1,106 @@
+"""The guider contract: which of ComfyUI's guiders a technique runs under, checked at the start of sampling.
+
+ComfyUI ships four guiders. CFGGuider (and the KSampler) makes one main call with two conds, positive and
+negative. PerpNegGuider makes one call with three conds (positive, negative, empty) and combines them itself;
+DualCFGGuider makes one call with three conds (negative, middle, positive) and two scales; BasicGuider makes a
+call with the positive alone (no unconditional pass at all).
+
+The rule, per contract (one place, here):
+
+- SKIP (CFG Interval, Adaptive Guidance, LinearAG, CFG Schedule): "the unconditional pass" is the negative of
+  a two-cond call; they run under CFGGuider only. Under PerpNeg/DualCFG the uncond is two of three conds
+  combined by the guider's own formula, and under BasicGuider there is none: they are refused, never a no-op.
+- PERTURBED-PASS (PAG, SEG, STG, TSG): the perturbed pass is combined after the guider's result (post-CFG),
+  which every guider runs: all four.
+- SAG needs the self-attention map of the two-cond main call: CFGGuider and BasicGuider.
+- CFG++ needs ``D_u`` of a two-cond call and λ = the guider's cfg: CFGGuider only.
+- ICG replaces the negative: every guider that has one (not BasicGuider).
+
+Every pack node refuses a NaN or infinite scale (e.g. a cfg reaching the sampler through a link).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .inputs import GuidanceInputError
+from .steps import WrappersMP
+
+CFG = "CFGGuider"
+PERPNEG = "PerpNegGuider"
+DUALCFG = "DualCFGGuider"
+BASIC = "BasicGuider"
+ALL = frozenset({CFG, PERPNEG, DUALCFG, BASIC})
+TWO_COND = frozenset({CFG})
+WITH_NEGATIVE = frozenset({CFG, PERPNEG, DUALCFG})
+SAG = frozenset({CFG, BASIC})
+
+_CLASSES = {"Guider_PerpNeg": PERPNEG, "Guider_DualCFG": DUALCFG, "Guider_Basic": BASIC, "CFGGuider": CFG}
+_WHY = {
+    PERPNEG: "its main call has three conds (positive, negative, empty) combined by PerpNeg's own formula",
+    DUALCFG: "its main call has three conds (negative, middle, positive) and two scales",
+    BASIC: "it has no unconditional (negative) pass",
+}
+KEY = "free_guidance.guider_guard"
+
+
+def kind(guider) -> str:
+    """The guider's kind (one of the four names above), by class; a subclass counts as its ComfyUI parent.
+
+    A CFGGuider with no negative conditioning behaves as BasicGuider. Unknown guiders: their class name.
+    """
+    for cls in type(guider).__mro__:
+        name = _CLASSES.get(cls.__name__)
+        if name is not None:
+            conds = getattr(guider, "conds", None) or {}
+            if name == CFG and conds and "negative" not in conds:
+                return BASIC
+            return name
+    return type(guider).__name__
+
+
+def scales(guider) -> dict[str, float]:
+    """The guider's scales by input name (DualCFG: ``cfg_conds`` and ``cfg_cond2_negative``)."""
+    if kind(guider) == DUALCFG:
+        names = {"cfg_conds": "cfg1", "cfg_cond2_negative": "cfg2"}
+    elif kind(guider) == PERPNEG:
+        names = {"cfg": "cfg", "neg_scale": "neg_scale"}
+    else:
+        names = {"cfg": "cfg"}
+    found = {name: getattr(guider, attr, None) for name, attr in names.items()}
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def main_scale(guider) -> float | None:
+    """The scale a technique reads as "the cfg": DualCFG's ``cfg_conds``, else ``cfg``."""
+    values = scales(guider)
+    value = values.get("cfg_conds", values.get("cfg"))
+    return None if value is None else float(value)
+
+
+def check(node: str, guider, supported: frozenset[str] = ALL) -> None:
+    """Refuse a guider ``node`` does not run under, or a NaN/infinite scale, with an error naming both."""
+    for name, value in scales(guider).items():
+        try:
+            finite = math.isfinite(float(value))
+        except (TypeError, ValueError, OverflowError):
+            finite = False
+        if not finite:
+            raise GuidanceInputError(node, name, f"of the guider must be a finite number, got {value!r}")
+    which = kind(guider)
+    if which not in supported:
+        why = _WHY.get(which, "it is not one of the guiders this node supports")
+        names = ", ".join(sorted(supported))
+        raise GuidanceInputError(
+            node, "model", f"does not run under {which}: {why}. Use {names} (or the KSampler)"
+        )
+
+
+def install_guard(model_patcher, node: str, supported: frozenset[str] = ALL, key: str = "") -> None:
+    """An OUTER_SAMPLE wrapper on ``model_patcher`` (a clone) that runs ``check`` when sampling starts."""
+
+    def outer_sample(executor, *args, **kwargs):
+        check(node, executor.class_obj, supported)
+        return executor(*args, **kwargs)
+
+    model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY + "." + (key or node), outer_sample)
