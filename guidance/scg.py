@@ -73,7 +73,8 @@ def sample_scg(
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         a = float(alpha(torch.tensor(sigma, dtype=torch.float64)))
         a_next = float(alpha(torch.tensor(sigma_next, dtype=torch.float64)))
-        x0 = model(x, sigmas[i] * s_in, **extra_args)
+        with torch.no_grad():
+            x0 = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
         eps = (x - a * x0) / sigma

@@ -239,9 +239,8 @@ def smoothed_log_likelihood(
     if gamma == 0 or n_mc < 1 or mc_noise is None:
         ell = -objective(x0)
         return ell, ell
-    batch = x0.shape[0]
-    draws = torch.cat([x0 + gamma * mc_noise(x0) for _ in range(n_mc)], 0)
-    ell = -objective(draws).reshape(n_mc, batch)
+    # One objective call per draw: objectives compare with references of the sampled batch size.
+    ell = torch.stack([-objective(x0 + gamma * mc_noise(x0)) for _ in range(n_mc)])
     return torch.logsumexp(ell, 0) - math.log(n_mc), ell.mean(0)
 
 
@@ -324,7 +323,8 @@ def sample_tfg(
                     norm = (ell if ell is not None else big_l.detach()).abs()
                     grad_x = grad_x / norm.clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
             else:
-                x0 = model(x, sigmas[i] * s_in, **extra_args)
+                with torch.no_grad():
+                    x0 = model(x, sigmas[i] * s_in, **extra_args)
                 ell = None
             if r == 0:
                 if ell is None and on_step is not None:

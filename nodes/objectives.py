@@ -331,12 +331,31 @@ def clip_pixels(clip_vision, image: torch.Tensor) -> torch.Tensor:
 
 
 def clip_features(clip_vision, image: torch.Tensor, layer: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image embedding, hidden states after ``layer + 1`` blocks without the class token) of ``(B, 3, H, W)``."""
+    """(image embedding, hidden states after ``layer + 1`` blocks without the class token) of ``(B, 3, H, W)``.
+
+    Runs the CLIP-vision model's own blocks one by one with out-of-place residual additions: ComfyUI's
+    ``CLIPLayer.forward`` adds in place, which autograd cannot differentiate (CLIP ViTs, not SigLIP/DINO).
+    """
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+
     comfy.model_management.load_model_gpu(clip_vision.patcher)
     autograd_ready(clip_vision.model)
+    vision = getattr(clip_vision.model, "vision_model", None)
+    if vision is None or getattr(vision, "output_layernorm", True):
+        raise toolkit.GuidanceInputError(
+            ClipVisionObjective.NODE, "clip_vision", "must be a CLIP ViT (not SigLIP/DINO)"
+        )
     pixels = clip_pixels(clip_vision, image.to(clip_vision.load_device)).to(clip_vision.dtype)
-    out = clip_vision.model(pixel_values=pixels, intermediate_output=layer)
-    return out[2].float(), out[1][:, 1:].float()
+    x = vision.pre_layrnorm(vision.embeddings(pixels))
+    attention = optimized_attention_for_device(x.device, mask=False, small_input=True)
+    hidden = x
+    for index, block in enumerate(vision.encoder.layers):
+        x = x + block.self_attn(block.layer_norm1(x), None, attention)
+        x = x + block.mlp(block.layer_norm2(x))
+        if index == layer:
+            hidden = x
+    embeds = clip_vision.model.visual_projection(vision.post_layernorm(x[:, 0, :]))
+    return embeds.float(), hidden[:, 1:].float()
 
 
 class ClipVisionObjective:
