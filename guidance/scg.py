@@ -11,7 +11,8 @@ Euler for eps models, its flow analogue otherwise). Choice made here: a candidat
 prediction at the candidate's own level s' (the official code passes t; the generic EnKG re-implementation
 evaluates at σ_next), and at the last step (s' = 0) the candidate is its own x0. The candidates' noise comes
 from the base noise source in order, so with N = 1 the run is the base ancestral sampler bit for bit (plus
-the scoring calls). Candidates are evaluated ``chunk`` at a time (concatenated along the batch).
+the scoring calls). Candidates go through the model ``chunk`` at a time (concatenated along the batch) and are scored one
+at a time.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def sample_scg(
             stacked = torch.cat(group, 0)
             with torch.no_grad():
                 predicted = model(stacked, sigmas[i + 1] * stacked.new_ones([stacked.shape[0]]), **extra_args)
-                losses.append(score(predicted).reshape(len(group), batch))
+                # scored one candidate at a time: objectives compare with references of the sampled batch
+                losses.extend(score(part).reshape(1, batch) for part in predicted.split(batch))
         losses = torch.cat(losses, 0).float()
         best = select_best(losses)
         stacked = torch.stack(states, 0)

@@ -277,14 +277,14 @@ def sample_tfg(
     noise_sampler: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     mc_noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
-    on_model_backward: Callable[[], None] | None = None,
+    track_loss: bool = True,
 ) -> torch.Tensor:
     """TFG's unified step on ComfyUI's sigma grid (k-diffusion signature; see the module docstring).
 
     ``model(x, sigma_batch, **extra_args)`` is the (CFG-combined) denoiser; ``noise_sampler`` gives the DDIM
     and recurrence noise (the base sampler's); ``mc_noise(like)`` the Monte-Carlo draws, a separate source so
-    that γ > 0 never shifts the base noise. ``on_model_backward`` is called before each backward pass through
-    the denoiser (the node counts it); ``on_step`` gets a ``StepReport`` per step.
+    that γ > 0 never shifts the base noise. ``on_step`` gets a ``StepReport`` per step, with the objective at the
+    unguided x0 when ``track_loss`` (an extra objective call on steps that do not compute it anyway).
     """
     extra_args = {} if extra_args is None else extra_args
     s_in = x.new_ones([x.shape[0]])
@@ -305,8 +305,6 @@ def sample_tfg(
             if rho_t != 0:
                 with grad_mode():
                     x_in = x.detach().clone().requires_grad_(True)
-                    if on_model_backward is not None:
-                        on_model_backward()
                     x0 = model(x_in, sigmas[i] * s_in, **extra_args)
                     gamma_rho = 0.0 if settings.fold_into_eps else gamma_t
                     big_l, ell = smoothed_log_likelihood(objective, x0, gamma_rho, settings.n_mc, mc_noise)
@@ -327,7 +325,7 @@ def sample_tfg(
                     x0 = model(x, sigmas[i] * s_in, **extra_args)
                 ell = None
             if r == 0:
-                if ell is None and on_step is not None:
+                if ell is None and track_loss:
                     with torch.no_grad():
                         ell = -objective(x0.detach())
                 report.loss = [] if ell is None else [float(-v) for v in ell.float()]

@@ -31,12 +31,20 @@ def sample_scg(
     node_id=None,
 ):
     """KSAMPLER function: best-of-N ancestral sampling, candidates scored on their LATENT-space x0."""
-    _, base_model, alpha, _ = run_parts(model, extra_args or {})
+    _, base_model, alpha, counter = run_parts(model, extra_args or {})
     extra_args = {} if extra_args is None else dict(extra_args)
     if extra_args.get("denoise_mask") is not None:
         chunk = 1  # the inpainting wrapper's mask has the batch of one candidate
     guided = scg.guided_steps(len(sigmas) - 1, start_percent, end_percent, interval)
     with telemetry.sampler_run(model, extra_args, node_id, NODE) as run:
+        batch = x.shape[0]
+
+        def denoiser(x_in, sigma, **kwargs):
+            before = counter.snapshot() if counter is not None else None
+            out = model(x_in, sigma, **kwargs)
+            if counter is not None and x_in.shape[0] > batch:  # chunked candidates: one call, several batches
+                counter.count_batched_copies(before, x_in.shape[0] // batch)
+            return out
 
         def score(x0):
             return objective(base_model.process_latent_out(x0))
@@ -53,7 +61,7 @@ def sample_scg(
             )
 
         return scg.sample_scg(
-            model,
+            denoiser,
             x,
             sigmas,
             extra_args,

@@ -111,6 +111,7 @@ def sample_tfg(
             noise_sampler=k_sampling.default_noise_sampler(x, seed=seed),
             mc_noise=mc_noise,
             on_step=on_step,
+            track_loss=run.enabled,
         )
 
 

@@ -548,6 +548,20 @@ class EvalCounter:
         run = self.runs[-1]
         run.backward[what] = run.backward.get(what, 0) + int(passes)
 
+    def count_batched_copies(self, before: tuple[int, int], copies: int) -> None:
+        """A call that ran ``copies`` latent batches in one batch (best-of-N candidates) counted as one: add the
+        other ``copies − 1`` times the cond/uncond evaluations it made since ``before`` = (cond, uncond)."""
+        if not self.runs or copies <= 1:
+            return
+        run = self.runs[-1]
+        cond, uncond = run.cond - before[0], run.uncond - before[1]
+        run.cond += (copies - 1) * cond
+        run.uncond += (copies - 1) * uncond
+
+    def snapshot(self) -> tuple[int, int]:
+        """(cond, uncond) of the current run so far."""
+        return (self.runs[-1].cond, self.runs[-1].uncond) if self.runs else (0, 0)
+
     def _apply_model(self, executor, x, t, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options")
         if transformer_options is None and len(args) >= 4:
