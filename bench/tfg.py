@@ -19,8 +19,10 @@ Metrics: class accuracy of the result by the independent classifier (true label 
 in the kept half / consistency with the measurement, error against the real digit, network evaluations and
 backward passes (the pack's counter) and wall time per sample. Writes ``docs/benchmark/tfg.{md,json}``.
 
-Hook for other reference worlds: ``TASKS`` holds (name, build) pairs; a task builds its measurement,
-objective and metric from a model, its decoder and real images, so a scene-model world adds its tasks there.
+Hook for the reference world of scene models (being built): load its model where the digits model is
+loaded, build its measurements and objectives the same way (the Latent/Image Measurement objectives, or a
+decoder term like ``sr_objective``), and add its rows with ``run`` and a row function like ``inpaint_row``
+under a new task key of ``rows``; the tables are written from ``rows``.
 """
 
 from __future__ import annotations

@@ -352,35 +352,14 @@ def test_stacks_with_a_cfg_level_node_inside_the_differentiated_denoiser(pack):
     assert counts["backward"]["model"] == counts["total"]
 
 
-def test_clip_vision_and_vae_objectives_guide_through_the_decoder(pack, tmp_path):
+def test_clip_vision_and_vae_objectives_guide_through_the_decoder(pack):
     """Objectives on the decoded image (tiny TAESD) and through a tiny CLIP-vision model, with ρ and μ."""
-    import json
-
-    import comfy.clip_vision
     import comfy.sd
     from fg_testing import tiny_vae_clip
 
-    with torch.inference_mode():
+    with torch.inference_mode():  # loaded the way ComfyUI's loader nodes load them
         vae = comfy.sd.VAE(sd=tiny_vae_clip.taesd_state_dict(4))
-        config = {
-            "hidden_act": "quick_gelu",
-            "hidden_size": 32,
-            "image_size": 32,
-            "intermediate_size": 64,
-            "model_type": "clip_vision_model",
-            "num_attention_heads": 2,
-            "num_channels": 3,
-            "num_hidden_layers": 2,
-            "patch_size": 8,
-            "projection_dim": 16,
-        }
-        path = tmp_path / "clip_vision_tiny.json"
-        path.write_text(json.dumps(config))
-        clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-        g = torch.Generator().manual_seed(0)
-        clip_vision.load_sd(
-            {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in clip_vision.get_sd().items()}
-        )
+    clip_vision = tiny_vae_clip.clip_vision()
     image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
     objectives = pack.nodes.objectives
     measured = objectives.ImageMeasurementObjective().build(
