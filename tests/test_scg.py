@@ -134,3 +134,21 @@ def test_errors(pack):
         pack.nodes.scg.make_sampler(objective, 4, eta=0.0)
     with pytest.raises(error, match="SCG Best-of-N Sampler.*objective"):
         pack.nodes.scg.make_sampler(None, 4)
+
+
+def test_image_rule_through_the_vae(pack):
+    """A non-differentiable rule on the decoded image (tiny TAESD): one loss per batch element, SCG runs on it."""
+    import comfy.sd
+    from fg_testing import tiny_vae_clip
+
+    with torch.inference_mode():
+        vae = comfy.sd.VAE(sd=tiny_vae_clip.taesd_state_dict(4))
+    rule = pack.nodes.objectives.ImageRuleObjective().build(vae, "brightness", "maximise", 1.0)[0]
+    family = "sd15"
+    model = cached_model(family)
+    out = sampling.custom_sample(
+        model, family, pack.nodes.scg.make_sampler(rule, 3, 0.0, 1.0), sampling.sigmas_for(model, 2), batch=2
+    )
+    assert torch.isfinite(out).all()
+    values = rule(out)
+    assert values.shape == (2,) and bool((values <= 0).all())  # −brightness of images in [0, 1]

@@ -463,3 +463,36 @@ def test_errors_name_the_node_and_input(pack):
         )
     with pytest.raises(error, match="Objective: Image Statistics.*image"):
         objectives.ImageStatisticsObjective().build(None, "edges", 0.5, 1.0)
+
+
+# ---- objective building blocks (guidance/objectives.py)
+
+
+def test_objective_building_blocks(pack):
+    o = pack.guidance.objectives
+    g = torch.Generator().manual_seed(8)
+    image = torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    # brightness: ½·N·(mean luma − t)², so the gradient per pixel is (mean − t)·(channel weight)
+    v = image.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(o.brightness_energy(v, 0.2).sum(), v)
+    mean = o.luminance(image).flatten(1).mean(1)
+    expected = (mean - 0.2).view(2, 1, 1, 1) * image.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    torch.testing.assert_close(grad, expected.expand_as(grad))
+    hist = o.soft_histogram(image)
+    torch.testing.assert_close(hist.sum(-1), torch.ones(2, 3, dtype=torch.float64))
+    flat = torch.full((1, 3, 9, 9), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(o.gaussian_blur(flat, 1.5), flat)
+    torch.testing.assert_close(o.downsample(image, 2)[:, :, 0, 0], image[:, :, :2, :2].mean((-1, -2)))
+    assert torch.equal(o.histogram_energy(image, image), torch.zeros(2, dtype=torch.float64))
+    features = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    assert torch.equal(o.gram_style_loss(features, o.gram(features)), torch.zeros(2, dtype=torch.float64))
+    mask = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+    mask[..., :4, :] = 1
+    other = image.clone()
+    other[..., 4:, :] += 1.0  # differs only where the mask is 0
+    assert torch.equal(o.measurement_energy(image, other, mask), torch.zeros(2, dtype=torch.float64))
+    a = o.single("a", lambda x: x.sum(1), 2.0)
+    b = o.single("b", lambda x: x.pow(2).sum(1), 1.0, differentiable=False)
+    both = o.Objective.combine((a, 0.5), (b, 3.0))
+    x = torch.tensor([[1.0, 2.0]])
+    assert both(x).tolist() == [0.5 * 2 * 3 + 3 * 5] and both.names == ["a", "b"] and not both.differentiable
