@@ -348,8 +348,7 @@ def sample_tfg(
             delta0 = x0_guided - x0_start
             noise = noise_sampler(sigmas[i], sigmas[i + 1]) if c > 0 else None
             if settings.fold_into_eps:
-                if sigma_next > 0:
-                    eps = eps - (a / sigma) * delta0 if a > 0 else eps
+                eps = eps - (a / sigma) * delta0  # UGD backward guidance folded into ε̂
                 x_next = ddim_step(x, x0_guided, eps, sigma, sigma_next, a_next, c, noise)
                 base = ddim_step(x, x0, (x - a * x0) / sigma, sigma, sigma_next, a_next, c, noise)
                 guidance = x_next - base

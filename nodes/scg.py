@@ -31,7 +31,7 @@ def sample_scg(
     node_id=None,
 ):
     """KSAMPLER function: best-of-N ancestral sampling, candidates scored on their LATENT-space x0."""
-    _, base_model, alpha, counter = run_parts(model, extra_args or {})
+    _, base_model, alpha, counter = run_parts(model)
     extra_args = {} if extra_args is None else dict(extra_args)
     if extra_args.get("denoise_mask") is not None:
         chunk = 1  # the inpainting wrapper's mask has the batch of one candidate

@@ -36,7 +36,7 @@ def check_objective(node: str, objective, differentiable: bool) -> obj.Objective
     return objective
 
 
-def run_parts(model, extra_args: dict):
+def run_parts(model):
     """(model patcher, base model, alpha, counter) of the guider behind the k-diffusion ``model``."""
     guider = toolkit.guider_of(model)
     patcher = guider.model_patcher
@@ -60,7 +60,7 @@ def sample_tfg(
     node_id=None,
 ):
     """KSAMPLER function: TFG's unified step with the guider's denoiser and the objective on LATENT-space x0."""
-    patcher, base_model, alpha, counter = run_parts(model, extra_args or {})
+    patcher, base_model, alpha, counter = run_parts(model)
     extra_args = {} if extra_args is None else dict(extra_args)
     if settings.uses_model_gradient:
         autograd_ready(base_model)  # weights loaded in inference mode cannot be saved for backward
