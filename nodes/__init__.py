@@ -10,11 +10,14 @@ from . import (
     fouriscale,
     icg,
     linear_ag,
+    objectives,
     pag,
     pcg,
     sag,
+    scg,
     seg,
     stg,
+    tfg,
     tsg,
 )
 
@@ -33,6 +36,9 @@ NODE_MODULES = [
     sag,
     fouriscale,
     diffusehigh,
+    objectives,
+    tfg,
+    scg,
     evaluation_counter,
 ]
 
