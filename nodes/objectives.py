@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..guidance import objectives as obj
 from . import toolkit
 from .common import CATEGORY
+from .host.inputs import COMBO, Input, Inputs, declare
 
 TYPE = "GUIDANCE_OBJECTIVE"
 OBJECTIVE_CATEGORY = CATEGORY + "/objectives"
@@ -69,6 +70,22 @@ def decode(node: str, vae, latent: torch.Tensor) -> torch.Tensor:
     return vae.process_output(out.float()).to(latent.device)
 
 
+LINKS = {
+    "vae": ("a VAE (from a VAE or checkpoint loader)", lambda v: hasattr(v, "first_stage_model")),
+    "image": ("an IMAGE (B, H, W, C)", lambda v: isinstance(v, torch.Tensor) and v.dim() == 4),
+    "mask": ("a MASK", lambda v: isinstance(v, torch.Tensor) and v.dim() in (2, 3, 4)),
+    "latent": ("a LATENT", lambda v: isinstance(v, dict) and isinstance(v.get("samples"), torch.Tensor)),
+}
+
+
+def check_links(node: str, **values) -> None:
+    """Refuse a linked input of the wrong kind (None: an optional input left open) naming the node and input."""
+    for name, value in values.items():
+        what, ok = LINKS[name]
+        if value is not None and not ok(value):
+            raise toolkit.GuidanceInputError(node, name, f"must be {what}, got {type(value).__name__}")
+
+
 def comfy_image(image: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE ``(B, H, W, C)`` → ``(B, C, H, W)`` float, a normal tensor."""
     return normal_tensor(image[..., :3].movedim(-1, 1).float())
@@ -117,45 +134,6 @@ def _mask_tensor(mask) -> torch.Tensor | None:
     return mask[:, None] if mask.dim() == 3 else mask
 
 
-def _operator_inputs() -> dict:
-    return {
-        "operator": (
-            list(OPERATORS),
-            {
-                "default": OPERATORS[0],
-                "tooltip": "The measurement A: masked = keep the unmasked pixels of the reference (inpainting; mask "
-                "1 = region to fill); downsample = average pooling by 'factor' (super-resolution); gaussian blur "
-                "with 'blur_sigma' pixels (deblurring). Loss ½·Σ(A(x) − y)².",
-            },
-        ),
-        "factor": (
-            "INT",
-            {"default": 2, "min": 1, "max": 16, "tooltip": "Downsampling factor (super-resolution)."},
-        ),
-        "blur_sigma": (
-            "FLOAT",
-            {
-                "default": 2.0,
-                "min": 0.1,
-                "max": 32.0,
-                "step": 0.1,
-                "tooltip": "Blur std in pixels (deblurring).",
-            },
-        ),
-        "weight": (
-            "FLOAT",
-            {
-                "default": 1.0,
-                "min": 0.0,
-                "max": 1000.0,
-                "step": 0.01,
-                "tooltip": "Multiplier of the loss. The loss is a sum over pixels: at SD sizes start with the "
-                "sampler's mu small (the MPGD/TFG steps scale with it).",
-            },
-        ),
-    }
-
-
 def _check_operator(node: str, operator: str, factor: int, blur_sigma: float, weight: float) -> None:
     if operator not in OPERATORS:
         raise toolkit.GuidanceInputError(node, "operator", f"must be one of {OPERATORS}, got {operator!r}")
@@ -167,6 +145,7 @@ def _check_operator(node: str, operator: str, factor: int, blur_sigma: float, we
     toolkit.check_range(node, "weight", weight, 0.0, 1000.0)
 
 
+@declare
 class ImageMeasurementObjective:
     NODE = "Objective: Image Measurement"
     DESCRIPTION = (
@@ -180,22 +159,45 @@ class ImageMeasurementObjective:
     OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        inputs = _operator_inputs()
-        return {
-            "required": {
-                "vae": ("VAE", {"tooltip": "The VAE of the sampled model (decoded with gradients)."}),
-                "image": (
-                    "IMAGE",
-                    {"tooltip": "The measurement y: the image to keep, the low-resolution or blurred image."},
-                ),
-                **inputs,
-            },
-            "optional": {"mask": ("MASK", {"tooltip": "Inpainting: 1 = region to fill (not measured)."})},
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input("vae", "VAE", "The VAE of the sampled model (decoded with gradients)."),
+            Input(
+                "image", "IMAGE", "The measurement y: the image to keep, the low-resolution or blurred image."
+            ),
+            Input(
+                "operator",
+                COMBO,
+                "The measurement A: masked = keep the unmasked pixels of the reference (inpainting; mask 1 = region to fill); downsample = average pooling by 'factor' (super-resolution); gaussian blur with 'blur_sigma' pixels (deblurring). Loss ½·Σ(A(x) − y)².",
+                default="masked (inpainting)",
+                options=OPERATORS,
+            ),
+            Input("factor", "INT", "Downsampling factor (super-resolution).", default=2, min=1, max=16),
+            Input(
+                "blur_sigma",
+                "FLOAT",
+                "Blur std in pixels (deblurring).",
+                default=2.0,
+                min=0.1,
+                max=32.0,
+                step=0.1,
+            ),
+            Input(
+                "weight",
+                "FLOAT",
+                "Multiplier of the loss. The loss is a sum over pixels: at SD sizes start with the sampler's mu small (the MPGD/TFG steps scale with it).",
+                default=1.0,
+                min=0.0,
+                max=1000.0,
+                step=0.01,
+            ),
+            Input("mask", "MASK", "Inpainting: 1 = region to fill (not measured).", optional=True),
+        ],
+    )
 
     def build(self, vae, image, operator, factor, blur_sigma, weight, mask=None):
+        check_links(self.NODE, vae=vae, image=image, mask=mask)
         _check_operator(self.NODE, operator, factor, blur_sigma, weight)
         reference = comfy_image(image)
         mask_t = _mask_tensor(mask)
@@ -208,6 +210,7 @@ class ImageMeasurementObjective:
         return (obj.single(f"measurement:{operator.split()[0]}", fn, weight),)
 
 
+@declare
 class LatentMeasurementObjective:
     NODE = "Objective: Latent Measurement"
     DESCRIPTION = (
@@ -220,23 +223,42 @@ class LatentMeasurementObjective:
     OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        inputs = _operator_inputs()
-        return {
-            "required": {
-                "latent": (
-                    "LATENT",
-                    {"tooltip": "The measurement y as a latent (e.g. VAE Encode of the image)."},
-                ),
-                **inputs,
-            },
-            "optional": {
-                "mask": ("MASK", {"tooltip": "1 = region to fill; default: the latent's noise_mask."})
-            },
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input("latent", "LATENT", "The measurement y as a latent (e.g. VAE Encode of the image)."),
+            Input(
+                "operator",
+                COMBO,
+                "The measurement A: masked = keep the unmasked pixels of the reference (inpainting; mask 1 = region to fill); downsample = average pooling by 'factor' (super-resolution); gaussian blur with 'blur_sigma' pixels (deblurring). Loss ½·Σ(A(x) − y)².",
+                default="masked (inpainting)",
+                options=OPERATORS,
+            ),
+            Input("factor", "INT", "Downsampling factor (super-resolution).", default=2, min=1, max=16),
+            Input(
+                "blur_sigma",
+                "FLOAT",
+                "Blur std in pixels (deblurring).",
+                default=2.0,
+                min=0.1,
+                max=32.0,
+                step=0.1,
+            ),
+            Input(
+                "weight",
+                "FLOAT",
+                "Multiplier of the loss. The loss is a sum over pixels: at SD sizes start with the sampler's mu small (the MPGD/TFG steps scale with it).",
+                default=1.0,
+                min=0.0,
+                max=1000.0,
+                step=0.01,
+            ),
+            Input("mask", "MASK", "1 = region to fill; default: the latent's noise_mask.", optional=True),
+        ],
+    )
 
     def build(self, latent, operator, factor, blur_sigma, weight, mask=None):
+        check_links(self.NODE, latent=latent, mask=mask)
         _check_operator(self.NODE, operator, factor, blur_sigma, weight)
         reference = normal_tensor(latent["samples"].float())
         if reference.dim() != 4:
@@ -249,6 +271,7 @@ class LatentMeasurementObjective:
         return (obj.single(f"latent:{operator.split()[0]}", fn, weight),)
 
 
+@declare
 class ImageStatisticsObjective:
     NODE = "Objective: Image Statistics"
     DESCRIPTION = (
@@ -261,31 +284,33 @@ class ImageStatisticsObjective:
     OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": ("VAE", {"tooltip": "The VAE of the sampled model."}),
-                "statistic": (list(STATISTICS), {"default": STATISTICS[0], "tooltip": "What to match."}),
-                "target_brightness": (
-                    "FLOAT",
-                    {
-                        "default": 0.5,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Mean luma (brightness).",
-                    },
-                ),
-                "weight": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip": "Multiplier."},
-                ),
-            },
-            "optional": {"image": ("IMAGE", {"tooltip": "Reference image (histogram and edges)."})},
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input("vae", "VAE", "The VAE of the sampled model."),
+            Input(
+                "statistic",
+                COMBO,
+                "What to match.",
+                default="brightness",
+                options=("brightness", "colour histogram", "edges"),
+            ),
+            Input(
+                "target_brightness",
+                "FLOAT",
+                "Mean luma (brightness).",
+                default=0.5,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+            ),
+            Input("weight", "FLOAT", "Multiplier.", default=1.0, min=0.0, max=1000.0, step=0.01),
+            Input("image", "IMAGE", "Reference image (histogram and edges).", optional=True),
+        ],
+    )
 
     def build(self, vae, statistic, target_brightness, weight, image=None):
+        check_links(self.NODE, vae=vae, image=image)
         node = self.NODE
         if statistic not in STATISTICS:
             raise toolkit.GuidanceInputError(
@@ -358,6 +383,7 @@ def clip_features(clip_vision, image: torch.Tensor, layer: int = 1) -> tuple[tor
     return embeds.float(), hidden[:, 1:].float()
 
 
+@declare
 class ClipVisionObjective:
     NODE = "Objective: CLIP Vision Reference"
     DESCRIPTION = (
@@ -370,25 +396,25 @@ class ClipVisionObjective:
     OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": ("VAE", {"tooltip": "The VAE of the sampled model."}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "From Load CLIP Vision."}),
-                "image": ("IMAGE", {"tooltip": "The reference image (style or content)."}),
-                "mode": (
-                    list(CLIP_MODES),
-                    {"default": CLIP_MODES[1], "tooltip": "Embedding similarity or Gram style."},
-                ),
-                "weight": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip": "Multiplier."},
-                ),
-            }
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input("vae", "VAE", "The VAE of the sampled model."),
+            Input("clip_vision", "CLIP_VISION", "From Load CLIP Vision."),
+            Input("image", "IMAGE", "The reference image (style or content)."),
+            Input(
+                "mode",
+                COMBO,
+                "Embedding similarity or Gram style.",
+                default="gram style",
+                options=("embedding", "gram style"),
+            ),
+            Input("weight", "FLOAT", "Multiplier.", default=1.0, min=0.0, max=1000.0, step=0.01),
+        ],
+    )
 
     def build(self, vae, clip_vision, image, mode, weight):
+        check_links(self.NODE, vae=vae, image=image)
         node = self.NODE
         if mode not in CLIP_MODES:
             raise toolkit.GuidanceInputError(node, "mode", f"must be one of {CLIP_MODES}, got {mode!r}")
@@ -410,6 +436,7 @@ class ClipVisionObjective:
         return (obj.single(f"clip:{mode}", fn, weight),)
 
 
+@declare
 class ImageRuleObjective:
     NODE = "Objective: Image Rule (SCG)"
     DESCRIPTION = (
@@ -422,24 +449,26 @@ class ImageRuleObjective:
     OUTPUT_TOOLTIPS = ("A score for the SCG sampler.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "vae": ("VAE", {"tooltip": "The VAE of the sampled model."}),
-                "rule": (list(obj.RULES), {"default": "sharpness", "tooltip": "The measured quantity."}),
-                "goal": (
-                    ["maximise", "minimise"],
-                    {"default": "maximise", "tooltip": "Which way is better."},
-                ),
-                "weight": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01, "tooltip": "Multiplier."},
-                ),
-            }
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input("vae", "VAE", "The VAE of the sampled model."),
+            Input(
+                "rule",
+                COMBO,
+                "The measured quantity.",
+                default="sharpness",
+                options=("brightness", "sharpness", "saturation", "contrast"),
+            ),
+            Input(
+                "goal", COMBO, "Which way is better.", default="maximise", options=("maximise", "minimise")
+            ),
+            Input("weight", "FLOAT", "Multiplier.", default=1.0, min=0.0, max=1000.0, step=0.01),
+        ],
+    )
 
     def build(self, vae, rule, goal, weight):
+        check_links(self.NODE, vae=vae)
         node = self.NODE
         if rule not in obj.RULES:
             raise toolkit.GuidanceInputError(node, "rule", f"must be one of {tuple(obj.RULES)}, got {rule!r}")
@@ -452,6 +481,7 @@ class ImageRuleObjective:
         return (obj.single(f"rule:{rule}", fn, weight, differentiable=False),)
 
 
+@declare
 class CombineObjectives:
     NODE = "Objective: Combine"
     DESCRIPTION = "Weighted sum of two objectives: weight_a·a + weight_b·b (chain it for more)."
@@ -460,17 +490,15 @@ class CombineObjectives:
     OUTPUT_TOOLTIPS = ("The combined objective.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        weight = {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.01}
-        return {
-            "required": {
-                "objective_a": (TYPE, {"tooltip": "First objective."}),
-                "weight_a": ("FLOAT", {**weight, "tooltip": "Its weight."}),
-                "objective_b": (TYPE, {"tooltip": "Second objective."}),
-                "weight_b": ("FLOAT", {**weight, "tooltip": "Its weight."}),
-            }
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input("objective_a", TYPE, "First objective."),
+            Input("weight_a", "FLOAT", "Its weight.", default=1.0, min=0.0, max=1000.0, step=0.01),
+            Input("objective_b", TYPE, "Second objective."),
+            Input("weight_b", "FLOAT", "Its weight.", default=1.0, min=0.0, max=1000.0, step=0.01),
+        ],
+    )
 
     def build(self, objective_a, weight_a, objective_b, weight_b):
         toolkit.check_range(self.NODE, "weight_a", weight_a, 0.0, 1000.0)

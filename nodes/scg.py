@@ -7,8 +7,9 @@ import comfy.samplers
 
 from ..guidance import scg
 from . import toolkit
-from .common import CATEGORY
+from .common import CATEGORY, UNIQUE_ID
 from .host import telemetry
+from .host.inputs import Input, Inputs, declare, ordered
 from .objectives import TYPE
 from .tfg import check_objective, run_parts
 
@@ -120,6 +121,7 @@ def make_sampler(
     )
 
 
+@declare
 class SCGSampler:
     DESCRIPTION = (
         "Best-of-N guidance with any objective, differentiable or not (SCG, Huang et al., ICML 2024): on each "
@@ -133,58 +135,34 @@ class SCGSampler:
     OUTPUT_TOOLTIPS = ("An SCG sampler for SamplerCustom / SamplerCustomAdvanced.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "objective": (
-                    TYPE,
-                    {"tooltip": "The score (lower loss is better); any Objective node, incl. Image Rule."},
-                ),
-                "candidates": (
-                    "INT",
-                    {"default": 16, "min": 1, "max": 256, "tooltip": "N per guided step (paper: 16)."},
-                ),
-                "start_percent": (
-                    "FLOAT",
-                    {
-                        "default": 0.25,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Window start (fraction of the steps; paper: t ≤ 750 of 1000).",
-                    },
-                ),
-                "end_percent": (
-                    "FLOAT",
-                    {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Window end."},
-                ),
-                "interval": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 1000,
-                        "tooltip": "Select every interval-th step of the window.",
-                    },
-                ),
-                "chunk": (
-                    "INT",
-                    {"default": 4, "min": 1, "max": 256, "tooltip": "Candidates per model call (memory)."},
-                ),
-                "eta": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.01,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "Ancestral noise (1 = DDPM-like).",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input(
+                "objective", TYPE, "The score (lower loss is better); any Objective node, incl. Image Rule."
+            ),
+            Input("candidates", "INT", "N per guided step (paper: 16).", default=16, min=1, max=256),
+            Input(
+                "start_percent",
+                "FLOAT",
+                "Window start (fraction of the steps; paper: t ≤ 750 of 1000).",
+                default=0.25,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+            ),
+            Input("end_percent", "FLOAT", "Window end.", default=1.0, min=0.0, max=1.0, step=0.01),
+            Input(
+                "interval", "INT", "Select every interval-th step of the window.", default=1, min=1, max=1000
+            ),
+            Input("chunk", "INT", "Candidates per model call (memory).", default=4, min=1, max=256),
+            Input(
+                "eta", "FLOAT", "Ancestral noise (1 = DDPM-like).", default=1.0, min=0.01, max=1.0, step=0.01
+            ),
+        ],
+        rules=[ordered("start_percent", "end_percent")],
+        hidden=UNIQUE_ID,
+    )
 
     def build(self, objective, candidates, start_percent, end_percent, interval, chunk, eta, unique_id=None):
         return (

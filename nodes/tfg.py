@@ -15,9 +15,10 @@ from ..guidance import objectives as obj
 from ..guidance import tfg
 from . import toolkit
 from .cfg_pp import alpha_of
-from .common import CATEGORY
+from .common import CATEGORY, UNIQUE_ID
 from .host import counter as eval_counter
 from .host import passes, telemetry
+from .host.inputs import COMBO, Input, Inputs, declare
 from .objectives import TYPE, autograd_ready, normal_tensor
 
 NODE = "TFG Guided Sampler"
@@ -189,6 +190,7 @@ def make_sampler(objective, preset: str = "MPGD", *, node_id=None, **values) -> 
     )
 
 
+@declare
 class TFGGuidedSampler:
     DESCRIPTION = (
         "Training-free guidance toward an objective (TFG, NeurIPS 2024) with the presets DPS, LGD, FreeDoM, "
@@ -207,100 +209,80 @@ class TFGGuidedSampler:
     OUTPUT_TOOLTIPS = ("A TFG sampler for SamplerCustom / SamplerCustomAdvanced.",)
     FUNCTION = "build"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "objective": (
-                    TYPE,
-                    {"tooltip": "What to move toward (Objective nodes; lower loss is better)."},
-                ),
-                "preset": (
-                    list(tfg.PRESET_NAMES),
-                    {
-                        "default": "MPGD",
-                        "tooltip": "Which inputs are used. MPGD: mu only, 1 iteration (cheap, no model backprop). "
-                        "DPS: rho, gradient divided by |loss|. LGD: rho with Monte-Carlo smoothing "
-                        "gamma_t = sqrt(1 − ᾱ_t), n_mc samples. FreeDoM: rho with recurrence. UGD: rho folded into "
-                        "the noise estimate, mu with iterations, recurrence. TFG: every input as set.",
-                    },
-                ),
-                "rho": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1000.0,
-                        "step": 0.01,
-                        "tooltip": "Variance guidance (gradient through the model). TFG defaults: 1 (configs), 2 "
-                        "(ImageNet labels), 0.25 (style). The paper's search starts at 0.25 and doubles up to 8.",
-                    },
-                ),
-                "mu": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1000.0,
-                        "step": 0.01,
-                        "tooltip": "Mean guidance on x0 (no model backprop). TFG defaults: 1 (configs), 0.5 "
-                        "(ImageNet labels), 2 (style). The loss is a sum over pixels: large images need small mu.",
-                    },
-                ),
-                "gamma": (
-                    "FLOAT",
-                    {
-                        "default": 0.1,
-                        "min": 0.0,
-                        "max": 10.0,
-                        "step": 0.001,
-                        "tooltip": "Monte-Carlo smoothing std of x0 (times sqrt(1 − ᾱ_t)); TFG: 0.01 (configs), "
-                        "0.1 (tasks). 0 = no smoothing.",
-                    },
-                ),
-                "n_mc": (
-                    "INT",
-                    {"default": 1, "min": 1, "max": 64, "tooltip": "Monte-Carlo samples (TFG: 1-4)."},
-                ),
-                "recurrence": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 16,
-                        "tooltip": "Rounds per step (time travel); each costs a step.",
-                    },
-                ),
-                "iterations": (
-                    "INT",
-                    {
-                        "default": 1,
-                        "min": 1,
-                        "max": 64,
-                        "tooltip": "Mean-guidance steps on x0 (TFG tasks: 4).",
-                    },
-                ),
-                "rho_schedule": (
-                    list(tfg.SCHEDULES),
-                    {"default": "increase", "tooltip": "rho_t over steps (mean 1)."},
-                ),
-                "mu_schedule": (
-                    list(tfg.SCHEDULES),
-                    {"default": "increase", "tooltip": "mu_t over steps (mean 1)."},
-                ),
-                "eta": (
-                    "FLOAT",
-                    {
-                        "default": 1.0,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.01,
-                        "tooltip": "DDIM η: 1 ancestral (TFG), 0 deterministic.",
-                    },
-                ),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+    INPUTS = Inputs(
+        NODE,
+        [
+            Input("objective", TYPE, "What to move toward (Objective nodes; lower loss is better)."),
+            Input(
+                "preset",
+                COMBO,
+                "Which inputs are used. MPGD: mu only, 1 iteration (cheap, no model backprop). DPS: rho, gradient divided by |loss|. LGD: rho with Monte-Carlo smoothing gamma_t = sqrt(1 − ᾱ_t), n_mc samples. FreeDoM: rho with recurrence. UGD: rho folded into the noise estimate, mu with iterations, recurrence. TFG: every input as set.",
+                default="MPGD",
+                options=("TFG", "DPS", "LGD", "FreeDoM", "MPGD", "UGD"),
+            ),
+            Input(
+                "rho",
+                "FLOAT",
+                "Variance guidance (gradient through the model). TFG defaults: 1 (configs), 2 (ImageNet labels), 0.25 (style). The paper's search starts at 0.25 and doubles up to 8.",
+                default=1.0,
+                min=0.0,
+                max=1000.0,
+                step=0.01,
+            ),
+            Input(
+                "mu",
+                "FLOAT",
+                "Mean guidance on x0 (no model backprop). TFG defaults: 1 (configs), 0.5 (ImageNet labels), 2 (style). The loss is a sum over pixels: large images need small mu.",
+                default=1.0,
+                min=0.0,
+                max=1000.0,
+                step=0.01,
+            ),
+            Input(
+                "gamma",
+                "FLOAT",
+                "Monte-Carlo smoothing std of x0 (times sqrt(1 − ᾱ_t)); TFG: 0.01 (configs), 0.1 (tasks). 0 = no smoothing.",
+                default=0.1,
+                min=0.0,
+                max=10.0,
+                step=0.001,
+            ),
+            Input("n_mc", "INT", "Monte-Carlo samples (TFG: 1-4).", default=1, min=1, max=64),
+            Input(
+                "recurrence",
+                "INT",
+                "Rounds per step (time travel); each costs a step.",
+                default=1,
+                min=1,
+                max=16,
+            ),
+            Input("iterations", "INT", "Mean-guidance steps on x0 (TFG tasks: 4).", default=1, min=1, max=64),
+            Input(
+                "rho_schedule",
+                COMBO,
+                "rho_t over steps (mean 1).",
+                default="increase",
+                options=("increase", "decrease", "constant"),
+            ),
+            Input(
+                "mu_schedule",
+                COMBO,
+                "mu_t over steps (mean 1).",
+                default="increase",
+                options=("increase", "decrease", "constant"),
+            ),
+            Input(
+                "eta",
+                "FLOAT",
+                "DDIM η: 1 ancestral (TFG), 0 deterministic.",
+                default=1.0,
+                min=0.0,
+                max=1.0,
+                step=0.01,
+            ),
+        ],
+        hidden=UNIQUE_ID,
+    )
 
     def build(
         self,
