@@ -463,6 +463,14 @@ def test_errors_name_the_node_and_input(pack):
         )
     with pytest.raises(error, match="Objective: Image Statistics.*image"):
         objectives.ImageStatisticsObjective().build(None, "edges", 0.5, 1.0)
+    with pytest.raises(error, match="Objective: Image Measurement: input 'vae' must be a VAE"):
+        objectives.ImageMeasurementObjective().build(
+            7, torch.zeros(1, 8, 8, 3), "masked (inpainting)", 2, 1.0, 1.0
+        )
+    with pytest.raises(error, match="Objective: Latent Measurement: input 'latent' must be a LATENT"):
+        objectives.LatentMeasurementObjective().build(
+            torch.zeros(1, 4, 8, 8), "masked (inpainting)", 2, 1.0, 1.0
+        )
 
 
 # ---- objective building blocks (guidance/objectives.py)
