@@ -14,12 +14,15 @@ from . import (
     linear_ag,
     nasa,
     negtome,
+    objectives,
     pag,
     pcg,
     sag,
     scfg,
+    scg,
     seg,
     stg,
+    tfg,
     tsg,
 )
 
@@ -43,6 +46,9 @@ NODE_MODULES = [
     nasa,
     negtome,
     scfg,
+    objectives,
+    tfg,
+    scg,
     evaluation_counter,
 ]
 

@@ -75,6 +75,8 @@ class NetworkEvaluationReport:
         text = f"{counts['total']} evaluations: {counts['cond']} cond, {counts['uncond']} uncond"
         if counts["extra"]:
             text += ", " + ", ".join(f"{n} {name}" for name, n in counts["extra"].items())
+        if counts.get("backward"):
+            text += "; backward: " + ", ".join(f"{n} {name}" for name, n in counts["backward"].items())
         ui = {"free_guidance_evaluations": [counts], "text": [text]}
         records = telemetry.records(model)
         if records:

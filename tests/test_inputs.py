@@ -74,15 +74,53 @@ def build(pack, declared, class_type: str, **values) -> tuple[dict, str]:
     if returns == ("MODEL",):
         prompt, _ = tiny_txt2img(family, steps=2, cfg=cfg, patch=lambda g, model: add(g, {"model": model}))
     elif returns == ("SAMPLER",):
-        links = (
-            (lambda g: {"vae": g.node("VAELoader", vae_name=VAE_FILE)})
-            if "vae" in spec.inputs
-            else (lambda g: {})
+        prompt, _ = tiny_txt2img(
+            family, steps=2, cfg=cfg, sampler_node=lambda g: add(g, link_inputs(g, spec, family))
         )
-        prompt, _ = tiny_txt2img(family, steps=2, cfg=cfg, sampler_node=lambda g: add(g, links(g)))
+    elif returns == ("GUIDANCE_OBJECTIVE",):
+        # The objective feeds the sampler that uses it (SCG for a non-differentiable rule, else TFG).
+        sampler = (
+            "FreeGuidanceSCGSampler"
+            if class_type == "FreeGuidanceObjectiveImageRule"
+            else "FreeGuidanceTFGSampler"
+        )
+
+        def sampler_node(g):
+            objective = add(g, link_inputs(g, spec, family))
+            return g.node(
+                sampler, **{**declared[sampler].defaults(), **SMALL.get(sampler, {}), "objective": objective}
+            )
+
+        prompt, _ = tiny_txt2img(family, steps=2, cfg=cfg, sampler_node=sampler_node)
     else:
         raise AssertionError(f"{class_type}: no prompt builder for RETURN_TYPES {returns}")
     return prompt, found["id"]
+
+
+SMALL = {"FreeGuidanceSCGSampler": {"candidates": 2, "chunk": 2}}  # few candidates keep the runs short
+
+
+def link_inputs(g, spec, family: str) -> dict:
+    """Source nodes for the required link inputs a SAMPLER or objective node takes besides the sampler's own."""
+    sources = {
+        "VAE": lambda: g.node("VAELoader", vae_name=VAE_FILE),
+        "IMAGE": lambda: g.node("EmptyImage", width=8, height=8, batch_size=1, color=0),
+        "LATENT": lambda: g.node(
+            "FGTest_TinyEmptyLatent", family=family, batch=1, height=8, width=8, frames=3
+        ),
+        "CLIP_VISION": lambda: g.node("FGTest_TinyClipVision", seed=0),
+        "GUIDANCE_OBJECTIVE": lambda: g.node(
+            "FreeGuidanceObjectiveLatentMeasurement",
+            latent=sources["LATENT"](),
+            operator="masked (inpainting)",
+            factor=2,
+            blur_sigma=2.0,
+            weight=1.0,
+        ),
+    }
+    return {
+        name: sources[i.kind]() for name, i in spec.inputs.items() if i.kind in sources and not i.optional
+    }
 
 
 def invalid_values(spec) -> list[tuple[str, object]]:
@@ -157,6 +195,7 @@ def test_cross_input_rules_name_only_their_inputs(pack, declared, server):
         "FreeGuidanceCFGCache",
         "FreeGuidanceFasterCacheFeatureReuse",
         "FreeGuidanceSCFG",
+        "FreeGuidanceSCGSampler",
     }
     for class_type, rule in rules:
         spec = declared[class_type]

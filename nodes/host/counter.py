@@ -53,6 +53,9 @@ class RunCounts:
     uncond: int = 0
     extra: dict[str, int] = field(default_factory=dict)
     forward_calls: int = 0
+    # Backward passes, by what they went through: "model" = network evaluations differentiated (one per chunk
+    # of a forward call that was back-propagated), "objective" = backward passes through a guidance objective.
+    backward: dict[str, int] = field(default_factory=dict)
     # One (sigma, what) per evaluation, in order; what is "cond", "uncond" or an extra pass's name.
     events: list[tuple[float, str]] = field(default_factory=list)
     # Attention calls managed by a feature cache (``note_attention``): {"computed": n, "skipped": m}.
@@ -63,6 +66,7 @@ class RunCounts:
         return self.cond + self.uncond + sum(self.extra.values())
 
     def as_dict(self) -> dict:
+        """The counts; ``backward`` and ``attention`` are present only in runs that had them."""
         counts = {
             "cond": self.cond,
             "uncond": self.uncond,
@@ -72,6 +76,8 @@ class RunCounts:
         }
         if self.attention:  # only when a feature cache reported attention calls
             counts["attention"] = dict(self.attention)
+        if self.backward:
+            counts["backward"] = dict(self.backward)
         return counts
 
 
@@ -107,6 +113,27 @@ class EvalCounter:
     def _outer_sample(self, executor, *args, **kwargs):
         self.runs.append(RunCounts())
         return executor(*args, **kwargs)
+
+    def count_backward(self, what: str, passes: int = 1) -> None:
+        """Count backward passes of the current run (gradient guidance calls it; forward counting is automatic)."""
+        if not self.runs:
+            self.runs.append(RunCounts())
+        run = self.runs[-1]
+        run.backward[what] = run.backward.get(what, 0) + int(passes)
+
+    def count_batched_copies(self, before: tuple[int, int], copies: int) -> None:
+        """A call that ran ``copies`` latent batches in one batch (best-of-N candidates) counted as one: add the
+        other ``copies - 1`` times the cond/uncond evaluations it made since ``before`` = (cond, uncond)."""
+        if not self.runs or copies <= 1:
+            return
+        run = self.runs[-1]
+        cond, uncond = run.cond - before[0], run.uncond - before[1]
+        run.cond += (copies - 1) * cond
+        run.uncond += (copies - 1) * uncond
+
+    def snapshot(self) -> tuple[int, int]:
+        """(cond, uncond) of the current run so far."""
+        return (self.runs[-1].cond, self.runs[-1].uncond) if self.runs else (0, 0)
 
     def _apply_model(self, executor, x, t, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options")

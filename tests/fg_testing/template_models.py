@@ -13,6 +13,8 @@ detected by ComfyUI's own detection; only the sizes are tiny and the weights ran
 What cannot be faked small, and what the tests substitute instead (``SUBSTITUTIONS``):
 - T5-XXL, UMT5-XXL and CLIP-G text encoders (billions of parameters): the prompt's text-encode nodes that
   depend on them become ``FGTest_TinyConditioning`` of the right family;
+- CLIP-vision models (ComfyUI detects its CLIP ViTs by their full depth): ``CLIPVisionLoader`` becomes
+  ``FGTest_TinyClipVision``;
 - Flux's diffusion model: ComfyUI's detection hard-codes Flux's full width, so the UNETLoader of
   ``flux1-dev.safetensors`` becomes ``FGTest_TinyModel`` (family flux), built by ComfyUI's own Flux classes.
 """
@@ -250,6 +252,10 @@ def substitute(prompt: dict) -> tuple[dict, list[str]]:
             node["class_type"] = "FGTest_TinyModel"
             node["inputs"] = {"family": UNDETECTABLE_MODELS[name], "seed": 0}
             notes.append(f"{node_id} UNETLoader({name}) -> FGTest_TinyModel")
+        elif node["class_type"] == "CLIPVisionLoader":  # real CLIP ViTs are detected by their full depth
+            notes.append(f"{node_id} CLIPVisionLoader -> FGTest_TinyClipVision")
+            node["class_type"] = "FGTest_TinyClipVision"
+            node["inputs"] = {"seed": 0}
         elif node["class_type"] in TEXT_ENCODE_TYPES:
             clip = _source(prompt, inputs.get("clip"))
             real_clip = (

@@ -89,6 +89,24 @@ class TinyEmptyLatent:
         return (tiny_models.empty_latent(family, batch, height, width, frames),)
 
 
+class TinyClipVision:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+    DESCRIPTION = "A tiny random CLIP ViT (test only; stands in for CLIPVisionLoader in templates)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "tooltip": "Weight seed."})}
+        }
+
+    def load(self, seed):
+        from . import tiny_vae_clip
+
+        return (tiny_vae_clip.clip_vision(seed),)
+
+
 class LatentStats:
     CATEGORY = CATEGORY
     RETURN_TYPES = ()
@@ -117,4 +135,5 @@ NODE_CLASS_MAPPINGS = {
     "FGTest_TinyConditioning": TinyConditioning,
     "FGTest_TinyEmptyLatent": TinyEmptyLatent,
     "FGTest_LatentStats": LatentStats,
+    "FGTest_TinyClipVision": TinyClipVision,
 }

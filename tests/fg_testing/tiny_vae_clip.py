@@ -63,3 +63,37 @@ def save(sd: dict[str, torch.Tensor], path) -> str:
     if not path.exists():
         safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path.name
+
+
+TINY_CLIP_VISION_CONFIG = {
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "image_size": 32,
+    "intermediate_size": 64,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+    "patch_size": 8,
+    "projection_dim": 16,
+}
+
+
+@functools.cache
+def clip_vision(seed: int = 0):
+    """A tiny random CLIP ViT built by ComfyUI's own ``ClipVisionModel`` (its real ViTs are too big to fake:
+    ``CLIPVisionLoader`` detects them by their fixed depths), for the CLIP-vision objectives."""
+    import json
+    import tempfile
+
+    ensure_host()
+    import comfy.clip_vision
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(TINY_CLIP_VISION_CONFIG, f)
+    with torch.inference_mode(False):
+        model = comfy.clip_vision.ClipVisionModel(f.name)
+        generator = torch.Generator().manual_seed(seed)
+        sd = {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in model.get_sd().items()}
+        model.load_sd(sd)
+    return model
