@@ -12,6 +12,7 @@ RECORDED = json.loads(bit_identity.HASHES_FILE.read_text())
 
 
 def test_every_node_is_recorded(pack):
+    assert bit_identity.RECORDED_NODES <= set(pack.NODE_CLASS_MAPPINGS)  # node ids unchanged
     assert set(RECORDED) == {f"{node}/{family}" for node, family in bit_identity.cases(pack)}
     assert sum("sha256" in case for case in RECORDED.values()) > 30
 
