@@ -130,7 +130,9 @@ def test_combination_and_rescale(pack):
     torch.testing.assert_close(p.perturbation_guidance(cfg, cond, pert, 2.5), cfg + 2.5 * (cond - pert))
     assert torch.equal(p.perturbation_guidance(cfg, cond, pert, 0.0), cfg)
     assert p.std_rescale(cfg, cond, 0.0) is cfg
-    torch.testing.assert_close(p.std_rescale(cfg * 3, cond, 1.0).std(), cond.std())
+    per_image = p.std_rescale(cfg * 3, cond, 1.0)  # the default: each image's std becomes its cond's
+    torch.testing.assert_close(per_image.flatten(1).std(dim=1), cond.flatten(1).std(dim=1))
+    torch.testing.assert_close(p.std_rescale(cfg * 3, cond, 1.0, per_image=False).std(), cond.std())
     assert p.scaled_schedule(2.0, 5.0, 10.0, 0.0, "constant") == 2.0
     assert p.scaled_schedule(2.0, 10.0, 10.0, 0.0, "linear_down") == 2.0
     assert p.scaled_schedule(2.0, 5.0, 10.0, 0.0, "linear_down") == pytest.approx(1.0)
