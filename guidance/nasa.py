@@ -110,7 +110,7 @@ def nasa_cross_attention(
     return nasa_combine(z_pos, attention(q, k_neg, v_neg, heads), alpha)
 
 
-def text_share(
+def text_share_attention(
     q: torch.Tensor, k_txt: torch.Tensor, v_txt: torch.Tensor, k_img: torch.Tensor, heads: int
 ) -> torch.Tensor:
     """``Σ_{j ∈ text} p_j v_j`` with p the softmax over [text, image] keys, for the queries ``q``.
@@ -164,7 +164,7 @@ def nasa_joint(
     if text_share:
         if k_img is None:
             raise ValueError("NASA: text_share needs the block's image keys (k_img)")
-        z_neg = text_share(q_img, k_neg_txt, v_neg_txt, k_img, heads)
+        z_neg = text_share_attention(q_img, k_neg_txt, v_neg_txt, k_img, heads)
     else:
         z_neg = attention(q_img, k_neg_txt, v_neg_txt, heads)
     return nasa_combine(z_joint_img, z_neg, alpha)

@@ -218,7 +218,7 @@ def apply_nasa(
                 k_txt, v_txt = attention_calls.merge_heads(k_neg), attention_calls.merge_heads(v_neg)
                 if joint == "text share":
                     k_img = attention_calls.merge_heads(call.k[:, :, i0:i1])
-                    z_neg = nasa_math.text_share(q_img, k_txt, v_txt, k_img, call.heads)
+                    z_neg = nasa_math.text_share_attention(q_img, k_txt, v_txt, k_img, call.heads)
                 else:
                     z_neg = attention_calls.attend(q_img, k_txt, v_txt, call.heads)
             part = out[:, i0:i1]

@@ -121,8 +121,9 @@ def test_time_step_from_sigma_on_eps_and_flow_models(pack):
 def test_step_index_follows_the_runs_sigmas(pack):
     node = pack.nodes.tsg
     options = {"transformer_options": {"sample_sigmas": torch.tensor([10.0, 5.0, 2.0, 0.0])}}
-    assert [node.step_index(options, s) for s in (10.0, 5.0, 2.0)] == [0, 1, 2]
-    assert node.step_index(options, 7.0) == 0  # an intermediate evaluation counts as the step it lies in
+    ctx = pack.nodes.host.steps.StepContext.of
+    assert [node.step_index(ctx(options, s)) for s in (10.0, 5.0, 2.0)] == [0, 1, 2]
+    assert node.step_index(ctx(options, 7.0)) == 0  # an intermediate evaluation counts as the step it lies in
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,20 +231,22 @@ def observe_dit(pack, model):
 def observe_unet(pack, model):
     """Forward pre-hooks on every ResBlock's embedding projection (the Linear after the SiLU) plus a
     DIFFUSION_MODEL wrapper that names the running pass; returns the clone, the records and the hook handles."""
-    toolkit = pack.nodes.toolkit
+    import comfy.patcher_extension
+
+    passes = pack.nodes.host.passes
     observed = model.clone()
     current = ["main"]
     seen = []
 
     def wrapper(executor, *args, **kwargs):
         transformer_options = kwargs.get("transformer_options", args[5] if len(args) > 5 else {})
-        current[0] = transformer_options.get(toolkit.EXTRA_PASS_KEY, "main")
+        current[0] = transformer_options.get(passes.EXTRA_PASS_KEY, "main")
         try:
             return executor(*args, **kwargs)
         finally:
             current[0] = "main"
 
-    observed.add_wrapper_with_key(toolkit.WrappersMP.DIFFUSION_MODEL, "test.observe", wrapper)
+    observed.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test.observe", wrapper)
     dm = model.get_model_object("diffusion_model")
     from comfy.ldm.modules.diffusionmodules import openaimodel
 
