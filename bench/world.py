@@ -461,7 +461,9 @@ def models_record() -> dict:
         record = json.loads(path.read_text()) if path.exists() else {}
         out[kind] = {
             "file": f"reference_model/weights/world_{kind}.safetensors",
-            "family": "SD1.5 (supported_models.SD15, eps)" if kind == "image" else "Wan 2.1 T2V (flow)",
+            "family": "SD1.5 (supported_models.SD15, v-prediction)"
+            if kind == "image"
+            else "Wan 2.1 T2V (flow)",
             "parameters": record.get("parameters"),
             "training_seconds": record.get("seconds"),
             "recipe": record.get("recipe"),

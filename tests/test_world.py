@@ -133,7 +133,8 @@ def test_shipped_weights_are_detected_as_intended(world_host):
     assert comfy.model_detection.model_config_from_unet_config(model.IMAGE_UNET_CONFIG) is None
     patcher = world_nodes.load_image_model(str(fg_world.WEIGHTS_DIR / fg_world.IMAGE_FILE))
     assert type(patcher.model.model_config) is comfy.supported_models.SD15
-    assert patcher.model.model_type == comfy.model_base.ModelType.EPS
+    assert patcher.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    assert model.V_PRED_KEY in image_sd  # the marker the loader reads (and drops)
     assert isinstance(patcher.model.latent_format, comfy.latent_formats.SD15)
 
     video_sd = comfy.utils.load_torch_file(str(fg_world.WEIGHTS_DIR / fg_world.VIDEO_FILE))
@@ -146,6 +147,20 @@ def test_shipped_weights_are_detected_as_intended(world_host):
     loaded = patcher.model.diffusion_model.state_dict()
     for key, value in video_sd.items():
         assert torch.equal(loaded[key].float(), value.float()), key
+
+
+def test_image_v_target_is_comfyuis_v_prediction(comfy_host):
+    """The training target v = (n − σ·x0)/√(σ²+1) gives back x0 through ComfyUI's own V_PREDICTION."""
+    from sceneworld import model
+
+    base = model.build_base_model("image")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    sigma = torch.tensor([0.05, 1.0, 14.6]).view(3, 1, 1, 1)
+    x_t = base.model_sampling.noise_scaling(sigma, noise, x0)
+    v = (noise - sigma * x0) / (sigma**2 + 1.0) ** 0.5
+    denoised = base.model_sampling.calculate_denoised(sigma.flatten(), v, x_t)
+    assert torch.allclose(denoised, x0, atol=1e-5)
 
 
 def _smoke(bench_world, pipeline: str, prompts: int, repeat: int, cfg: float) -> dict:
