@@ -1,5 +1,6 @@
-"""Attention hooks for every family: the perturbations of PAG, SEG and STG, the block runner every attention
-hook goes through (``install_block_hooks``, ``run_with_override``) and the row, span and state helpers they share.
+"""Attention hooks for every family: the perturbations of PAG, SEG and STG, the way every attention hook reaches
+its blocks (``install_block_hooks``; on DiTs the one block runner ``block_runner`` / ``run_with_calls``) and the
+row, span and state helpers they share (``attention_calls.py`` builds on them).
 
 How a hook reaches the chosen blocks, with native hooks only:
 - UNet (SD1.5, SDXL): an ``attn1`` replace per chosen transformer block, keyed by the 3-tuple
@@ -9,8 +10,8 @@ How a hook reaches the chosen blocks, with native hooks only:
   STG-R returns the block's input (the block is skipped, exactly as core ``SkipLayerGuidanceDiT``). For
   attention hooks the replace runs the block (or the replace already installed at that key) with a
   shallow copy of ``transformer_options`` that carries a runtime attention override chained to any override
-  already there; the override sees the block's attention calls (``on_attention``, the one callback) and passes
-  every other call through. The override lives only in that per-block copy, so attention outside the chosen
+  already there; the override hands each attention call of the block to the hook's ``on_call``, which passes
+  the calls it does not want through. The override lives only in that per-block copy, so attention outside the chosen
   blocks (HunyuanVideo's text refiner, other blocks) is never touched.
 
 On joint attention PAG/STG-A make the whole joint attention map the identity (output = V for every token); SEG
