@@ -315,6 +315,18 @@ def install_perturbation(
     )
 
 
+def install_replaces(
+    model_options: dict, kind: str, keys, make: Callable[[tuple, Callable | None], Callable]
+):
+    """``make(key, previous)`` as the ``patches_replace[kind]`` replace ("attn1", "attn2", "dit") at each of
+    ``keys`` on ``model_options`` (a copy for one pass), ``previous`` the replace already there (chained; on UNets
+    also one installed at the 2-tuple key of the transformer's block)."""
+    existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    for key in keys:
+        previous = existing.get(key, existing.get(key[:2]))
+        comfy.model_patcher.set_model_options_patch_replace(model_options, make(key, previous), kind, *key)
+
+
 def install_block_hooks(
     model_options: dict, selection: Selection, unet_hook, dit_hook, *, text_state=None
 ) -> None:
@@ -323,25 +335,17 @@ def install_block_hooks(
     block, ``previous`` the replace already installed there (chained). ``text_state``: on joint-attention DiTs,
     record the text length there (in the first double block when no double block is chosen)."""
     layout = selection.layout
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
     if layout.spec.kind == "unet":
-        existing = replaces.get("attn1", {})
-        for key in selection.keys:
-            previous = existing.get(key, existing.get(key[:2]))
-            comfy.model_patcher.set_model_options_patch_replace(
-                model_options, unet_hook(key, previous), "attn1", *key
-            )
+        install_replaces(model_options, "attn1", selection.keys, unet_hook)
         return
-    existing = replaces.get("dit", {})
-    for key in selection.keys:
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, dit_hook(key, existing.get(key)), "dit", *key
-        )
+    install_replaces(model_options, "dit", selection.keys, dit_hook)
     needs_text = text_state is not None and layout.spec.text_first
     if needs_text and not any(kind == "double_block" for kind, _ in selection.keys):
-        first = ("double_block", 0)
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, text_length_recorder(text_state, existing.get(first)), "dit", *first
+        install_replaces(
+            model_options,
+            "dit",
+            [("double_block", 0)],
+            lambda key, previous: text_length_recorder(text_state, previous),
         )
 
 

@@ -1,5 +1,5 @@
-"""Attention calls beyond self-attention maps: cross-attention, joint attention's text and image parts, and
-attention outputs, for the negative-prompt techniques (NASA/NAG, NegToMe, S-CFG).
+"""Attention calls seen or replaced by a hook: self-attention (SAG's map), cross-attention, joint attention's text
+and image parts, and attention outputs (the negative-prompt techniques NASA/NAG, NegToMe, S-CFG).
 
 One hook type, ``AttentionHook(call, out) -> out``: it sees one attention call of a chosen block
 (``AttentionCall``: the block key, its kind, q/k/v as (B, H, N, D), the token spans, the forward's cond chunks)
@@ -7,12 +7,11 @@ and the call's own output ``out`` (B, N, heads·D, head-merged, before the outpu
 output to use (``out`` itself to only observe). Installed on a *copy* of ``model_options`` for one call:
 
 - UNet: an ``attn1`` (kind "self") or ``attn2`` (kind "cross") replace per chosen transformer block, keyed by
-  the 3-tuple, chained to a replace already there (``install_block_hooks`` knows ``attn1`` only, hence
-  ``install_unet_hook``); ``call.module`` is that ``CrossAttention`` (its own
+  the 3-tuple, chained to a replace already there (``attention.install_replaces``); ``call.module`` is that ``CrossAttention`` (its own
   ``to_k``/``to_v`` for a second context). ComfyUI applies ``to_out`` to what the replace returns.
 - DiTs: a ``patches_replace["dit"]`` block replace (``attention.install_block_hooks``) with a runtime attention
-  override of that block only (``attention.run_with_override``), chained. Call 0 is the block's self or joint attention; on Wan and LTXV
-  call 1 is the cross-attention (``call.module``: the block's cross-attention module). Joint attention with the
+  override of that block only (``attention.block_runner``), chained. Call 0 is the block's self or joint
+  attention; on Wan and LTXV call 1 is the cross-attention (``call.module``: the block's cross-attention module). Joint attention with the
   text first (SD3, Flux): ``call.text`` and ``call.image`` are the spans of the two parts.
 
 ``install_output_patch`` adds a UNet ``attn1_output_patch``/``attn2_output_patch`` (a list hook: chainable) on
@@ -28,16 +27,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import comfy.model_patcher
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
+from . import passes
 from .attention import (
     BlockState,
     block_runner,
     block_state,
     image_span,
     install_block_hooks,
+    install_replaces,
     rows_mask,
     run_original,
     run_with_calls,
@@ -160,24 +160,18 @@ def install_unet_hook(
     model_options: dict, selection: Selection, diffusion_model, which: str, hook: AttentionHook
 ) -> None:
     """``hook`` on the ``which`` ("attn1" self, "attn2" cross) attention of every chosen UNet block."""
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
-    existing = replaces.get(which, {})
-    for key in selection.keys:
+
+    def make(key, previous):
         module = unet_attention_module(selection.layout, diffusion_model, key, which)
-        previous = existing.get(key, existing.get(key[:2]))
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _unet_replace(key, which, module, hook, previous), which, *key
-        )
+        return _unet_replace(key, which, module, hook, previous)
+
+    install_replaces(model_options, which, selection.keys, make)
 
 
 def install_output_patch(model_options: dict, which: str, patch: Callable) -> None:
     """A UNet ``attn1_output_patch``/``attn2_output_patch`` ``patch(n, extra_options) -> n`` on a copy of
     ``model_options`` (appended after those already there)."""
-    transformer_options = model_options.setdefault("transformer_options", {})
-    patches = dict(transformer_options.get("patches", {}))
-    name = f"{which}_output_patch"
-    patches[name] = list(patches.get(name, [])) + [patch]
-    transformer_options["patches"] = patches
+    passes.append_patch(model_options, f"{which}_output_patch", patch)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -369,14 +363,12 @@ def install_joint_negative(
     if not chosen:
         return
     embed = text_embedder(layout, diffusion_model)
-    existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     stream = NegativeStream()
 
-    for index in range(max(chosen) + 1):
-        key = ("double_block", index)
-        previous = existing.get(key)
+    def make(key, previous):
+        index = key[1]
 
-        def run_block(args, extra, key=key, previous=previous, index=index):
+        def run_block(args, extra):
             state.text_tokens = args["txt"].shape[1]
             if index == 0:
                 raw = negative_context(args["img"])
@@ -397,4 +389,6 @@ def install_joint_negative(
 
             return _dit_replace(key, layout, state, positive_hook, None, previous, (JOINT,))(args, extra)
 
-        comfy.model_patcher.set_model_options_patch_replace(model_options, run_block, "dit", *key)
+        return run_block
+
+    install_replaces(model_options, "dit", [("double_block", i) for i in range(max(chosen) + 1)], make)
