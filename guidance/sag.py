@@ -90,7 +90,11 @@ def mass_to_mask(mass: torch.Tensor, grid: tuple[int, ...], threshold: float) ->
 
 
 def upsample_mask(mask: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """Nearest-neighbour upsampling of a (B, 1, *grid) mask to the latent's spatial (or T, H, W) size."""
+    """Nearest-neighbour upsampling of a (B, 1, *grid) mask to the latent's spatial (or T, H, W) size.
+
+    A 2-D grid on a latent with a frame axis (Qwen-Image's single-frame latents) holds for every frame."""
+    while mask.ndim - 2 < len(size):
+        mask = mask.unsqueeze(2)
     if tuple(mask.shape[2:]) == tuple(size):
         return mask
     return F.interpolate(mask, size=tuple(size), mode="nearest")

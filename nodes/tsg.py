@@ -81,6 +81,12 @@ class Target:
 def resolve_target(model, first_n_blocks: int) -> Target:
     """The family and the blocks to perturb; GuidanceInputError for an unsupported model or a bad N."""
     layout = families.detect_layout(model, NODE)
+    if layout.spec.embedding is None:
+        raise toolkit.GuidanceInputError(
+            NODE,
+            "model",
+            f"is a {layout.spec.label} model, which TSG cannot perturb: {layout.spec.embedding_note}",
+        )
     n = first_n_blocks
     if layout.spec.embedding == "emb_patch":
         encoder, decoder = embedding.unet_resblocks(model.get_model_object("diffusion_model"))

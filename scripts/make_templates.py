@@ -255,6 +255,79 @@ def txt2img_flux(info: dict) -> dict:
     return w.to_json()
 
 
+def txt2img_dit_cfg(
+    info: dict,
+    *,
+    name: str,
+    loaders: tuple,
+    text_encode: str,
+    latent: dict,
+    shift: tuple | None,
+    sampler: dict,
+    perturbation: str,
+    notes: tuple[str, str],
+) -> dict:
+    """A real-CFG DiT (Chroma, Qwen-Image): Adaptive Guidance + one attention perturbation."""
+    w = UIWorkflow(info)
+    unet_name, clip_name, clip_type, vae_name = loaders
+    unet = w.node("UNETLoader", column=0, unet_name=unet_name, weight_dtype="default")
+    clip = w.node("CLIPLoader", column=0, clip_name=clip_name, type=clip_type)
+    vae = w.node("VAELoader", column=0, vae_name=vae_name)
+    pos = w.node(text_encode, column=1, title="Positive", clip=clip.out(), text=FLUX_PROMPT)
+    neg = w.node(text_encode, column=1, title="Negative", clip=clip.out(), text=NEGATIVE)
+    empty = w.node("EmptySD3LatentImage", column=1, batch_size=1, **latent)
+    model = unet.out()
+    if shift is not None:
+        model = w.node(shift[0], column=2, model=model, shift=shift[1]).out()
+    count = counted(w, model)
+    ag = w.node("FreeGuidanceAdaptiveGuidance", column=2, model=count.out())
+    guided = w.node(perturbation, column=2, model=ag.out())
+    run = ksampler(w, guided.out(), pos.out(), neg.out(), empty.out(), **sampler)
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=guided.out(), latent=run.out())
+    save_image(w, report, vae.out(), name)
+    note(w, AG_NOTE, column=3, title="Adaptive Guidance")
+    note(w, notes[0], column=3, title=notes[1])
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+    w.group("Guidance", [count, ag, guided])
+    return w.to_json()
+
+
+CHROMA_PAG_NOTE = (
+    "**Perturbed-Attention Guidance** on Chroma (a Flux-architecture model trained with real CFG): one extra "
+    "conditional pass per step with the self-attention of the chosen blocks replaced by the identity. *blocks* "
+    "`auto` = Flux's double blocks 7, 8, 9 and single blocks 7, 8, 9 (Chroma has Flux's 19 + 38 blocks; no "
+    "official recommendation exists for Chroma). *scale* 3 is the paper's; lower it (1-2) if colours burn. "
+    "Time-Step Guidance does not fit Chroma (its blocks get a modulation table, not a timestep vector)."
+)
+QWEN_SEG_NOTE = (
+    "**Smoothed Energy Guidance** on Qwen-Image: one extra conditional pass per step with the image queries "
+    "of the chosen blocks blurred (infinite blur by default), pushed away from. *blocks* `auto` = blocks 17, 20 "
+    "and 22 of 60, SD3's 7, 8, 9 of 24 at the same relative depth (no official recommendation exists for "
+    "Qwen-Image). *scale* 3 is the paper's; try 1-3."
+)
+
+
+def txt2img_chroma(info: dict) -> dict:
+    return txt2img_dit_cfg(
+        info, name="chroma", perturbation="FreeGuidancePAG", notes=(CHROMA_PAG_NOTE, "PAG on Chroma"),
+        loaders=("Chroma1-HD.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "chroma", "ae.safetensors"),
+        text_encode="CLIPTextEncode", latent=dict(width=1024, height=1024), shift=None,
+        sampler=dict(steps=26, cfg=4.0, scheduler="beta"),
+    )  # fmt: skip
+
+
+def txt2img_qwen_image(info: dict) -> dict:
+    return txt2img_dit_cfg(
+        info, name="qwen_image", perturbation="FreeGuidanceSEG", notes=(QWEN_SEG_NOTE, "SEG on Qwen-Image"),
+        loaders=(
+            "qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image",
+            "qwen_image_vae.safetensors",
+        ),
+        text_encode="CLIPTextEncode", latent=dict(width=1328, height=1328),
+        shift=("ModelSamplingAuraFlow", 3.1), sampler=dict(steps=20, cfg=2.5, scheduler="simple"),
+    )  # fmt: skip
+
+
 VIDEO_NOTES = {
     "schedule": (
         "**CFG Schedule** (Wang et al., TMLR 2024) lets the guidance weight change over sampling; the "
@@ -320,6 +393,83 @@ def video_wan(info: dict) -> dict:
     )
     video_notes(w, "Wan 2.1", "block 2")
     w.group("Guidance", [count, schedule, ag, stg])
+    return w.to_json()
+
+
+WAN22_NOTE = (
+    "**Wan 2.2 14B: two experts.** The high-noise model denoises the first half of the steps, the low-noise "
+    "model the rest, in two KSamplerAdvanced passes (ComfyUI's official layout). Each pass is its own sampling "
+    "run for the guidance nodes: **CFG Schedule** runs on its *sigma* axis here, so the weight follows the "
+    "noise level continuously across both passes (on the *step* axis each pass would restart the schedule); "
+    "**Adaptive Guidance** sits on the low-noise expert only and measures that network afresh before it may "
+    "skip the unconditional pass; **STG** (block 2 of 40, the official Wan recipe) guides both experts. Each "
+    "expert has its own counter and report. Keep both samplers' *steps*, *cfg*, sampler and scheduler equal "
+    "and the split step the same (end at step 10 = start at step 10)."
+)
+
+
+def video_wan22(info: dict) -> dict:
+    """Wan 2.2 14B T2V: the two experts in two KSamplerAdvanced passes, CFG Schedule (sigma), AG, STG."""
+    w = UIWorkflow(info)
+    high = w.node(
+        "UNETLoader",
+        column=0,
+        title="High-noise expert",
+        unet_name="wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors",
+        weight_dtype="default",
+    )
+    low = w.node(
+        "UNETLoader",
+        column=0,
+        title="Low-noise expert",
+        unet_name="wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors",
+        weight_dtype="default",
+    )
+    clip = w.node("CLIPLoader", column=0, clip_name="umt5_xxl_fp8_e4m3fn_scaled.safetensors", type="wan")
+    vae = w.node("VAELoader", column=0, vae_name="wan_2.1_vae.safetensors")
+    text = "a red fox trotting through fresh snow in a pine forest, morning light, tracking shot"
+    pos = w.node("CLIPTextEncode", column=1, title="Positive", clip=clip.out(), text=text)
+    neg = w.node("CLIPTextEncode", column=1, title="Negative", clip=clip.out(), text=VIDEO_NEGATIVE)
+    latent = w.node("EmptyHunyuanLatentVideo", column=1, width=640, height=640, length=81, batch_size=1)
+    chains = []
+    for expert, adaptive in ((high, False), (low, True)):
+        shift = w.node("ModelSamplingSD3", column=2, model=expert.out(), shift=8.0)
+        model = counted(w, shift.out())
+        schedule = w.node("FreeGuidanceCFGSchedule", column=2, model=model.out(), axis="sigma")
+        chain = [model, schedule]
+        if adaptive:
+            chain.append(
+                w.node("FreeGuidanceAdaptiveGuidance", column=2, model=schedule.out(), threshold=0.996)
+            )
+        chain.append(w.node("FreeGuidanceSTG", column=2, model=chain[-1].out()))
+        chains.append(chain)
+    settings = dict(noise_seed=42, steps=20, cfg=3.5, sampler_name="euler", scheduler="simple")
+    first = w.node(
+        "KSamplerAdvanced", column=3, title="High-noise pass", model=chains[0][-1].out(), positive=pos.out(),
+        negative=neg.out(), latent_image=latent.out(), add_noise="enable", start_at_step=0, end_at_step=10,
+        return_with_leftover_noise="enable", **settings,
+    )  # fmt: skip
+    first_report = w.node(
+        "FreeGuidanceEvaluationReport", column=4, model=chains[0][-1].out(), latent=first.out()
+    )
+    second = w.node(
+        "KSamplerAdvanced", column=3, title="Low-noise pass", model=chains[1][-1].out(), positive=pos.out(),
+        negative=neg.out(), latent_image=first_report.out(), add_noise="disable", start_at_step=10,
+        end_at_step=10000, return_with_leftover_noise="disable", **settings,
+    )  # fmt: skip
+    report = w.node("FreeGuidanceEvaluationReport", column=4, model=chains[1][-1].out(), latent=second.out())
+    decode = w.node("VAEDecode", column=4, samples=report.out(), vae=vae.out())
+    video = w.node("CreateVideo", column=5, images=decode.out(), fps=16.0)
+    w.node(
+        "SaveVideo", column=5, video=video.out(), filename_prefix="free-guidance/wan22", format="auto",
+        codec="auto",
+    )  # fmt: skip
+    note(w, WAN22_NOTE, column=3, title="Two experts")
+    note(w, VIDEO_NOTES["schedule"], column=3, title="CFG Schedule")
+    note(w, stg_video_note("Wan", "block 2"), column=3, title="Spatiotemporal Skip Guidance")
+    note(w, COUNT_NOTE, column=5, title="Evaluations and telemetry")
+    w.group("High-noise guidance", chains[0])
+    w.group("Low-noise guidance", chains[1])
     return w.to_json()
 
 
@@ -765,7 +915,10 @@ TEMPLATES = {
     "sdxl_txt2img_ag_seg": lambda info: txt2img_unet(info, SDXL, 1024, "sdxl", "seg"),
     "sd3_txt2img_ag_stg": txt2img_sd3,
     "flux_dev_txt2img_pag": txt2img_flux,
+    "chroma_txt2img_ag_pag": txt2img_chroma,
+    "qwen_image_txt2img_ag_seg": txt2img_qwen_image,
     "wan21_t2v_cfg_schedule_ag_stg": video_wan,
+    "wan22_14b_t2v_two_experts_stg": video_wan22,
     "ltxv_t2v_cfg_schedule_ag_stg": video_ltxv,
     "sd15_inpaint_ag": inpaint_sd15,
     "sd15_txt2img_fouriscale_2x": lambda info: fouriscale(info, SD15, 512, "sd15_fouriscale"),

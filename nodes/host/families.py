@@ -18,11 +18,15 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from comfy.ldm.aura import mmdit as aura_model
+from comfy.ldm.chroma import model as chroma_model
 from comfy.ldm.flux import model as flux_model
+from comfy.ldm.genmo.joint_model import asymm_models_joint as mochi_model
 from comfy.ldm.hunyuan_video import model as hunyuan_model
 from comfy.ldm.lightricks import model as ltxv_model
 from comfy.ldm.modules import attention as comfy_attention
 from comfy.ldm.modules.diffusionmodules import mmdit, openaimodel
+from comfy.ldm.qwen_image import model as qwen_model
 from comfy.ldm.wan import model as wan_model
 
 from ..toolkit import GuidanceInputError
@@ -38,8 +42,10 @@ class FamilySpec:
     default_blocks: str = "middle"
     reference_depth: dict = field(default_factory=dict)  # depth of the model the default was chosen for
     # How the timestep embedding reaches the blocks: "emb_patch" (UNet: transformer_options patches, then every
-    # ResBlock's emb_layers) or "vec" (DiT: the block replace's args["vec"]).
-    embedding: str = "vec"
+    # ResBlock's emb_layers), "vec" (DiT: the block replace's args["vec"]) or None (no embedding vector reaches
+    # the blocks; ``embedding_note`` says what does).
+    embedding: str | None = "vec"
+    embedding_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,9 +154,66 @@ FAMILIES: tuple[Family, ...] = (
         _double_single,
         lambda dm: tuple(dm.patch_size),
     ),
+    # Chroma (19 double, 38 single, Flux's layout) and Chroma Radiance (pixel space, 16x16 pixel patches): Flux's
+    # defaults. Its blocks get a distilled modulation table, not a timestep vector.
+    Family(
+        FamilySpec(
+            "chroma",
+            "Chroma",
+            "dit",
+            text_first=True,
+            default_blocks="double:7,8,9; single:7,8,9",
+            reference_depth={"double": 19, "single": 38},
+            embedding=None,
+            embedding_note="its blocks receive the distilled guidance layer's modulation table, not a timestep "
+            "embedding vector",
+        ),
+        lambda dm: isinstance(dm, chroma_model.Chroma),
+        _double_single,
+        _square_patch,
+    ),
+    # Qwen-Image (60 blocks; Edit adds reference tokens after the image): no official layer recommendation, so
+    # SD3's 7, 8, 9 of 24 at the same relative depth (17, 20, 22 of 60).
+    Family(
+        FamilySpec(
+            "qwen_image",
+            "Qwen-Image",
+            "dit",
+            text_first=True,
+            default_blocks="7,8,9",
+            reference_depth={"double": 24},
+        ),
+        lambda dm: isinstance(dm, qwen_model.QwenImageTransformer2DModel),
+        lambda dm: {"double": len(dm.transformer_blocks)},
+        _square_patch,
+    ),
+    # AuraFlow (4 double, 32 single; register tokens count with the text): Flux's defaults at the same relative
+    # depth (double 1, single 5, 6, 7), no official recommendation.
+    Family(
+        FamilySpec(
+            "auraflow",
+            "AuraFlow",
+            "dit",
+            text_first=True,
+            default_blocks="double:7,8,9; single:7,8,9",
+            reference_depth={"double": 19, "single": 38},
+        ),
+        lambda dm: isinstance(dm, aura_model.MMDiT),
+        lambda dm: {"double": len(dm.double_layers), "single": len(dm.single_layers)},
+        _square_patch,
+    ),
+    # Mochi 1 (48 blocks, video tokens then text): STG's official block 34.
+    Family(
+        FamilySpec("mochi", "Mochi", "dit", default_blocks="34", reference_depth={"double": 48}),
+        lambda dm: isinstance(dm, mochi_model.AsymmDiTJoint),
+        lambda dm: {"double": len(dm.blocks)},
+        lambda dm: (1, int(dm.patch_size), int(dm.patch_size)),
+    ),
 )
 FAMILY_SPECS = {family.spec.name: family.spec for family in FAMILIES}
-SUPPORTED = "SD1.5, SDXL (UNet), SD3, Flux, Wan 2.1, LTXV, HunyuanVideo"
+SUPPORTED = ", ".join(
+    ("SD1.5, SDXL (UNet)", *(family.spec.label for family in FAMILIES if family.spec.kind == "dit"))
+)
 
 
 @dataclass(frozen=True)

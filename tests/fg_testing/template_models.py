@@ -58,6 +58,7 @@ class ModelFile:
     name: str  # the official template's file name
     family: str  # tiny family
     text_encoder: bool  # True when the file carries the family's real (CLIP-L) text encoder
+    seed: int = 0  # of the random weights (Wan 2.2's two experts differ)
 
 
 # file name → what the tests provide under it
@@ -71,14 +72,24 @@ MODEL_FILES = {
         ModelFile("checkpoints", "sd3.5_large_fp8_scaled.safetensors", "sd3", False),
         ModelFile("checkpoints", "ltx-video-2b-v0.9.safetensors", "ltxv", False),
         ModelFile("diffusion_models", "wan2.1_t2v_1.3B_fp16.safetensors", "wan21", False),
+        # Wan 2.2 14B's experts have Wan 2.1's architecture (ComfyUI detects them as WAN21_T2V)
+        ModelFile("diffusion_models", "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", "wan21", False),
+        ModelFile("diffusion_models", "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", "wan21", False, 1),
         ModelFile("vae", "wan_2.1_vae.safetensors", "wan21", False),
         ModelFile("vae", "ae.safetensors", "flux", False),
+        ModelFile("vae", "qwen_image_vae.safetensors", "qwen_image", False),  # Wan 2.1's VAE architecture
     ]
 }
 # Diffusion-model files ComfyUI cannot detect at a tiny size: the loader node is replaced by FGTest_TinyModel.
-UNDETECTABLE_MODELS = {"flux1-dev.safetensors": "flux", "flux1-schnell.safetensors": "flux"}
+UNDETECTABLE_MODELS = {
+    "flux1-dev.safetensors": "flux",
+    "flux1-schnell.safetensors": "flux",
+    "Chroma1-HD.safetensors": "chroma",  # tiny_families: detection hard-codes these widths too
+    "qwen_image_fp8_e4m3fn.safetensors": "qwen_image",
+}
 # Text-encoder files too big to fake (the encode nodes that use them get FGTest_TinyConditioning).
 TEXT_ENCODER_FILES = {
+    "qwen_2.5_vl_7b_fp8_scaled.safetensors",
     "t5xxl_fp16.safetensors",
     "t5xxl_fp8_e4m3fn_scaled.safetensors",
     "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
@@ -136,8 +147,8 @@ def _build(spec: ModelFile) -> tuple[dict, dict | None]:
             sd.update(_half(_prefixed("cond_stage_model.transformer.", tiny_vae_clip.clip_l_state_dict())))
         return sd, metadata
     if spec.folder == "diffusion_models":
-        return dict(tiny_models.state_dict(spec.family)), None
-    if spec.name == "wan_2.1_vae.safetensors":
+        return dict(tiny_models.state_dict(spec.family, spec.seed)), None
+    if spec.name in ("wan_2.1_vae.safetensors", "qwen_image_vae.safetensors"):
         return _half(_wan_vae_state_dict()), None
     return dict(tiny_vae_clip.taesd_state_dict(16)), None  # ae.safetensors: a 16-channel TAESD
 

@@ -10,7 +10,7 @@ import hashlib
 
 import torch
 
-from . import tiny_models
+from . import tiny_families, tiny_models
 
 _MODELS: dict = {}
 CATEGORY = "free_guidance_testing"
@@ -28,6 +28,11 @@ def latent_digest(samples: torch.Tensor) -> str:
     return hashlib.sha256(samples.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+MODEL_FAMILIES = list(tiny_models.FAMILIES) + [
+    f for f in tiny_families.FAMILIES if f not in tiny_models.FAMILIES
+]
+
+
 class TinyModel:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
@@ -38,12 +43,14 @@ class TinyModel:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": (list(tiny_models.FAMILIES), {"tooltip": "Model family."}),
+                "family": (MODEL_FAMILIES, {"tooltip": "Model family."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31, "tooltip": "Weight seed."}),
             }
         }
 
     def load(self, family, seed):
+        if family in tiny_families.FAMILIES:  # one seeded model per family there
+            return (tiny_families.build_model(family),)
         return (cached_model(family, seed),)
 
 
@@ -57,13 +64,15 @@ class TinyConditioning:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": (list(tiny_models.FAMILIES), {"tooltip": "Model family."}),
+                "family": (MODEL_FAMILIES, {"tooltip": "Model family."}),
                 "seed": ("INT", {"default": 1, "min": 0, "max": 2**31, "tooltip": "Tensor seed."}),
                 "tokens": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "Token count."}),
             }
         }
 
     def build(self, family, seed, tokens):
+        if family in tiny_families.FAMILIES:  # the family's own token count
+            return (tiny_families.conditioning(family, 1, seed=seed),)
         return (tiny_models.conditioning(family, 1, tokens, seed),)
 
 
@@ -77,7 +86,7 @@ class TinyEmptyLatent:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "family": (list(tiny_models.FAMILIES), {"tooltip": "Model family."}),
+                "family": (MODEL_FAMILIES, {"tooltip": "Model family."}),
                 "batch": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Batch size."}),
                 "height": ("INT", {"default": 8, "min": 2, "max": 256, "tooltip": "Latent height."}),
                 "width": ("INT", {"default": 8, "min": 2, "max": 256, "tooltip": "Latent width."}),
@@ -86,6 +95,8 @@ class TinyEmptyLatent:
         }
 
     def build(self, family, batch, height, width, frames):
+        if family in tiny_families.FAMILIES:  # the family's own latent size
+            return ({"samples": torch.zeros(tiny_families.latent_shape(family, batch))},)
         return (tiny_models.empty_latent(family, batch, height, width, frames),)
 
 
