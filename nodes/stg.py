@@ -35,7 +35,7 @@ def apply_stg(
             raise toolkit.GuidanceInputError(
                 NODE,
                 "mode",
-                "STG-R (skip block) needs a DiT (SD3, Flux, Wan 2.1, LTXV, HunyuanVideo); this model is a "
+                f"STG-R (skip block) needs a DiT ({families.DIT_LABELS}); this model is a "
                 f"{layout.spec.label}. Use STG-A (skip attention) there",
             )
 

@@ -72,8 +72,8 @@ def expected_blocks(pack, technique: str, model) -> set | None:
     host = pack.nodes.host
     if technique == "ag":
         return None
-    if technique == "tsg":
-        return set(pack.nodes.tsg.resolve_target(model, 0).keys)
+    if technique == "tsg":  # all blocks: on a UNet, the one emb_patch on time_embed's output
+        return set(pack.nodes.tsg.resolve_target(model, 0).keys) or {"emb"}
     layout = host.families.detect_layout(model, "Test")
     if technique == "sag":
         return set(pack.nodes.sag.parse_sag_blocks("auto", layout).keys)
@@ -101,7 +101,7 @@ def _canonical(block):
 
 
 FITTING = [(c.family, c.technique) for c in family_matrix.cells() if c.fits]
-REFUSED = [(c.family, c.technique, c.refusal) for c in family_matrix.cells() if not c.fits]
+REFUSED = [(c.family, c.technique, c.refusal, c.input) for c in family_matrix.cells() if not c.fits]
 
 
 @pytest.mark.parametrize("family, technique", FITTING)
@@ -125,12 +125,12 @@ def test_fitting_cell(comfy_host, pack, family, technique):
     assert state(model) == before
 
 
-@pytest.mark.parametrize("family, technique, message", REFUSED)
-def test_refused_cell(pack, family, technique, message):
+@pytest.mark.parametrize("family, technique, message, input_name", REFUSED)
+def test_refused_cell(pack, family, technique, message, input_name):
     model = family_matrix.build_model(family)
     with pytest.raises(pack.nodes.toolkit.GuidanceInputError, match=message) as error:
         apply(pack, technique, model)
-    assert "input 'model'" in str(error.value)
+    assert f"input '{input_name}'" in str(error.value)
 
 
 def test_readme_matrix_is_the_rendered_one():

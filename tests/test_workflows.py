@@ -226,7 +226,7 @@ def test_runs_headless_through_the_cli(path, server, tmp_path):
     for file in summary["files"]:
         assert Path(file).stat().st_size > 0
     counts = summary["evaluations"]
-    assert counts and counts[0]["total"] > 0
+    assert counts and all(c["total"] > 0 for c in counts)  # every sampler's model ran
     types = {n["type"] for n in json.loads(path.read_text())["nodes"]}
     if types & {"FreeGuidanceFouriScale", "FreeGuidanceDiffuseHigh"}:
         # the sizes shrink together (template_models.shrink): the smallest is 64 px, a 2x target stays 2x
@@ -240,9 +240,12 @@ def test_runs_headless_through_the_cli(path, server, tmp_path):
         records = [r for r in summary["telemetry"] if r["title"] == title]
         assert len(records) == 1, f"no {title} telemetry in the history"
         steps = records[0]["steps"]
-        assert len(steps) >= 3  # one record per main evaluation (3 steps)
-        # every unconditional evaluation the counter saw is a recorded step where the uncond pass ran
-        assert counts[0]["uncond"] == sum("uncond" in s["ran"] for s in steps), (counts, steps)
+        # one record per main evaluation: 3 steps; a two-pass template's node sees its own pass only
+        assert len(steps) >= (3 if len(counts) == 1 else 1)
+        # every unconditional evaluation the counter saw is a recorded step where the uncond pass ran (for a
+        # two-pass template: the counter of the node's own pass)
+        ran = sum("uncond" in s["ran"] for s in steps)
+        assert any(c["uncond"] == ran for c in counts), (counts, steps)
         for step in steps:
             if step["skipped"]:
                 assert step["skipped"] == ["uncond"] and step["scale"] == 1.0 and step["cosine_x0"] is None

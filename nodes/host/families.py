@@ -211,9 +211,8 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 FAMILY_SPECS = {family.spec.name: family.spec for family in FAMILIES}
-SUPPORTED = ", ".join(
-    ("SD1.5, SDXL (UNet)", *(family.spec.label for family in FAMILIES if family.spec.kind == "dit"))
-)
+DIT_LABELS = ", ".join(family.spec.label for family in FAMILIES if family.spec.kind == "dit")
+SUPPORTED = f"SD1.5, SDXL (UNet), {DIT_LABELS}"
 
 
 @dataclass(frozen=True)

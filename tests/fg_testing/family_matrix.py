@@ -35,6 +35,7 @@ class Cell:
     family: str
     technique: str
     refusal: str | None  # None: the technique fits; else the text its error must contain
+    input: str = "model"  # the input the refusal names
 
     @property
     def fits(self) -> bool:
@@ -70,12 +71,18 @@ def refusal(family: str, technique: str) -> str | None:
         return "which this node cannot perturb"
     if technique == "tsg" and spec.embedding is None:
         return "which TSG cannot perturb"
+    if technique == "stg_r" and spec.kind == "unet":
+        return r"STG-R \(skip block\) needs a DiT"
     return None
 
 
 @functools.cache
 def cells() -> tuple[Cell, ...]:
-    return tuple(Cell(f, t, refusal(f, t)) for f in FAMILIES for t in TECHNIQUES)
+    def cell(family: str, technique: str) -> Cell:
+        why = refusal(family, technique)
+        return Cell(family, technique, why, "mode" if why and why.startswith("STG-R") else "model")
+
+    return tuple(cell(f, t) for f in FAMILIES for t in TECHNIQUES)
 
 
 def route(family: str) -> str:

@@ -285,6 +285,19 @@ def substitute(prompt: dict) -> tuple[dict, list[str]]:
 
 SIZE_INPUTS = ("width", "height", "base_resolution")
 SMALL_SIZE = 64
+SMALL_STEPS = 3
+
+
+def _shrink_step_range(inputs: dict, steps: int) -> None:
+    """KSamplerAdvanced's start/end steps at the same fraction of the fewer steps (two-pass templates keep
+    their split: Wan 2.2's experts at step 10 of 20 split 3 steps at step 2)."""
+    total = inputs.get("steps")
+    if not isinstance(total, int) or total <= 0:
+        return
+    for key in ("start_at_step", "end_at_step"):
+        value = inputs.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < total:
+            inputs[key] = round(value * steps / total)
 
 
 def shrink(prompt: dict) -> dict:
@@ -302,13 +315,14 @@ def shrink(prompt: dict) -> dict:
     unit = min(sizes, default=SMALL_SIZE)
     for node in prompt.values():
         inputs = node["inputs"]
+        _shrink_step_range(inputs, SMALL_STEPS)
         for key, value in list(inputs.items()):
             if isinstance(value, list):
                 continue
             if key in SIZE_INPUTS and isinstance(value, int) and value >= SMALL_SIZE:
                 inputs[key] = SMALL_SIZE * max(1, value // unit)
             elif key == "steps" and isinstance(value, int):
-                inputs[key] = 3
+                inputs[key] = SMALL_STEPS
             elif key == "length" and isinstance(value, int):
                 inputs[key] = 9  # 4k+1 (Wan) and 8k+1 (LTXV)
             elif key == "batch_size" and isinstance(value, int):
