@@ -76,6 +76,7 @@ def apply_perturbation_guidance(
     """
     inputs.check(node)
     layout = families.detect_layout(model, node)
+    families.check_fits(layout, name, node)
     if check is not None:
         check(layout)
     selection = blocks_module.parse_blocks(node, "blocks", inputs.blocks, layout)

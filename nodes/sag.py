@@ -171,6 +171,7 @@ def apply_sag(
         schedule=schedule,
     ).values()
     layout = families.detect_layout(model, NODE)
+    families.check_fits(layout, "sag", NODE)
     selection = parse_sag_blocks(blocks, layout)
     diffusion_model = model.get_model_object("diffusion_model")
     settings = perturbed.GuidanceSettings(scale, steps.Window(start_percent, end_percent), 0.0, schedule)

@@ -81,6 +81,7 @@ class Target:
 def resolve_target(model, first_n_blocks: int) -> Target:
     """The family and the blocks to perturb; GuidanceInputError for an unsupported model or a bad N."""
     layout = families.detect_layout(model, NODE)
+    families.check_fits(layout, "tsg", NODE)
     if layout.spec.embedding is None:
         raise toolkit.GuidanceInputError(
             NODE,

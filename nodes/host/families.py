@@ -46,6 +46,8 @@ class FamilySpec:
     # the blocks; ``embedding_note`` says what does).
     embedding: str | None = "vec"
     embedding_note: str = ""
+    # techniques that do not fit the family: {technique: the reason}; the nodes refuse them at patch time
+    unfit: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,27 @@ def _double_single(dm) -> dict:
 
 
 FAMILIES: tuple[Family, ...] = (
+    # SVD (a video UNet: spatial and temporal transformers, the frames in the batch)
+    Family(
+        FamilySpec(
+            "svd",
+            "SVD (video UNet)",
+            "unet",
+            default_blocks="middle",
+            embedding="emb_patch",
+            unfit={
+                "seg": "its temporal self-attention attends over frames, and SEG blurs queries on the spatial "
+                "token grid",
+                "sag": "its batch holds the frames of one video, and SAG's mask is taken per image from the "
+                "spatial attention of the cond chunk",
+            },
+        ),
+        lambda dm: (
+            isinstance(dm, openaimodel.UNetModel) and bool(getattr(dm, "use_temporal_resblocks", False))
+        ),
+        _unet_blocks,
+        lambda dm: (),
+    ),
     Family(
         FamilySpec("unet", "UNet (SD1.5 / SDXL)", "unet", default_blocks="middle", embedding="emb_patch"),
         lambda dm: isinstance(dm, openaimodel.UNetModel),
@@ -121,7 +144,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         FamilySpec(
             "wan21",
-            "Wan 2.1",
+            "Wan 2.1 / 2.2",
             "dit",
             self_calls=frozenset({0}),
             default_blocks="2",
@@ -212,7 +235,7 @@ FAMILIES: tuple[Family, ...] = (
 )
 FAMILY_SPECS = {family.spec.name: family.spec for family in FAMILIES}
 DIT_LABELS = ", ".join(family.spec.label for family in FAMILIES if family.spec.kind == "dit")
-SUPPORTED = f"SD1.5, SDXL (UNet), {DIT_LABELS}"
+SUPPORTED = f"SD1.5, SDXL, SD2, SVD (UNet), {DIT_LABELS}"
 
 
 @dataclass(frozen=True)
@@ -250,6 +273,15 @@ def detect_layout(model_patcher, node: str) -> ModelLayout:
         "model",
         f"is a {type(dm).__name__}, which this node cannot perturb; supported families: {SUPPORTED}",
     )
+
+
+def check_fits(layout: ModelLayout, technique: str, node: str) -> None:
+    """GuidanceInputError (input 'model') when the registry says ``technique`` does not fit the family."""
+    reason = layout.spec.unfit.get(technique)
+    if reason is not None:
+        raise GuidanceInputError(
+            node, "model", f"is a {layout.spec.label} model, which {node} does not fit: {reason}"
+        )
 
 
 def token_grid(layout: ModelLayout, latent_shape) -> tuple:

@@ -69,6 +69,8 @@ def refusal(family: str, technique: str) -> str | None:
     spec, error = _layout(family)
     if spec is None:
         return "which this node cannot perturb"
+    if technique in spec.unfit:
+        return "does not fit: " + spec.unfit[technique].split(",")[0]
     if technique == "tsg" and spec.embedding is None:
         return "which TSG cannot perturb"
     if technique == "stg_r" and spec.kind == "unet":
