@@ -4,6 +4,7 @@ their apply function."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ..guidance import perturbation as guidance_math
 from .host import attention, families, perturbed, steps
@@ -150,3 +151,20 @@ def common_inputs(scale_default: float, rescale_default: float = 0.0) -> list[In
 
 
 COMMON_RULES = (ordered("start_percent", "end_percent"),)
+
+
+def node_function(build: Callable[..., Any]) -> Callable[..., tuple]:
+    """A node's ``FUNCTION`` that hands every input ComfyUI passes (by name) to ``build``, with the node's
+    UNIQUE_ID as ``node_id``, and returns ``(build's result,)``. ``build`` declares the inputs' names."""
+
+    def function(self, unique_id=None, **inputs):
+        return (build(**inputs, node_id=unique_id),)
+
+    function.__doc__ = f"``{build.__name__}`` on the node's inputs."
+    return function
+
+
+def check_arguments(inputs: Inputs, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``inputs.check`` on the widget inputs among ``arguments``, in declaration order: an apply function whose
+    parameters are named as its inputs passes ``locals()`` as its first statement."""
+    return inputs.check(**{name: arguments[name] for name in inputs.widget_names() if name in arguments})
