@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .step_window import check_window, first_step_at
+
 RADIUS_FRACTION = 0.2  # the paper's disc: radius min(H, W) // 5
 
 
@@ -188,12 +190,7 @@ class CFGCacheConfig:
     compound: bool = False
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise ValueError(f"CFG-Cache: interval must be >= 1, got {self.interval}")
-        if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(
-                f"CFG-Cache: need 0 <= start <= end <= 1, got start={self.start}, end={self.end}"
-            )
+        check_window("CFG-Cache", self.interval, self.start, self.end)
         if not 0.0 < self.radius_fraction <= 1.0:
             raise ValueError(f"CFG-Cache: radius_fraction must be in (0, 1], got {self.radius_fraction}")
         for name, window in (("low_window", self.low_window), ("high_window", self.high_window)):
@@ -201,10 +198,10 @@ class CFGCacheConfig:
                 raise ValueError(f"CFG-Cache: {name} must be (first, last) with first <= last, got {window}")
 
     def start_step(self, steps: int) -> int:
-        return math.ceil(self.start * steps - 1e-9)
+        return first_step_at(self.start, steps)
 
     def end_step(self, steps: int) -> int:
-        return math.ceil(self.end * steps - 1e-9)
+        return first_step_at(self.end, steps)
 
     def is_full(self, step: int, steps: int) -> bool:
         """Whether step ``step`` (0-based, of ``steps``) runs both branches."""

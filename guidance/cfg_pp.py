@@ -22,7 +22,7 @@ flow models the first step from pure noise (s = 1, a' = 1 − s') also has f = 1
 Every sampler here has the k-diffusion signature ``sample_x(model, x, sigmas, extra_args, callback, disable,
 **opts)``; ``model(x, sigma)`` returns the guided prediction ``D_λ`` (the guider's cfg is λ), and the keyword
 ``uncond`` is a callable returning the unconditional prediction ``D_u`` of the last model call (the ComfyUI
-adapter captures it). ``alpha(sigma)`` gives a(s). Nothing here imports ComfyUI.
+adapter captures it). ``alpha(sigma)`` gives a(s) (``guidance.sampling``). Nothing here imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -32,17 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-Alpha = Callable[[torch.Tensor], torch.Tensor]
-
-
-def alpha_ve(sigma: torch.Tensor) -> torch.Tensor:
-    """a(s) = 1: eps / v-prediction models (x = x0 + s·n)."""
-    return torch.ones_like(sigma)
-
-
-def alpha_rf(sigma: torch.Tensor) -> torch.Tensor:
-    """a(s) = 1 − s: rectified-flow models (x = (1 − s)·x0 + s·n)."""
-    return 1.0 - sigma
+from .sampling import Alpha, alpha_ve, report_step, signal_levels
+from .sampling import alpha_rf as alpha_rf  # a(s) of flow models, named here beside alpha_ve
 
 
 def guidance_step_factor(sigma: float, sigma_next: float, alpha_next: float) -> float:
@@ -82,8 +73,7 @@ def cfg_pp_ddim_step(
     """
     if sigma_next == 0:
         return guided
-    s, s_next = torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64)
-    a, a_next = float(alpha(s)), float(alpha(s_next))
+    a, a_next = signal_levels(alpha, sigma, sigma_next)
     eps_u = (x - a * uncond) / sigma
     if eta > 0 and noise is not None:
         down, up = ancestral_split(sigma / a if a > 0 else math.inf, sigma_next / a_next, eta)
@@ -115,8 +105,7 @@ def sample_euler_ancestral_cfg_pp(
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         guided = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": guided})
+        report_step(callback, x, i, sigmas, guided)
         noise = None
         if eta > 0 and s_noise > 0 and sigma_next > 0 and noise_sampler is not None:
             noise = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
@@ -162,16 +151,11 @@ def sample_dpmpp_2m_cfg_pp(
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         guided = model(x, sigmas[i] * s_in, **extra_args)
         current_uncond = uncond()
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": guided})
+        report_step(callback, x, i, sigmas, guided)
         if sigma_next == 0:
             x = guided
         else:
-            s, s_next = (
-                torch.tensor(sigma, dtype=torch.float64),
-                torch.tensor(sigma_next, dtype=torch.float64),
-            )
-            a, a_next = float(alpha(s)), float(alpha(s_next))
+            a, a_next = signal_levels(alpha, sigma, sigma_next)
             first = a_next * guided + (sigma_next / sigma) * (x - a * current_uncond)
             h = _half_log_snr(a_next, sigma_next) - _half_log_snr(a, sigma)
             if previous_uncond is None or h_last is None:

@@ -30,11 +30,12 @@ Pure torch; no ComfyUI import.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .step_window import check_window, first_step_at
 
 
 def extrapolate(f_a: torch.Tensor, f_b: torch.Tensor, w: float) -> torch.Tensor:
@@ -64,12 +65,7 @@ class FeatureReuseConfig:
     weight_end: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise ValueError(f"FasterCache: interval must be >= 1, got {self.interval}")
-        if not 0.0 <= self.start <= self.end <= 1.0:
-            raise ValueError(
-                f"FasterCache: need 0 <= start <= end <= 1, got start={self.start}, end={self.end}"
-            )
+        check_window("FasterCache", self.interval, self.start, self.end)
         if self.weight_start < 0 or self.weight_end < 0:
             raise ValueError(
                 f"FasterCache: weights must be >= 0, got {self.weight_start} and {self.weight_end}"
@@ -77,7 +73,7 @@ class FeatureReuseConfig:
 
     def window(self, steps: int) -> tuple[int, int]:
         """``(first, stop)``: the 0-based steps ``first <= i < stop`` where reuse may happen."""
-        return math.ceil(self.start * steps - 1e-9), math.ceil(self.end * steps - 1e-9)
+        return first_step_at(self.start, steps), first_step_at(self.end, steps)
 
     def is_reuse(self, step: int, steps: int) -> bool:
         first, stop = self.window(steps)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from .cfg_pp import Alpha, alpha_ve
+from .sampling import Alpha, alpha_ve, report_step, step_levels
 
 
 def corrector_gamma(cfg: float, match_ddpm: bool = True) -> float:
@@ -94,16 +94,13 @@ def sample_pcg(
     """
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        a = float(alpha(torch.tensor(sigma, dtype=torch.float64)))
-        a_next = float(alpha(torch.tensor(sigma_next, dtype=torch.float64)))
+        sigma, sigma_next, a, a_next = step_levels(sigmas, i, alpha)
         delta = langevin_delta(sigma, sigma_next, a, a_next, step_scale)
         for _ in range(langevin_steps):
             cond, uncond = cond_and_uncond(x, sigmas[i] * s_in)
             noise = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
             x = langevin_step(x, cond, uncond, sigma, a, gamma, delta, noise)
         cond = cond_only(x, sigmas[i] * s_in)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": cond})
+        report_step(callback, x, i, sigmas, cond)
         x = ddim_predictor(x, cond, sigma, sigma_next, a, a_next)
     return x

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tfg
-from .cfg_pp import Alpha, alpha_ve
+from .sampling import Alpha, alpha_ve, report_step, step_levels
 
 
 @dataclass
@@ -71,13 +71,10 @@ def sample_scg(
     batch = x.shape[0]
     s_in = x.new_ones([batch])
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        a = float(alpha(torch.tensor(sigma, dtype=torch.float64)))
-        a_next = float(alpha(torch.tensor(sigma_next, dtype=torch.float64)))
+        sigma, sigma_next, a, a_next = step_levels(sigmas, i, alpha)
         with torch.no_grad():
             x0 = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
+        report_step(callback, x, i, sigmas, x0)
         eps = (x - a * x0) / sigma
         c = tfg.ddim_noise(sigma, sigma_next, a, a_next, eta)
         mean = tfg.ddim_step(x, x0, eps, sigma, sigma_next, a_next, c, None)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .cfg_pp import Alpha, alpha_ve
+from .sampling import Alpha, alpha_ve, report_step, step_levels
 
 SCHEDULES = ("increase", "decrease", "constant")
 GAMMA_SCHEDULES = ("decrease", "constant")
@@ -194,9 +194,7 @@ def step_alphas(sigmas, alpha: Alpha = alpha_ve) -> list[float]:
     """α_t = ᾱ_t/ᾱ_{t−1} of every step (0 where ᾱ_t = 0)."""
     out = []
     for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        a = float(alpha(torch.tensor(s, dtype=torch.float64)))
-        a_next = float(alpha(torch.tensor(s_next, dtype=torch.float64)))
+        s, s_next, a, a_next = step_levels(sigmas, i, alpha)
         out.append(alpha_bar(s, a) / alpha_bar(s_next, a_next))
     return out
 
@@ -292,9 +290,7 @@ def sample_tfg(
     rho_w = schedule(settings.rho_schedule, alphas)
     mu_w = schedule(settings.mu_schedule, alphas)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        a = float(alpha(torch.tensor(sigma, dtype=torch.float64)))
-        a_next = float(alpha(torch.tensor(sigma_next, dtype=torch.float64)))
+        sigma, sigma_next, a, a_next = step_levels(sigmas, i, alpha)
         rho_t = settings.rho * rho_w[i] if a > 0 else 0.0
         mu_t = settings.mu * mu_w[i]
         gamma_t = gamma_at(settings, sigma, a)
@@ -329,8 +325,7 @@ def sample_tfg(
                     with torch.no_grad():
                         ell = -objective(x0.detach())
                 report.loss = [] if ell is None else [float(-v) for v in ell.float()]
-                if callback is not None:
-                    callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
+                report_step(callback, x, i, sigmas, x0)
             eps = (x - a * x0) / sigma
             x0_start = x0
             if settings.fold_into_eps and grad_x is not None:  # UGD forward guidance through ε̂

@@ -13,7 +13,7 @@ stacks with other patches, which a GUIDER replacing ``predict_noise`` would not.
 from __future__ import annotations
 
 from ..guidance import adaptive_guidance as ag
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, node_function
 from .host import observer, passes, skip, steps
 from .host.inputs import Input, Inputs, declare
 
@@ -131,8 +131,7 @@ class AdaptiveGuidance:
 
     INPUTS = INPUTS
 
-    def patch(self, model, threshold: float, start_percent: float = 0.0, unique_id=None):
-        return (apply_adaptive_guidance(model, threshold, start_percent, node_id=unique_id),)
+    patch = node_function(apply_adaptive_guidance)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceAdaptiveGuidance": AdaptiveGuidance}

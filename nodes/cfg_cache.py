@@ -16,7 +16,7 @@ takes precedence (CFG-Cache never sees that call as a main pass).
 from __future__ import annotations
 
 from ..guidance import cfg_cache as math
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
 from .host import observer, passes, skip, steps, telemetry
 from .host.inputs import Input, Inputs, declare, ordered
 
@@ -86,16 +86,7 @@ def apply_cfg_cache(
     Every sampling run emits its ``CFGCacheState`` to the observer (``cfg_cache_run``); it is reset when the
     run ends.
     """
-    values = INPUTS.check(
-        interval=interval,
-        start=start,
-        end=end,
-        alpha_low=alpha_low,
-        low_end=low_end,
-        alpha_high=alpha_high,
-        high_start=high_start,
-        compound=compound,
-    )
+    values = check_arguments(INPUTS, locals())
     config = config_from(**values)
     patched = model.clone()
     steps.install_run_state(
@@ -269,33 +260,7 @@ class CFGCache:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        interval: int,
-        start: float,
-        end: float,
-        alpha_low: float,
-        low_end: float,
-        alpha_high: float,
-        high_start: float,
-        compound: bool = False,
-        unique_id=None,
-    ):
-        return (
-            apply_cfg_cache(
-                model,
-                interval,
-                start,
-                end,
-                alpha_low,
-                low_end,
-                alpha_high,
-                high_start,
-                compound,
-                node_id=unique_id,
-            ),
-        )
+    patch = node_function(apply_cfg_cache)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceCFGCache": CFGCache}

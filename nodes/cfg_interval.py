@@ -6,7 +6,7 @@ and CFG returns the conditional prediction, which is the paper's weight 1.
 
 from __future__ import annotations
 
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, node_function
 from .host import passes, skip, steps
 from .host.inputs import Input, Inputs, declare, ordered
 
@@ -75,8 +75,7 @@ class CFGInterval:
 
     INPUTS = INPUTS
 
-    def patch(self, model, start_percent: float, end_percent: float, unique_id=None):
-        return (apply_cfg_interval(model, start_percent, end_percent, node_id=unique_id),)
+    patch = node_function(apply_cfg_interval)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceCFGInterval": CFGInterval}

@@ -13,7 +13,7 @@ import comfy.samplers
 
 from ..guidance import cfg_pp
 from . import toolkit
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, node_function
 from .host import guiders, passes, steps, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
 
@@ -160,8 +160,7 @@ class CFGppSampler:
 
     INPUTS = SAMPLER_INPUTS
 
-    def build(self, solver, eta, s_noise, unique_id=None):
-        return (make_sampler(solver, eta, s_noise, node_id=unique_id),)
+    build = node_function(make_sampler)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,8 +252,7 @@ class CFGppEuler:
 
     INPUTS = PATCH_INPUTS
 
-    def patch(self, model, unique_id=None):
-        return (apply_cfg_pp_euler(model, node_id=unique_id),)
+    patch = node_function(apply_cfg_pp_euler)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceCFGppSampler": CFGppSampler, "FreeGuidanceCFGppEuler": CFGppEuler}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..guidance import perturbation as guidance_math
 from .host import attention, families, perturbed, steps
@@ -171,3 +172,9 @@ def common_inputs(scale_default: float, rescale_default: float = 0.0) -> list[In
 
 
 COMMON_RULES = (ordered("start_percent", "end_percent"),)
+
+
+def check_arguments(inputs: Inputs, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``inputs.check`` on the widget inputs among ``arguments``, in declaration order: an apply function whose
+    parameters are named as its inputs passes ``locals()`` as its first statement."""
+    return inputs.check(**{name: arguments[name] for name in inputs.widget_names() if name in arguments})

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from ..guidance import faster_cache as math
 from . import cfg_cache
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
 from .host import attention, counter, families, observer, passes, steps
 from .host.inputs import GuidanceInputError, Input, Inputs, declare, ordered
 
@@ -85,9 +85,7 @@ def apply_feature_reuse(
 ):
     """Return a clone of ``model`` whose DiT attention is computed on scheduled steps and extrapolated on
     the others. Every run emits its ``_RunState`` to the observer (``faster_cache_run``)."""
-    values = INPUTS.check(
-        interval=interval, start=start, end=end, weight_start=weight_start, weight_end=weight_end
-    )
+    values = check_arguments(INPUTS, locals())
     layout = _check_family(model, node)
     config = math.FeatureReuseConfig(**values)
     patched = model.clone()
@@ -228,10 +226,7 @@ class FasterCacheFeatureReuse:
 
     INPUTS = INPUTS
 
-    def patch(self, model, interval, start, end, weight_start, weight_end, unique_id=None):
-        return (
-            apply_feature_reuse(model, interval, start, end, weight_start, weight_end, node_id=unique_id),
-        )
+    patch = node_function(apply_feature_reuse)
 
 
 COMBINED_INPUTS = Inputs("FasterCache", [MODEL], hidden=UNIQUE_ID)
@@ -253,8 +248,7 @@ class FasterCache:
 
     INPUTS = COMBINED_INPUTS
 
-    def patch(self, model, unique_id=None):
-        return (apply_faster_cache(model, node_id=unique_id),)
+    patch = node_function(apply_faster_cache)
 
 
 NODE_CLASS_MAPPINGS = {

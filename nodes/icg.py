@@ -15,7 +15,7 @@ import torch
 
 from ..guidance import icg
 from . import toolkit
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, node_function
 from .host import guiders, passes, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
 
@@ -187,8 +187,7 @@ class ICG:
 
     INPUTS = INPUTS
 
-    def patch(self, model, mode, seed, clip=None, unique_id=None):
-        return (apply_icg_mode(model, mode, seed, clip, node_id=unique_id),)
+    patch = node_function(apply_icg_mode)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceICG": ICG}

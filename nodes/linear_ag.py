@@ -9,7 +9,7 @@ ran (``guidance.linear_ag.OnlineLinearAG``), and says so in its description.
 from __future__ import annotations
 
 from ..guidance import linear_ag
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, node_function
 from .host import observer, passes, skip, steps, telemetry
 from .host.inputs import Input, Inputs, declare
 
@@ -113,8 +113,7 @@ class LinearAG:
 
     INPUTS = INPUTS
 
-    def patch(self, model, end_percent: float, unique_id=None):
-        return (apply_linear_ag(model, end_percent, node_id=unique_id),)
+    patch = node_function(apply_linear_ag)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceLinearAG": LinearAG}

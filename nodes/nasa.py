@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..guidance import nasa as nasa_math
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
 from .host import attention_calls, families, observer, passes, steps, telemetry
 from .host import blocks as blocks_module
 from .host.inputs import COMBO, GuidanceInputError, Input, Inputs, declare
@@ -113,16 +113,7 @@ def apply_nasa(
     node_id=None,
 ):
     """A clone of ``model`` whose chosen attention layers steer away from a negative prompt (NASA or NAG)."""
-    values = INPUTS.check(
-        mode=mode,
-        alpha=alpha,
-        nag_scale=nag_scale,
-        nag_tau=nag_tau,
-        nag_alpha=nag_alpha,
-        negative_source=negative_source,
-        blocks=blocks,
-        joint_negative=joint_negative,
-    )
+    values = check_arguments(INPUTS, locals())
     layout = families.detect_layout(model, NODE)
     variant = model_variant(model)
     if layout.spec.name in ("ltxv", "hunyuan_video"):
@@ -377,35 +368,7 @@ class NegativeAwaySteerAttention:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        mode,
-        alpha,
-        nag_scale,
-        nag_tau,
-        nag_alpha,
-        negative_source,
-        blocks,
-        joint_negative,
-        negative=None,
-        unique_id=None,
-    ):
-        return (
-            apply_nasa(
-                model,
-                negative,
-                mode,
-                alpha,
-                nag_scale,
-                nag_tau,
-                nag_alpha,
-                negative_source,
-                blocks,
-                joint_negative,
-                node_id=unique_id,
-            ),
-        )
+    patch = node_function(apply_nasa)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceNASA": NegativeAwaySteerAttention}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..guidance import negtome as negtome_math
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
 from .host import attention_calls, families, observer, passes, steps, telemetry
 from .host import blocks as blocks_module
 from .host.inputs import COMBO, GuidanceInputError, Input, Inputs, declare
@@ -78,17 +78,7 @@ def apply_negtome(
     node_id=None,
 ):
     """A clone of ``model`` with negative token merging installed."""
-    values = INPUTS.check(
-        alpha=alpha,
-        tau=tau,
-        t_start=t_start,
-        t_end=t_end,
-        blocks=blocks,
-        min_grid=min_grid,
-        reduction=reduction,
-        dropout=dropout,
-        chunk_tokens=chunk_tokens,
-    )
+    values = check_arguments(INPUTS, locals())
     layout = families.detect_layout(model, NODE)
     defaults = family_defaults(layout)
     alpha = defaults.alpha if values["alpha"] < 0 else values["alpha"]
@@ -348,39 +338,7 @@ class NegativeTokenMerging:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        alpha,
-        tau,
-        t_start,
-        t_end,
-        blocks,
-        min_grid,
-        reduction,
-        dropout,
-        chunk_tokens,
-        negative_image=None,
-        vae=None,
-        unique_id=None,
-    ):
-        return (
-            apply_negtome(
-                model,
-                alpha,
-                tau,
-                t_start,
-                t_end,
-                blocks,
-                min_grid,
-                reduction,
-                dropout,
-                chunk_tokens,
-                negative_image,
-                vae,
-                node_id=unique_id,
-            ),
-        )
+    patch = node_function(apply_negtome)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceNegToMe": NegativeTokenMerging}

@@ -10,6 +10,8 @@ returning ``Objective((Term(name, weight, fn),))`` from a node with ``RETURN_TYP
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import comfy.model_management
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,25 @@ def measurement_loss(
     return obj.measurement_energy(measured, target)
 
 
+def measurement_objective(
+    name: str,
+    view: Callable[[torch.Tensor], torch.Tensor],
+    operator: str,
+    reference: torch.Tensor,
+    mask: torch.Tensor | None,
+    factor: int,
+    blur_sigma: float,
+    weight: float,
+) -> obj.Objective:
+    """``weight·measurement_loss`` of ``view(x0)`` (what is measured: the decoded image, or the latent itself)
+    against ``reference``, named ``name:operator``."""
+
+    def fn(x0):
+        return measurement_loss(operator, view(x0), reference, mask, factor, blur_sigma)
+
+    return obj.single(f"{name}:{operator.split()[0]}", fn, weight)
+
+
 def _mask_tensor(mask) -> torch.Tensor | None:
     if mask is None:
         return None
@@ -134,19 +155,49 @@ def _mask_tensor(mask) -> torch.Tensor | None:
     return mask[:, None] if mask.dim() == 3 else mask
 
 
-def _check_operator(node: str, operator: str, factor: int, blur_sigma: float, weight: float) -> None:
-    if operator not in OPERATORS:
-        raise toolkit.GuidanceInputError(node, "operator", f"must be one of {OPERATORS}, got {operator!r}")
-    if not isinstance(factor, int) or not 1 <= factor <= 16:
-        raise toolkit.GuidanceInputError(
-            node, "factor", f"must be an integer between 1 and 16, got {factor!r}"
-        )
-    toolkit.check_range(node, "blur_sigma", blur_sigma, 0.1, 32.0)
-    toolkit.check_range(node, "weight", weight, 0.0, 1000.0)
+WEIGHT = Input("weight", "FLOAT", "Multiplier.", default=1.0, min=0.0, max=1000.0, step=0.01)
+# The measurement A and its loss weight, shared by the image and the latent measurement objectives.
+MEASUREMENT_INPUTS = [
+    Input(
+        "operator",
+        COMBO,
+        "The measurement A: masked = keep the unmasked pixels of the reference (inpainting; mask 1 = region to fill); downsample = average pooling by 'factor' (super-resolution); gaussian blur with 'blur_sigma' pixels (deblurring). Loss ½·Σ(A(x) − y)².",
+        default="masked (inpainting)",
+        options=OPERATORS,
+    ),
+    Input("factor", "INT", "Downsampling factor (super-resolution).", default=2, min=1, max=16),
+    Input(
+        "blur_sigma",
+        "FLOAT",
+        "Blur std in pixels (deblurring).",
+        default=2.0,
+        min=0.1,
+        max=32.0,
+        step=0.1,
+    ),
+    Input(
+        "weight",
+        "FLOAT",
+        "Multiplier of the loss. The loss is a sum over pixels: at SD sizes start with the sampler's mu small (the MPGD/TFG steps scale with it).",
+        default=1.0,
+        min=0.0,
+        max=1000.0,
+        step=0.01,
+    ),
+]
+
+
+class ObjectiveNode:
+    """What every objective node declares alike: its category, its output and its ``FUNCTION``."""
+
+    CATEGORY = OBJECTIVE_CATEGORY
+    RETURN_TYPES = (TYPE,)
+    OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
+    FUNCTION = "build"
 
 
 @declare
-class ImageMeasurementObjective:
+class ImageMeasurementObjective(ObjectiveNode):
     NODE = "Objective: Image Measurement"
     DESCRIPTION = (
         "Inverse-problem objective on the decoded image (DPS, MPGD): the x0 estimate is decoded by your VAE "
@@ -154,10 +205,6 @@ class ImageMeasurementObjective:
         "½·Σ(A(x) − y)² against the reference. Inpainting with any text-to-image model: masked + the image and "
         "its mask; 2x super-resolution: downsample, factor 2, the low-resolution image."
     )
-    CATEGORY = OBJECTIVE_CATEGORY
-    RETURN_TYPES = (TYPE,)
-    OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
-    FUNCTION = "build"
 
     INPUTS = Inputs(
         NODE,
@@ -166,123 +213,68 @@ class ImageMeasurementObjective:
             Input(
                 "image", "IMAGE", "The measurement y: the image to keep, the low-resolution or blurred image."
             ),
-            Input(
-                "operator",
-                COMBO,
-                "The measurement A: masked = keep the unmasked pixels of the reference (inpainting; mask 1 = region to fill); downsample = average pooling by 'factor' (super-resolution); gaussian blur with 'blur_sigma' pixels (deblurring). Loss ½·Σ(A(x) − y)².",
-                default="masked (inpainting)",
-                options=OPERATORS,
-            ),
-            Input("factor", "INT", "Downsampling factor (super-resolution).", default=2, min=1, max=16),
-            Input(
-                "blur_sigma",
-                "FLOAT",
-                "Blur std in pixels (deblurring).",
-                default=2.0,
-                min=0.1,
-                max=32.0,
-                step=0.1,
-            ),
-            Input(
-                "weight",
-                "FLOAT",
-                "Multiplier of the loss. The loss is a sum over pixels: at SD sizes start with the sampler's mu small (the MPGD/TFG steps scale with it).",
-                default=1.0,
-                min=0.0,
-                max=1000.0,
-                step=0.01,
-            ),
+            *MEASUREMENT_INPUTS,
             Input("mask", "MASK", "Inpainting: 1 = region to fill (not measured).", optional=True),
         ],
     )
 
     def build(self, vae, image, operator, factor, blur_sigma, weight, mask=None):
         check_links(self.NODE, vae=vae, image=image, mask=mask)
-        _check_operator(self.NODE, operator, factor, blur_sigma, weight)
+        self.INPUTS.check(operator=operator, factor=factor, blur_sigma=blur_sigma, weight=weight)
         reference = comfy_image(image)
         mask_t = _mask_tensor(mask)
         node = self.NODE
 
-        def fn(latent):
-            predicted = decode(node, vae, latent)
-            return measurement_loss(operator, predicted, reference, mask_t, factor, blur_sigma)
+        def decoded(latent):
+            return decode(node, vae, latent)
 
-        return (obj.single(f"measurement:{operator.split()[0]}", fn, weight),)
+        return (
+            measurement_objective(
+                "measurement", decoded, operator, reference, mask_t, factor, blur_sigma, weight
+            ),
+        )
 
 
 @declare
-class LatentMeasurementObjective:
+class LatentMeasurementObjective(ObjectiveNode):
     NODE = "Objective: Latent Measurement"
     DESCRIPTION = (
         "The same inverse problems in latent space, with no decode: the x0 latent measured by A against a "
         "reference LATENT (its noise_mask, from Set Latent Noise Mask, or the mask input marks the region to "
         "fill). Cheap (no VAE backpropagation); exact where the VAE maps pixel blocks to latent positions."
     )
-    CATEGORY = OBJECTIVE_CATEGORY
-    RETURN_TYPES = (TYPE,)
-    OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
-    FUNCTION = "build"
 
     INPUTS = Inputs(
         NODE,
         [
             Input("latent", "LATENT", "The measurement y as a latent (e.g. VAE Encode of the image)."),
-            Input(
-                "operator",
-                COMBO,
-                "The measurement A: masked = keep the unmasked pixels of the reference (inpainting; mask 1 = region to fill); downsample = average pooling by 'factor' (super-resolution); gaussian blur with 'blur_sigma' pixels (deblurring). Loss ½·Σ(A(x) − y)².",
-                default="masked (inpainting)",
-                options=OPERATORS,
-            ),
-            Input("factor", "INT", "Downsampling factor (super-resolution).", default=2, min=1, max=16),
-            Input(
-                "blur_sigma",
-                "FLOAT",
-                "Blur std in pixels (deblurring).",
-                default=2.0,
-                min=0.1,
-                max=32.0,
-                step=0.1,
-            ),
-            Input(
-                "weight",
-                "FLOAT",
-                "Multiplier of the loss. The loss is a sum over pixels: at SD sizes start with the sampler's mu small (the MPGD/TFG steps scale with it).",
-                default=1.0,
-                min=0.0,
-                max=1000.0,
-                step=0.01,
-            ),
+            *MEASUREMENT_INPUTS,
             Input("mask", "MASK", "1 = region to fill; default: the latent's noise_mask.", optional=True),
         ],
     )
 
     def build(self, latent, operator, factor, blur_sigma, weight, mask=None):
         check_links(self.NODE, latent=latent, mask=mask)
-        _check_operator(self.NODE, operator, factor, blur_sigma, weight)
+        self.INPUTS.check(operator=operator, factor=factor, blur_sigma=blur_sigma, weight=weight)
         reference = normal_tensor(latent["samples"].float())
         if reference.dim() != 4:
             raise toolkit.GuidanceInputError(self.NODE, "latent", "must be an image latent (4-D)")
         mask_t = _mask_tensor(mask if mask is not None else latent.get("noise_mask"))
-
-        def fn(x0):
-            return measurement_loss(operator, x0, reference, mask_t, factor, blur_sigma)
-
-        return (obj.single(f"latent:{operator.split()[0]}", fn, weight),)
+        return (
+            measurement_objective(
+                "latent", lambda x0: x0, operator, reference, mask_t, factor, blur_sigma, weight
+            ),
+        )
 
 
 @declare
-class ImageStatisticsObjective:
+class ImageStatisticsObjective(ObjectiveNode):
     NODE = "Objective: Image Statistics"
     DESCRIPTION = (
         "Simple statistics of the decoded image: brightness toward a target, colour histogram (palette) of a "
         "reference image, or the edge map (Sobel) of a reference. Scaled by the pixel count so the gradient per "
         "pixel is of the order of the error."
     )
-    CATEGORY = OBJECTIVE_CATEGORY
-    RETURN_TYPES = (TYPE,)
-    OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
-    FUNCTION = "build"
 
     INPUTS = Inputs(
         NODE,
@@ -293,7 +285,7 @@ class ImageStatisticsObjective:
                 COMBO,
                 "What to match.",
                 default="brightness",
-                options=("brightness", "colour histogram", "edges"),
+                options=STATISTICS,
             ),
             Input(
                 "target_brightness",
@@ -304,7 +296,7 @@ class ImageStatisticsObjective:
                 max=1.0,
                 step=0.01,
             ),
-            Input("weight", "FLOAT", "Multiplier.", default=1.0, min=0.0, max=1000.0, step=0.01),
+            WEIGHT,
             Input("image", "IMAGE", "Reference image (histogram and edges).", optional=True),
         ],
     )
@@ -312,12 +304,7 @@ class ImageStatisticsObjective:
     def build(self, vae, statistic, target_brightness, weight, image=None):
         check_links(self.NODE, vae=vae, image=image)
         node = self.NODE
-        if statistic not in STATISTICS:
-            raise toolkit.GuidanceInputError(
-                node, "statistic", f"must be one of {STATISTICS}, got {statistic!r}"
-            )
-        toolkit.check_range(node, "target_brightness", target_brightness, 0.0, 1.0)
-        toolkit.check_range(node, "weight", weight, 0.0, 1000.0)
+        self.INPUTS.check(statistic=statistic, target_brightness=target_brightness, weight=weight)
         if statistic != "brightness" and image is None:
             raise toolkit.GuidanceInputError(node, "image", f"is required for '{statistic}'")
         reference = comfy_image(image) if image is not None else None
@@ -384,17 +371,13 @@ def clip_features(clip_vision, image: torch.Tensor, layer: int = 1) -> tuple[tor
 
 
 @declare
-class ClipVisionObjective:
+class ClipVisionObjective(ObjectiveNode):
     NODE = "Objective: CLIP Vision Reference"
     DESCRIPTION = (
         "Similarity to a reference image through your CLIP-vision model, on the decoded image: 'embedding' = "
         "1 − cosine of the image embeddings (content); 'gram style' = TFG's style loss ‖Gram(F) − Gram_ref‖_F/100 "
         "on the hidden states of the second block (TFG's style task: rho 0.25, mu 2, gamma 0.1, 4 iterations)."
     )
-    CATEGORY = OBJECTIVE_CATEGORY
-    RETURN_TYPES = (TYPE,)
-    OUTPUT_TOOLTIPS = ("An objective for the TFG and SCG samplers.",)
-    FUNCTION = "build"
 
     INPUTS = Inputs(
         NODE,
@@ -407,18 +390,16 @@ class ClipVisionObjective:
                 COMBO,
                 "Embedding similarity or Gram style.",
                 default="gram style",
-                options=("embedding", "gram style"),
+                options=CLIP_MODES,
             ),
-            Input("weight", "FLOAT", "Multiplier.", default=1.0, min=0.0, max=1000.0, step=0.01),
+            WEIGHT,
         ],
     )
 
     def build(self, vae, clip_vision, image, mode, weight):
         check_links(self.NODE, vae=vae, image=image)
         node = self.NODE
-        if mode not in CLIP_MODES:
-            raise toolkit.GuidanceInputError(node, "mode", f"must be one of {CLIP_MODES}, got {mode!r}")
-        toolkit.check_range(node, "weight", weight, 0.0, 1000.0)
+        self.INPUTS.check(mode=mode, weight=weight)
         if not hasattr(clip_vision, "image_size") or not hasattr(clip_vision, "model"):
             raise toolkit.GuidanceInputError(
                 node, "clip_vision", "is not a CLIP-vision model from Load CLIP Vision"
@@ -437,17 +418,14 @@ class ClipVisionObjective:
 
 
 @declare
-class ImageRuleObjective:
+class ImageRuleObjective(ObjectiveNode):
     NODE = "Objective: Image Rule (SCG)"
     DESCRIPTION = (
         "A rule on the decoded image for the SCG best-of-N sampler (no gradients): brightness, sharpness "
         "(Laplacian variance), saturation or contrast, maximised or minimised. Not differentiable, so the TFG "
         "sampler refuses it."
     )
-    CATEGORY = OBJECTIVE_CATEGORY
-    RETURN_TYPES = (TYPE,)
     OUTPUT_TOOLTIPS = ("A score for the SCG sampler.",)
-    FUNCTION = "build"
 
     INPUTS = Inputs(
         NODE,
@@ -458,20 +436,19 @@ class ImageRuleObjective:
                 COMBO,
                 "The measured quantity.",
                 default="sharpness",
-                options=("brightness", "sharpness", "saturation", "contrast"),
+                options=tuple(obj.RULES),
             ),
             Input(
                 "goal", COMBO, "Which way is better.", default="maximise", options=("maximise", "minimise")
             ),
-            Input("weight", "FLOAT", "Multiplier.", default=1.0, min=0.0, max=1000.0, step=0.01),
+            WEIGHT,
         ],
     )
 
     def build(self, vae, rule, goal, weight):
         check_links(self.NODE, vae=vae)
         node = self.NODE
-        if rule not in obj.RULES:
-            raise toolkit.GuidanceInputError(node, "rule", f"must be one of {tuple(obj.RULES)}, got {rule!r}")
+        self.INPUTS.check(rule=rule, goal=goal, weight=weight)
         sign = -1.0 if goal == "maximise" else 1.0
 
         def fn(latent):
@@ -482,13 +459,10 @@ class ImageRuleObjective:
 
 
 @declare
-class CombineObjectives:
+class CombineObjectives(ObjectiveNode):
     NODE = "Objective: Combine"
     DESCRIPTION = "Weighted sum of two objectives: weight_a·a + weight_b·b (chain it for more)."
-    CATEGORY = OBJECTIVE_CATEGORY
-    RETURN_TYPES = (TYPE,)
     OUTPUT_TOOLTIPS = ("The combined objective.",)
-    FUNCTION = "build"
 
     INPUTS = Inputs(
         NODE,
@@ -501,8 +475,7 @@ class CombineObjectives:
     )
 
     def build(self, objective_a, weight_a, objective_b, weight_b):
-        toolkit.check_range(self.NODE, "weight_a", weight_a, 0.0, 1000.0)
-        toolkit.check_range(self.NODE, "weight_b", weight_b, 0.0, 1000.0)
+        self.INPUTS.check(weight_a=weight_a, weight_b=weight_b)
         for name, value in (("objective_a", objective_a), ("objective_b", objective_b)):
             if not isinstance(value, obj.Objective):
                 raise toolkit.GuidanceInputError(self.NODE, name, "is not a GUIDANCE_OBJECTIVE")

@@ -13,7 +13,7 @@ import comfy.samplers
 from ..guidance import pcg
 from . import toolkit
 from .cfg_pp import alpha_of
-from .common import CATEGORY, UNIQUE_ID
+from .common import CATEGORY, UNIQUE_ID, node_function
 from .host import guiders, passes, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
 
@@ -169,8 +169,7 @@ class PCGSampler:
 
     INPUTS = INPUTS
 
-    def build(self, langevin_steps, gamma_rule, step_scale, s_noise, unique_id=None):
-        return (make_sampler(langevin_steps, gamma_rule, step_scale, s_noise, node_id=unique_id),)
+    build = node_function(make_sampler)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidancePCGSampler": PCGSampler}

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..guidance import scfg as scfg_math
-from .common import CATEGORY, MODEL, UNIQUE_ID
+from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
 from .host import attention_calls, families, observer, passes, steps, telemetry
 from .host import blocks as blocks_module
 from .host.inputs import GuidanceInputError, Input, Inputs, declare, ordered
@@ -56,15 +56,7 @@ def apply_scfg(
     node_id=None,
 ):
     """A clone of ``model`` whose CFG scale varies per region (S-CFG)."""
-    values = INPUTS.check(
-        blocks=blocks,
-        ratio=ratio,
-        rate_min=rate_min,
-        rate_max=rate_max,
-        product_max=product_max,
-        powers=powers,
-        official_powers=official_powers,
-    )
+    values = check_arguments(INPUTS, locals())
     layout = families.detect_layout(model, NODE)
     if layout.spec.name not in ("unet", "sd3", "flux"):
         raise GuidanceInputError(NODE, "model", f"is {layout.spec.label}; S-CFG supports {SUPPORTED}")
@@ -279,22 +271,7 @@ class SpatialCFG:
 
     INPUTS = INPUTS
 
-    def patch(
-        self, model, blocks, ratio, rate_min, rate_max, product_max, powers, official_powers, unique_id=None
-    ):
-        return (
-            apply_scfg(
-                model,
-                blocks,
-                ratio,
-                rate_min,
-                rate_max,
-                product_max,
-                powers,
-                official_powers,
-                node_id=unique_id,
-            ),
-        )
+    patch = node_function(apply_scfg)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceSCFG": SpatialCFG}

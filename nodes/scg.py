@@ -6,8 +6,7 @@ import comfy.k_diffusion.sampling as k_sampling
 import comfy.samplers
 
 from ..guidance import scg
-from . import toolkit
-from .common import CATEGORY, UNIQUE_ID
+from .common import CATEGORY, UNIQUE_ID, check_arguments, node_function
 from .host import telemetry
 from .host.inputs import Input, Inputs, declare, ordered
 from .objectives import TYPE
@@ -80,6 +79,30 @@ def sample_scg(
         )
 
 
+INPUTS = Inputs(
+    NODE,
+    [
+        Input("objective", TYPE, "The score (lower loss is better); any Objective node, incl. Image Rule."),
+        Input("candidates", "INT", "N per guided step (paper: 16).", default=16, min=1, max=256),
+        Input(
+            "start_percent",
+            "FLOAT",
+            "Window start (fraction of the steps; paper: t ≤ 750 of 1000).",
+            default=0.25,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+        Input("end_percent", "FLOAT", "Window end.", default=1.0, min=0.0, max=1.0, step=0.01),
+        Input("interval", "INT", "Select every interval-th step of the window.", default=1, min=1, max=1000),
+        Input("chunk", "INT", "Candidates per model call (memory).", default=4, min=1, max=256),
+        Input("eta", "FLOAT", "Ancestral noise (1 = DDPM-like).", default=1.0, min=0.01, max=1.0, step=0.01),
+    ],
+    rules=[ordered("start_percent", "end_percent")],
+    hidden=UNIQUE_ID,
+)
+
+
 def make_sampler(
     objective,
     candidates: int = 16,
@@ -91,33 +114,10 @@ def make_sampler(
     node_id=None,
 ) -> comfy.samplers.KSAMPLER:
     objective = check_objective(NODE, objective, differentiable=False)
-    for name, value, low, high in (
-        ("candidates", candidates, 1, 256),
-        ("interval", interval, 1, 1000),
-        ("chunk", chunk, 1, 256),
-    ):
-        if not isinstance(value, int) or not low <= value <= high:
-            raise toolkit.GuidanceInputError(
-                NODE, name, f"must be an integer between {low} and {high}, got {value!r}"
-            )
-    start_percent, end_percent = toolkit.check_percent_interval(NODE, start_percent, end_percent)
-    eta = toolkit.check_range(NODE, "eta", eta, 0.0, 1.0)
-    if eta == 0:
-        raise toolkit.GuidanceInputError(
-            NODE, "eta", "must be > 0: best-of-N needs the ancestral step's noise"
-        )
+    values = check_arguments(INPUTS, locals())
     return comfy.samplers.KSAMPLER(
         sample_scg,
-        extra_options={
-            "objective": objective,
-            "candidates": candidates,
-            "start_percent": start_percent,
-            "end_percent": end_percent,
-            "interval": interval,
-            "chunk": chunk,
-            "eta": eta,
-            "node_id": node_id,
-        },
+        extra_options={"objective": objective, **values, "node_id": node_id},
     )
 
 
@@ -135,41 +135,9 @@ class SCGSampler:
     OUTPUT_TOOLTIPS = ("An SCG sampler for SamplerCustom / SamplerCustomAdvanced.",)
     FUNCTION = "build"
 
-    INPUTS = Inputs(
-        NODE,
-        [
-            Input(
-                "objective", TYPE, "The score (lower loss is better); any Objective node, incl. Image Rule."
-            ),
-            Input("candidates", "INT", "N per guided step (paper: 16).", default=16, min=1, max=256),
-            Input(
-                "start_percent",
-                "FLOAT",
-                "Window start (fraction of the steps; paper: t ≤ 750 of 1000).",
-                default=0.25,
-                min=0.0,
-                max=1.0,
-                step=0.01,
-            ),
-            Input("end_percent", "FLOAT", "Window end.", default=1.0, min=0.0, max=1.0, step=0.01),
-            Input(
-                "interval", "INT", "Select every interval-th step of the window.", default=1, min=1, max=1000
-            ),
-            Input("chunk", "INT", "Candidates per model call (memory).", default=4, min=1, max=256),
-            Input(
-                "eta", "FLOAT", "Ancestral noise (1 = DDPM-like).", default=1.0, min=0.01, max=1.0, step=0.01
-            ),
-        ],
-        rules=[ordered("start_percent", "end_percent")],
-        hidden=UNIQUE_ID,
-    )
+    INPUTS = INPUTS
 
-    def build(self, objective, candidates, start_percent, end_percent, interval, chunk, eta, unique_id=None):
-        return (
-            make_sampler(
-                objective, candidates, start_percent, end_percent, interval, chunk, eta, node_id=unique_id
-            ),
-        )
+    build = node_function(make_sampler)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceSCGSampler": SCGSampler}

@@ -15,7 +15,7 @@ from ..guidance import objectives as obj
 from ..guidance import tfg
 from . import toolkit
 from .cfg_pp import alpha_of
-from .common import CATEGORY, UNIQUE_ID
+from .common import CATEGORY, UNIQUE_ID, node_function
 from .host import counter as eval_counter
 from .host import passes, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
@@ -118,72 +118,90 @@ def sample_tfg(
         )
 
 
-RANGES = {
-    "rho": (0.0, 1000.0),
-    "mu": (0.0, 1000.0),
-    "gamma": (0.0, 10.0),
-    "n_mc": (1, 64),
-    "recurrence": (1, 16),
-    "iterations": (1, 64),
-    "eta": (0.0, 1.0),
-}
-
-
-def make_settings(
-    node: str,
-    preset: str,
-    rho: float,
-    mu: float,
-    gamma: float,
-    n_mc: int,
-    recurrence: int,
-    iterations: int,
-    rho_schedule: str,
-    mu_schedule: str,
-    eta: float,
-) -> tfg.TFGSettings:
-    if preset not in tfg.PRESET_NAMES:
-        raise toolkit.GuidanceInputError(node, "preset", f"must be one of {tfg.PRESET_NAMES}, got {preset!r}")
-    for name, value in (("rho_schedule", rho_schedule), ("mu_schedule", mu_schedule)):
-        if value not in tfg.SCHEDULES:
-            raise toolkit.GuidanceInputError(node, name, f"must be one of {tfg.SCHEDULES}, got {value!r}")
-    values = {"rho": rho, "mu": mu, "gamma": gamma, "eta": eta}
-    for name, value in values.items():
-        toolkit.check_range(node, name, value, *RANGES[name])
-    for name, value in (("n_mc", n_mc), ("recurrence", recurrence), ("iterations", iterations)):
-        low, high = RANGES[name]
-        if not isinstance(value, int) or not low <= value <= high:
-            raise toolkit.GuidanceInputError(
-                node, name, f"must be an integer between {low} and {high}, got {value!r}"
-            )
-    user = tfg.TFGSettings(
-        rho=float(rho),
-        mu=float(mu),
-        gamma=float(gamma),
-        n_mc=n_mc,
-        recurrence=recurrence,
-        iterations=iterations,
-        rho_schedule=rho_schedule,
-        mu_schedule=mu_schedule,
-        eta=float(eta),
-    )
-    return tfg.preset(preset, user)
+INPUTS = Inputs(
+    NODE,
+    [
+        Input("objective", TYPE, "What to move toward (Objective nodes; lower loss is better)."),
+        Input(
+            "preset",
+            COMBO,
+            "Which inputs are used. MPGD: mu only, 1 iteration (cheap, no model backprop). DPS: rho, gradient divided by |loss|. LGD: rho with Monte-Carlo smoothing gamma_t = sqrt(1 − ᾱ_t), n_mc samples. FreeDoM: rho with recurrence. UGD: rho folded into the noise estimate, mu with iterations, recurrence. TFG: every input as set.",
+            default="MPGD",
+            options=tfg.PRESET_NAMES,
+        ),
+        Input(
+            "rho",
+            "FLOAT",
+            "Variance guidance (gradient through the model). TFG defaults: 1 (configs), 2 (ImageNet labels), 0.25 (style). The paper's search starts at 0.25 and doubles up to 8.",
+            default=1.0,
+            min=0.0,
+            max=1000.0,
+            step=0.01,
+        ),
+        Input(
+            "mu",
+            "FLOAT",
+            "Mean guidance on x0 (no model backprop). TFG defaults: 1 (configs), 0.5 (ImageNet labels), 2 (style). The loss is a sum over pixels: large images need small mu.",
+            default=1.0,
+            min=0.0,
+            max=1000.0,
+            step=0.01,
+        ),
+        Input(
+            "gamma",
+            "FLOAT",
+            "Monte-Carlo smoothing std of x0 (times sqrt(1 − ᾱ_t)); TFG: 0.01 (configs), 0.1 (tasks). 0 = no smoothing.",
+            default=0.1,
+            min=0.0,
+            max=10.0,
+            step=0.001,
+        ),
+        Input("n_mc", "INT", "Monte-Carlo samples (TFG: 1-4).", default=1, min=1, max=64),
+        Input(
+            "recurrence",
+            "INT",
+            "Rounds per step (time travel); each costs a step.",
+            default=1,
+            min=1,
+            max=16,
+        ),
+        Input("iterations", "INT", "Mean-guidance steps on x0 (TFG tasks: 4).", default=1, min=1, max=64),
+        Input(
+            "rho_schedule",
+            COMBO,
+            "rho_t over steps (mean 1).",
+            default="increase",
+            options=tfg.SCHEDULES,
+        ),
+        Input(
+            "mu_schedule",
+            COMBO,
+            "mu_t over steps (mean 1).",
+            default="increase",
+            options=tfg.SCHEDULES,
+        ),
+        Input(
+            "eta",
+            "FLOAT",
+            "DDIM η: 1 ancestral (TFG), 0 deterministic.",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+        ),
+    ],
+    hidden=UNIQUE_ID,
+)
 
 
 def make_sampler(objective, preset: str = "MPGD", *, node_id=None, **values) -> comfy.samplers.KSAMPLER:
-    defaults = dict(
-        rho=1.0,
-        mu=1.0,
-        gamma=0.1,
-        n_mc=1,
-        recurrence=1,
-        iterations=1,
-        rho_schedule="increase",
-        mu_schedule="increase",
-        eta=1.0,
-    )
-    defaults.update(values)
-    settings = make_settings(NODE, preset, **defaults)
+    """The TFG sampler for ``objective`` with ``preset``; ``values``: the other inputs by name (the ones left
+    out take their declared defaults), checked against their declarations."""
+    unknown = set(values) - set(INPUTS.widget_names())
+    if unknown:
+        raise TypeError(f"make_sampler: unknown inputs {sorted(unknown)}")
+    settings = INPUTS.check(**{**INPUTS.defaults(), "preset": preset, **values})
+    settings = tfg.preset(settings.pop("preset"), tfg.TFGSettings(**settings))
     objective = check_objective(NODE, objective, differentiable=True)
     return comfy.samplers.KSAMPLER(
         sample_tfg, extra_options={"objective": objective, "settings": settings, "node_id": node_id}
@@ -209,112 +227,9 @@ class TFGGuidedSampler:
     OUTPUT_TOOLTIPS = ("A TFG sampler for SamplerCustom / SamplerCustomAdvanced.",)
     FUNCTION = "build"
 
-    INPUTS = Inputs(
-        NODE,
-        [
-            Input("objective", TYPE, "What to move toward (Objective nodes; lower loss is better)."),
-            Input(
-                "preset",
-                COMBO,
-                "Which inputs are used. MPGD: mu only, 1 iteration (cheap, no model backprop). DPS: rho, gradient divided by |loss|. LGD: rho with Monte-Carlo smoothing gamma_t = sqrt(1 − ᾱ_t), n_mc samples. FreeDoM: rho with recurrence. UGD: rho folded into the noise estimate, mu with iterations, recurrence. TFG: every input as set.",
-                default="MPGD",
-                options=("TFG", "DPS", "LGD", "FreeDoM", "MPGD", "UGD"),
-            ),
-            Input(
-                "rho",
-                "FLOAT",
-                "Variance guidance (gradient through the model). TFG defaults: 1 (configs), 2 (ImageNet labels), 0.25 (style). The paper's search starts at 0.25 and doubles up to 8.",
-                default=1.0,
-                min=0.0,
-                max=1000.0,
-                step=0.01,
-            ),
-            Input(
-                "mu",
-                "FLOAT",
-                "Mean guidance on x0 (no model backprop). TFG defaults: 1 (configs), 0.5 (ImageNet labels), 2 (style). The loss is a sum over pixels: large images need small mu.",
-                default=1.0,
-                min=0.0,
-                max=1000.0,
-                step=0.01,
-            ),
-            Input(
-                "gamma",
-                "FLOAT",
-                "Monte-Carlo smoothing std of x0 (times sqrt(1 − ᾱ_t)); TFG: 0.01 (configs), 0.1 (tasks). 0 = no smoothing.",
-                default=0.1,
-                min=0.0,
-                max=10.0,
-                step=0.001,
-            ),
-            Input("n_mc", "INT", "Monte-Carlo samples (TFG: 1-4).", default=1, min=1, max=64),
-            Input(
-                "recurrence",
-                "INT",
-                "Rounds per step (time travel); each costs a step.",
-                default=1,
-                min=1,
-                max=16,
-            ),
-            Input("iterations", "INT", "Mean-guidance steps on x0 (TFG tasks: 4).", default=1, min=1, max=64),
-            Input(
-                "rho_schedule",
-                COMBO,
-                "rho_t over steps (mean 1).",
-                default="increase",
-                options=("increase", "decrease", "constant"),
-            ),
-            Input(
-                "mu_schedule",
-                COMBO,
-                "mu_t over steps (mean 1).",
-                default="increase",
-                options=("increase", "decrease", "constant"),
-            ),
-            Input(
-                "eta",
-                "FLOAT",
-                "DDIM η: 1 ancestral (TFG), 0 deterministic.",
-                default=1.0,
-                min=0.0,
-                max=1.0,
-                step=0.01,
-            ),
-        ],
-        hidden=UNIQUE_ID,
-    )
+    INPUTS = INPUTS
 
-    def build(
-        self,
-        objective,
-        preset,
-        rho,
-        mu,
-        gamma,
-        n_mc,
-        recurrence,
-        iterations,
-        rho_schedule,
-        mu_schedule,
-        eta,
-        unique_id=None,
-    ):
-        return (
-            make_sampler(
-                objective,
-                preset,
-                node_id=unique_id,
-                rho=rho,
-                mu=mu,
-                gamma=gamma,
-                n_mc=n_mc,
-                recurrence=recurrence,
-                iterations=iterations,
-                rho_schedule=rho_schedule,
-                mu_schedule=mu_schedule,
-                eta=eta,
-            ),
-        )
+    build = node_function(make_sampler)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceTFGSampler": TFGGuidedSampler}
