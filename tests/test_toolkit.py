@@ -18,6 +18,7 @@ def toolkit(pack):
     host = pack.nodes.host
     return types.SimpleNamespace(
         EvalCounter=host.counter.EvalCounter,
+        counter_key=host.counter.COUNTER_KEY,
         GuidanceInputError=pack.nodes.toolkit.GuidanceInputError,
         check_range=pack.nodes.toolkit.check_range,
         call_attention=host.passes.call_attention,
@@ -232,3 +233,59 @@ def test_sampler_conditional_only_calls_keep_batched_extra_passes(pack):
     out = sampling.custom_sample(model, "sd15", sampler, grid, cfg=3.0)
     assert torch.isfinite(out).all()
     assert counter.last.extra.get("pag", 0) > 0
+
+
+class NetworkProbe:
+    """Counts the chunks that reach the network, independently of the pack: a forward hook on the first layer
+    the latent goes through (UNet ``input_blocks[0]``, DiT ``patch_embedding``/``x_embedder``/``img_in``),
+    chunks = its batch / the latent batch."""
+
+    def __init__(self, model, latent_batch: int = 1):
+        net = model.model.diffusion_model
+        names = ("input_blocks", "patch_embedding", "x_embedder", "img_in")
+        layer = next(getattr(net, n) for n in names if hasattr(net, n))
+        while isinstance(layer, (torch.nn.ModuleList, torch.nn.Sequential)):  # UNet: a sequence of layers
+            layer = layer[0]
+        self.chunks = 0
+        self.latent_batch = latent_batch
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.chunks += inputs[0].shape[0] // self.latent_batch
+
+    def close(self):
+        self.handle.remove()
+
+
+def core_cache(model, name: str, threshold: float):
+    import comfy_extras.nodes_easycache as core
+
+    node = core.EasyCacheNode if name == "EasyCache" else core.LazyCacheNode
+    return node.execute(model, threshold, 0.0, 1.0, False).result[0]
+
+
+@pytest.mark.parametrize(
+    ("family", "cache"), [("sd15", "EasyCache"), ("sd15", "LazyCache"), ("wan21", "EasyCache")]
+)
+def test_counts_are_what_reached_the_network_under_core_caches(toolkit, family, cache):
+    """Core EasyCache skips inside the model call (the counter names those chunks ``skipped_by_others``),
+    LazyCache before it; either way the counts equal the chunks an independent probe saw in the network.
+    The counter is installed first, so its network wrapper is moved inside EasyCache's at every call."""
+    model, counter = counted(toolkit, family)
+    model = core_cache(model, cache, 3.0)  # the node's maximum: skips as much as it can
+    if cache == "EasyCache":
+        keys = list(model.wrappers["diffusion_model"])
+        assert keys.index("easycache") > keys.index(toolkit.counter_key)  # as installed: counter outside
+    probe = NetworkProbe(model)
+    try:
+        sampling.ksample(model, family, steps=8, cfg=4.0)
+    finally:
+        probe.close()
+    counts = counter.last.as_dict()
+    assert counts["total"] == probe.chunks < 16, counts
+    assert counts["cond"] == counts["uncond"] == probe.chunks // 2
+    skipped = counts.get("skipped_by_others", {})
+    if cache == "EasyCache":  # LazyCache skips whole predictions: they never reach a model call
+        assert skipped == {"cond": 8 - counts["cond"], "uncond": 8 - counts["uncond"]}
+    else:
+        assert skipped == {}
