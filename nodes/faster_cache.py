@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..guidance import faster_cache as math
 from . import cfg_cache
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import attention, counter, families, observer, passes, steps
+from .host import attention, counter, families, guiders, observer, passes, steps
 from .host.inputs import GuidanceInputError, Input, Inputs, declare, ordered
 
 NODE = "FasterCache Feature Reuse"
@@ -139,6 +139,7 @@ def apply_feature_reuse(
         return out
 
     attention.install_self_attention_hook(patched, layout, hook)
+    guiders.install_guard(patched, node, guiders.ALL)
     return patched
 
 

@@ -265,7 +265,7 @@ def apply_sag(
 
     settings_threshold = float(threshold)
     blur = float(blur_sigma)
-    guiders.install_guard(patched, NODE, guiders.SAG)
+    guiders.install_guard(patched, NODE, guiders.SAG, windows=guiders.WINDOWS_WHOLE_MAP)
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id)
     passes.add_post_cfg(patched, post_cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..guidance import seg as seg_math
 from . import common
 from .common import CATEGORY, UNIQUE_ID
-from .host import attention
+from .host import attention, families, guiders
 from .host.inputs import Input, Inputs, declare
 
 NODE = "Smoothed Energy Guidance"
@@ -27,7 +27,7 @@ def apply_seg(
 ):
     """A clone of ``model`` guided away from its prediction with blurred self-attention queries in ``blocks``."""
     blur_sigma = INPUTS.check(blur_sigma=blur_sigma)["blur_sigma"]
-    return common.apply_perturbation_guidance(
+    patched = common.apply_perturbation_guidance(
         model,
         node=NODE,
         name=PASS_NAME,
@@ -41,6 +41,9 @@ def apply_seg(
         batched=batched,
         node_id=node_id,
     )
+    if families.detect_layout(model, NODE).spec.kind == "dit":  # a UNet's blur reads each call's own shape
+        guiders.install_guard(patched, NODE, key=PASS_NAME + ".windows", windows=guiders.WINDOWS_TOKEN_GRID)
+    return patched
 
 
 INPUTS = Inputs(

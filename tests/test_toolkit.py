@@ -9,6 +9,7 @@ import pytest
 import torch
 from fg_testing import sampling
 from fg_testing.prompts import tiny_txt2img
+from fg_testing.stacks import NetworkProbe, core_cache
 from fg_testing.test_nodes import cached_model
 
 
@@ -233,35 +234,6 @@ def test_sampler_conditional_only_calls_keep_batched_extra_passes(pack):
     out = sampling.custom_sample(model, "sd15", sampler, grid, cfg=3.0)
     assert torch.isfinite(out).all()
     assert counter.last.extra.get("pag", 0) > 0
-
-
-class NetworkProbe:
-    """Counts the chunks that reach the network, independently of the pack: a forward hook on the first layer
-    the latent goes through (UNet ``input_blocks[0]``, DiT ``patch_embedding``/``x_embedder``/``img_in``),
-    chunks = its batch / the latent batch."""
-
-    def __init__(self, model, latent_batch: int = 1):
-        net = model.model.diffusion_model
-        names = ("input_blocks", "patch_embedding", "x_embedder", "img_in")
-        layer = next(getattr(net, n) for n in names if hasattr(net, n))
-        while isinstance(layer, (torch.nn.ModuleList, torch.nn.Sequential)):  # UNet: a sequence of layers
-            layer = layer[0]
-        self.chunks = 0
-        self.latent_batch = latent_batch
-        self.handle = layer.register_forward_hook(self._hook)
-
-    def _hook(self, module, inputs, output):
-        self.chunks += inputs[0].shape[0] // self.latent_batch
-
-    def close(self):
-        self.handle.remove()
-
-
-def core_cache(model, name: str, threshold: float):
-    import comfy_extras.nodes_easycache as core
-
-    node = core.EasyCacheNode if name == "EasyCache" else core.LazyCacheNode
-    return node.execute(model, threshold, 0.0, 1.0, False).result[0]
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,10 @@ The rule, per contract (one place, here):
 - ICG replaces the negative: every guider that has one (not BasicGuider).
 
 Every pack node refuses a NaN or infinite scale (e.g. a cfg reaching the sampler through a link).
+
+Core's context windows (ContextWindowsManual, WanContextWindowsManual) split each model call into windows of
+the latent; a technique whose guidance needs the whole latent in one call passes ``windows=`` the reason, and
+is refused when sampling starts if the windows will split this latent.
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ _WHY = {
     BASIC: "it has no unconditional (negative) pass",
 }
 KEY = "free_guidance.guider_guard"
+
+# Why a technique cannot run under context windows (the ``windows`` reason of ``install_guard``).
+WINDOWS_WHOLE_MAP = (
+    "its guidance needs the self-attention map of the whole latent in one call, a window has part"
+)
+WINDOWS_TOKEN_GRID = (
+    "it blurs the queries on the whole latent's image-token grid, and a window of frames has fewer tokens"
+)
+WINDOWS_STATE = (
+    "it carries one model call's predictions from step to step, and context windows make one call per window"
+)
 
 
 def kind(guider) -> str:
@@ -96,11 +111,42 @@ def check(node: str, guider, supported: frozenset[str] = ALL) -> None:
         )
 
 
-def install_guard(model_patcher, node: str, supported: frozenset[str] = ALL, key: str = "") -> None:
-    """An OUTER_SAMPLE wrapper on ``model_patcher`` (a clone) that runs ``check`` when sampling starts."""
+def context_windows(guider, noise) -> str | None:
+    """The class name of the guider's context-window handler if it will split ``noise``, else None."""
+    handler = (getattr(guider, "model_options", None) or {}).get("context_handler")
+    if handler is None:
+        return None
+    dim, length = getattr(handler, "dim", None), getattr(handler, "context_length", None)
+    if isinstance(dim, int) and isinstance(length, int) and noise is not None and 0 <= dim < noise.ndim:
+        if noise.shape[dim] <= length:  # one window holds the whole latent: windows are never used
+            return None
+    return type(handler).__name__
+
+
+def check_windows(node: str, guider, noise, reason: str) -> None:
+    """Refuse core context windows that will split ``noise``, naming ``node`` and ``reason``."""
+    handler = context_windows(guider, noise)
+    if handler is not None:
+        raise GuidanceInputError(
+            node,
+            "model",
+            f"does not run under core context windows ({handler}, from ContextWindowsManual or "
+            f"WanContextWindowsManual): {reason}. Remove the context-window node, or make context_length at "
+            "least the latent's length",
+        )
+
+
+def install_guard(
+    model_patcher, node: str, supported: frozenset[str] = ALL, key: str = "", windows: str | None = None
+) -> None:
+    """An OUTER_SAMPLE wrapper on ``model_patcher`` (a clone) that runs ``check`` when sampling starts, and
+    ``check_windows`` with the reason ``windows`` when the technique cannot run under context windows."""
 
     def outer_sample(executor, *args, **kwargs):
         check(node, executor.class_obj, supported)
+        if windows is not None:
+            noise = args[0] if args else kwargs.get("noise")
+            check_windows(node, executor.class_obj, noise, windows)
         return executor(*args, **kwargs)
 
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY + "." + (key or node), outer_sample)
