@@ -139,14 +139,16 @@ def apply_feature_reuse(
         return out
 
     attention.install_self_attention_hook(patched, layout, hook)
-    guiders.install_guard(patched, node, guiders.ALL)
+    guiders.install_guard(patched, node, guiders.ALL, windows=guiders.WINDOWS_STATE)
     return patched
 
 
 def apply_faster_cache(model, *, node_id=None):
     """FasterCache with the defaults of both parts: CFG-Cache, then feature reuse on the same clone chain."""
     _check_family(model, "FasterCache")
-    with_cfg_cache = cfg_cache.apply_cfg_cache(model, **cfg_cache.INPUTS.defaults(), node_id=node_id)
+    guarded = model.clone()  # its own guard first (outermost), so a refusal names FasterCache
+    guiders.install_guard(guarded, "FasterCache", guiders.TWO_COND, windows=guiders.WINDOWS_STATE)
+    with_cfg_cache = cfg_cache.apply_cfg_cache(guarded, **cfg_cache.INPUTS.defaults(), node_id=node_id)
     return apply_feature_reuse(with_cfg_cache, **INPUTS.defaults(), node="FasterCache")
 
 

@@ -200,7 +200,7 @@ def run(pack, stack: str, patch=None, sampler=None, cfg: float = 4.0, refine: bo
 
 
 # Refused under core context windows that split the latent (the reason is in the error).
-NO_WINDOWS: set[str] = set()
+NO_WINDOWS = {"Self-Attention Guidance", "LinearAG", "CFG-Cache", "FasterCache Feature Reuse", "FasterCache"}
 
 NAMES = [
     "CFG Interval",
