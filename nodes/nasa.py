@@ -265,7 +265,7 @@ def apply_nasa(
 
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id, describe)
-    guiders.install_guard(patched, NODE, guiders.ALL - {guiders.DUALCFG})  # chunk 0 is its negative
+    guiders.install_guard(patched, NODE, guiders.MAIN_CALL)  # it acts on the two-cond main call only
     return patched
 
 

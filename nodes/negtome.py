@@ -227,7 +227,7 @@ def apply_negtome(
 
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id, describe)
-    guiders.install_guard(patched, NODE, guiders.ALL)
+    guiders.install_guard(patched, NODE, guiders.MAIN_CALL, batch=guiders.BATCH_ROWS)  # main call only
     return patched
 
 

@@ -191,7 +191,7 @@ def apply_scfg(
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id)
     passes.add_post_cfg(patched, post_cfg)
-    guiders.install_guard(patched, NODE, guiders.TWO_COND)  # it replaces the two-cond CFG combination
+    guiders.install_guard(patched, NODE, guiders.TWO_COND, windows=guiders.WINDOWS_REGIONS)
     return patched
 
 

@@ -76,7 +76,7 @@ def techniques(pack) -> dict:
     return {
         "CFG Interval": lambda m: n.cfg_interval.apply_cfg_interval(m, 0.0, 0.5),
         "Adaptive Guidance": lambda m: n.adaptive_guidance.apply_adaptive_guidance(m, 0.0),
-        "LinearAG": lambda m: n.linear_ag.apply_linear_ag(m, 0.5),
+        "LinearAG": lambda m: n.linear_ag.apply_linear_ag(m, 0.8),  # 4 steps: step 2 regressed
         "CFG Schedule": lambda m: n.cfg_schedule.apply_cfg_schedule(m),
         "Perturbed-Attention Guidance": lambda m: n.pag.apply_pag(m),
         "Smoothed Energy Guidance": lambda m: n.seg.apply_seg(m),
@@ -119,7 +119,8 @@ CFG = {"CFG++": 0.5, "CFG++ Sampler": 0.5}
 # (NegToMe), steps to fit on (LinearAG) or to reach its window (FasterCache's CFG-Cache).
 SETTINGS = {
     "LinearAG": {"steps": 4},
-    "FasterCache Feature Reuse": {"family": "sd3"},
+    "CFG-Cache": {"steps": 4},
+    "FasterCache Feature Reuse": {"family": "sd3", "steps": 4},
     "FasterCache": {"family": "sd3", "steps": 4},
     "NegToMe": {"batch": 2},
 }
@@ -137,7 +138,8 @@ REFUSED = {
     "PCG": TWO_COND,
     "CFG-Cache": TWO_COND,
     "FasterCache": TWO_COND,
-    "NASA Negative Attention": {"DualCFGGuider"},
+    "NASA Negative Attention": {"PerpNegGuider", "DualCFGGuider"},
+    "NegToMe": {"PerpNegGuider", "DualCFGGuider"},
     "S-CFG": TWO_COND,
 }
 
@@ -200,7 +202,17 @@ def run(pack, stack: str, patch=None, sampler=None, cfg: float = 4.0, refine: bo
 
 
 # Refused under core context windows that split the latent (the reason is in the error).
-NO_WINDOWS = {"Self-Attention Guidance", "LinearAG", "CFG-Cache", "FasterCache Feature Reuse", "FasterCache"}
+NO_WINDOWS = {
+    "Self-Attention Guidance",
+    "LinearAG",
+    "CFG-Cache",
+    "FasterCache Feature Reuse",
+    "FasterCache",
+    "S-CFG",
+}
+
+# Refused under core EasyCache and under context windows over the batch: they change the batch the model sees.
+BATCH_ROWS = {"NegToMe", "SCG Best-of-N Sampler"}
 
 NAMES = [
     "CFG Interval",
@@ -242,8 +254,13 @@ def test_every_node_acts_or_is_refused_in_every_stack_and_counts_are_true(pack, 
         f"{name} under {stack}: counted {counts.as_dict()}, the network saw {chunks}"
     )
     kind = stack if stack in GUIDERS else "CFGGuider"
-    if kind in REFUSED.get(name, set()) or (stack == CONTEXT and name in NO_WINDOWS):
-        what = "context windows" if kind not in REFUSED.get(name, set()) else kind
+    refused_stack = {CONTEXT: NO_WINDOWS | BATCH_ROWS, CORE: BATCH_ROWS}.get(stack, set())
+    if kind in REFUSED.get(name, set()) or name in refused_stack:
+        what = (
+            kind
+            if kind in REFUSED.get(name, set())
+            else ("EasyCache" if stack == CORE else "context windows")
+        )
         assert isinstance(out, pack.nodes.toolkit.GuidanceInputError), f"{name} is not refused under {what}"
         assert name.split()[0] in str(out) and what in str(out)
         return

@@ -15,6 +15,8 @@ The rule, per contract (one place, here):
 - SAG needs the self-attention map of the two-cond main call: CFGGuider and BasicGuider.
 - CFG++ needs ``D_u`` of a two-cond call and λ = the guider's cfg: CFGGuider only.
 - ICG replaces the negative: every guider that has one (not BasicGuider).
+- NASA and NegToMe act inside the sampler's own call of at most two conds: CFGGuider and BasicGuider.
+- S-CFG replaces CFG's combination per region: CFGGuider only.
 
 Every pack node refuses a NaN or infinite scale (e.g. a cfg reaching the sampler through a link).
 
@@ -37,7 +39,8 @@ BASIC = "BasicGuider"
 ALL = frozenset({CFG, PERPNEG, DUALCFG, BASIC})
 TWO_COND = frozenset({CFG})
 WITH_NEGATIVE = frozenset({CFG, PERPNEG, DUALCFG})
-SAG = frozenset({CFG, BASIC})
+MAIN_CALL = frozenset({CFG, BASIC})  # the sampler's own cond(/uncond) call: at most two conds
+SAG = MAIN_CALL
 
 _CLASSES = {"Guider_PerpNeg": PERPNEG, "Guider_DualCFG": DUALCFG, "Guider_Basic": BASIC, "CFGGuider": CFG}
 _WHY = {
@@ -53,6 +56,11 @@ WINDOWS_WHOLE_MAP = (
 )
 WINDOWS_TOKEN_GRID = (
     "it blurs the queries on the whole latent's image-token grid, and a window of frames has fewer tokens"
+)
+WINDOWS_REGIONS = "its per-region scale needs the cross-attention maps of the whole latent, a window has part"
+BATCH_ROWS = (
+    "it changes the batch the model sees from step to step (extra rows), which core EasyCache's cache and "
+    "context windows over the batch cannot follow"
 )
 WINDOWS_STATE = (
     "it carries one model call's predictions from step to step, and context windows make one call per window"
@@ -136,17 +144,42 @@ def check_windows(node: str, guider, noise, reason: str) -> None:
         )
 
 
+def check_easycache(node: str, guider, reason: str) -> None:
+    """Refuse core EasyCache/LazyCache on the guider's model, naming ``node`` and ``reason``."""
+    options = (getattr(guider, "model_options", None) or {}).get("transformer_options", {})
+    if "easycache" in options:
+        name = getattr(options["easycache"], "name", "EasyCache")
+        raise GuidanceInputError(node, "model", f"does not run under core {name}: {reason}. Remove {name}")
+
+
+def check_batch_stack(node: str, guider, x, reason: str) -> None:
+    """For a technique that changes the batch the model sees (``reason``): refuse core EasyCache/LazyCache,
+    and context windows over the batch (dim 0) that will split ``x``."""
+    check_easycache(node, guider, reason)
+    handler = (getattr(guider, "model_options", None) or {}).get("context_handler")
+    if getattr(handler, "dim", None) == 0:
+        check_windows(node, guider, x, reason)
+
+
 def install_guard(
-    model_patcher, node: str, supported: frozenset[str] = ALL, key: str = "", windows: str | None = None
+    model_patcher,
+    node: str,
+    supported: frozenset[str] = ALL,
+    key: str = "",
+    windows: str | None = None,
+    batch: str | None = None,
 ) -> None:
-    """An OUTER_SAMPLE wrapper on ``model_patcher`` (a clone) that runs ``check`` when sampling starts, and
-    ``check_windows`` with the reason ``windows`` when the technique cannot run under context windows."""
+    """An OUTER_SAMPLE wrapper on ``model_patcher`` (a clone) that runs ``check`` when sampling starts,
+    ``check_windows`` with the reason ``windows`` when the technique cannot run under context windows, and
+    ``check_batch_stack`` with the reason ``batch`` when it changes the batch the model sees."""
 
     def outer_sample(executor, *args, **kwargs):
         check(node, executor.class_obj, supported)
+        noise = args[0] if args else kwargs.get("noise")
         if windows is not None:
-            noise = args[0] if args else kwargs.get("noise")
             check_windows(node, executor.class_obj, noise, windows)
+        if batch is not None:
+            check_batch_stack(node, executor.class_obj, noise, batch)
         return executor(*args, **kwargs)
 
     model_patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY + "." + (key or node), outer_sample)
