@@ -139,7 +139,7 @@ def apply_feature_reuse(
         return out
 
     attention.install_self_attention_hook(patched, layout, hook)
-    guiders.install_guard(patched, node, guiders.ALL, windows=guiders.WINDOWS_STATE)
+    guiders.install_guard(patched, node, guiders.MAIN_CALL, windows=guiders.WINDOWS_STATE)  # main call only
     return patched
 
 

@@ -140,6 +140,7 @@ REFUSED = {
     "FasterCache": TWO_COND,
     "NASA Negative Attention": {"PerpNegGuider", "DualCFGGuider"},
     "NegToMe": {"PerpNegGuider", "DualCFGGuider"},
+    "FasterCache Feature Reuse": {"PerpNegGuider", "DualCFGGuider"},
     "S-CFG": TWO_COND,
 }
 

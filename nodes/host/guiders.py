@@ -15,7 +15,8 @@ The rule, per contract (one place, here):
 - SAG needs the self-attention map of the two-cond main call: CFGGuider and BasicGuider.
 - CFG++ needs ``D_u`` of a two-cond call and λ = the guider's cfg: CFGGuider only.
 - ICG replaces the negative: every guider that has one (not BasicGuider).
-- NASA and NegToMe act inside the sampler's own call of at most two conds: CFGGuider and BasicGuider.
+- NASA, NegToMe and FasterCache Feature Reuse act inside the sampler's own call of at most two conds:
+  CFGGuider and BasicGuider.
 - S-CFG replaces CFG's combination per region: CFGGuider only.
 
 Every pack node refuses a NaN or infinite scale (e.g. a cfg reaching the sampler through a link).
