@@ -4,6 +4,7 @@ their apply function."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..guidance import perturbation as guidance_math
 from .host import attention, families, perturbed, steps
@@ -19,28 +20,46 @@ UNIQUE_ID = {"unique_id": "UNIQUE_ID"}
 MODEL = Input("model", "MODEL", MODEL_TOOLTIP)
 
 
-def check_common(
-    node: str, scale: float, start_percent: float, end_percent: float, rescale: float, schedule: str
-):
-    """The checks of the common inputs (their declarations in ``common_inputs``), for ``node``."""
-    Inputs(node, common_inputs(0.0), COMMON_RULES).check(
-        scale=scale, start_percent=start_percent, end_percent=end_percent, rescale=rescale, schedule=schedule
-    )
+def node_function(apply: Callable) -> Callable:
+    """A node class's FUNCTION: its inputs, by name, to ``apply`` (its hidden UNIQUE_ID as ``node_id``); returns
+    ``(result,)``. The input names are ``apply``'s parameter names."""
+
+    def function(self, unique_id=None, **inputs):
+        return (apply(**inputs, node_id=unique_id),)
+
+    return function
+
+
+@dataclass(frozen=True)
+class CommonInputs:
+    """The values of the inputs every attention-perturbation node has (``common_inputs``)."""
+
+    scale: float
+    blocks: str
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    schedule: str = "constant"
+    rescale: float = 0.0
+    batched: bool = False
+
+    def check(self, node: str) -> None:
+        """The checks of the declarations in ``common_inputs``, for ``node``."""
+        Inputs(node, common_inputs(0.0), COMMON_RULES).check(
+            scale=self.scale,
+            start_percent=self.start_percent,
+            end_percent=self.end_percent,
+            rescale=self.rescale,
+            schedule=self.schedule,
+        )
 
 
 def apply_perturbation_guidance(
     model,
-    *,
     node: str,
     name: str,
     perturbation: attention.Perturbation,
-    blocks: str,
-    scale: float,
-    start_percent: float = 0.0,
-    end_percent: float = 1.0,
-    rescale: float = 0.0,
-    schedule: str = "constant",
-    batched: bool = False,
+    inputs: CommonInputs,
+    *,
     check: Callable[[families.ModelLayout], None] | None = None,
     rescale_per_image: bool = True,
     node_id=None,
@@ -48,25 +67,26 @@ def apply_perturbation_guidance(
     """Validate everything against the model and return a clone with the guidance installed.
 
     ``name`` tags the extra pass (the evaluation counter reports it under that name). ``check(layout)`` lets a
-    technique refuse a family (e.g. STG-R on a UNet). ``batched``: run the perturbed pass in the same forward
-    as the cond/uncond passes (one more chunk of the main call, perturbed alone) instead of a separate pass;
-    where that cannot happen (a guider with its own cond lists) the separate pass runs.
+    technique refuse a family (e.g. STG-R on a UNet). ``inputs.batched``: run the perturbed pass in the same
+    forward as the cond/uncond passes (one more chunk of the main call, perturbed alone) instead of a separate
+    pass; where that cannot happen (a guider with its own cond lists) the separate pass runs.
     With ``node_id`` (the node's UNIQUE_ID) every evaluation is recorded in the guidance telemetry: the main
     cond/uncond passes, the perturbed pass ``name`` (ran, or skipped outside the interval) and the step's
     scale after the schedule.
     """
-    check_common(node, scale, start_percent, end_percent, rescale, schedule)
+    inputs.check(node)
     layout = families.detect_layout(model, node)
     if check is not None:
         check(layout)
-    selection = blocks_module.parse_blocks(node, "blocks", blocks, layout)
+    selection = blocks_module.parse_blocks(node, "blocks", inputs.blocks, layout)
+    window = steps.Window(inputs.start_percent, inputs.end_percent)
     settings = perturbed.GuidanceSettings(
-        float(scale), steps.Window(start_percent, end_percent), float(rescale), schedule, rescale_per_image
+        float(inputs.scale), window, float(inputs.rescale), inputs.schedule, rescale_per_image
     )
     technique = perturbed.perturbation_pass(
         node=node, name=name, selection=selection, perturbation=perturbation, settings=settings
     )
-    return perturbed.install_perturbed_pass(model, technique, batched=batched, node_id=node_id)
+    return perturbed.install_perturbed_pass(model, technique, batched=inputs.batched, node_id=node_id)
 
 
 BLOCKS_TOOLTIP = (

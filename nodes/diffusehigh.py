@@ -262,18 +262,10 @@ class DiffuseHigh:
 
     INPUTS = INPUTS
 
-    def build(
-        self, vae, width, height, stages, renoise, structure_steps, sharpen, guidance_space, unique_id=None
-    ):
+    def build(self, vae, unique_id=None, **values):
         options = INPUTS.check(
-            width=width,
-            height=height,
-            stages=stages,
-            renoise=renoise,
-            structure_steps=structure_steps,
-            sharpen=sharpen,
-            guidance_space=guidance_space,
-        )
+            **values
+        )  # width, height, stages, renoise, structure_steps, sharpen, guidance_space
         options.update(vae=vae, node_id=unique_id)
         return (comfy.samplers.KSAMPLER(sample_diffusehigh, extra_options=options),)
 

@@ -12,7 +12,7 @@ import comfy.utils
 import torch
 
 from ..guidance import fouriscale
-from . import toolkit
+from . import common, toolkit
 from .common import CATEGORY, MODEL_TOOLTIP, UNIQUE_ID
 from .host import convs, guiders, telemetry
 from .host.inputs import MEMORY_NOTE, Input, Inputs, activation_bytes, check_memory, declare, ordered
@@ -341,35 +341,7 @@ class FouriScale:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        width,
-        height,
-        start,
-        stop,
-        base_resolution=0,
-        dilation=0,
-        progressive=True,
-        low_pass=True,
-        mask_floor=-1.0,
-        unique_id=None,
-    ):
-        return (
-            apply_fouriscale(
-                model,
-                width,
-                height,
-                base_resolution,
-                dilation,
-                start,
-                stop,
-                progressive,
-                low_pass,
-                mask_floor,
-                node_id=unique_id,
-            ),
-        )
+    patch = common.node_function(apply_fouriscale)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceFouriScale": FouriScale}

@@ -23,19 +23,10 @@ def apply_pag(
     node_id=None,
 ):
     """A clone of ``model`` guided away from its prediction with identity self-attention in ``blocks``."""
+    common_inputs = common.CommonInputs(scale, blocks, start_percent, end_percent, schedule, rescale, batched)
+    perturbation = attention.Perturbation(attention.IDENTITY)
     return common.apply_perturbation_guidance(
-        model,
-        node=NODE,
-        name=PASS_NAME,
-        perturbation=attention.Perturbation(attention.IDENTITY),
-        blocks=blocks,
-        scale=scale,
-        start_percent=start_percent,
-        end_percent=end_percent,
-        rescale=rescale,
-        schedule=schedule,
-        batched=batched,
-        node_id=node_id,
+        model, NODE, PASS_NAME, perturbation, common_inputs, node_id=node_id
     )
 
 
@@ -58,22 +49,7 @@ class PerturbedAttentionGuidance:
 
     INPUTS = INPUTS
 
-    def patch(
-        self, model, scale, blocks, start_percent, end_percent, schedule, rescale, batched, unique_id=None
-    ):
-        return (
-            apply_pag(
-                model,
-                scale,
-                blocks,
-                start_percent,
-                end_percent,
-                schedule,
-                rescale,
-                batched,
-                node_id=unique_id,
-            ),
-        )
+    patch = common.node_function(apply_pag)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidancePAG": PerturbedAttentionGuidance}

@@ -1,17 +1,16 @@
-"""Self-Attention Guidance (Hong et al., ICCV 2023) on every family the attention engine knows.
+"""Self-Attention Guidance (Hong et al., ICCV 2023) on every family the attention engine knows, on the
+PERTURBED-PASS contract (``host/perturbed.py``).
 
-Hooks (all chainable, on a clone):
-- A CALC_COND_BATCH wrapper marks the sampler's main cond/uncond call (``passes.is_main_call``): on a copy of
-  its ``model_options`` it installs a capture at the one chosen block, an ``attn1`` replace on UNets or a
-  ``patches_replace["dit"]`` replace with a runtime attention override on DiTs (the engine's paths). The
-  capture computes the attention map there, in chunks, only for the rows of one cond chunk: the uncond rows
-  when the forward has them, else the cond rows. It stores the attention mass per batch row and per cond chunk
-  (``transformer_options["cond_or_uncond"]``), accumulating over every forward of the call (chunked cond and
-  uncond forwards, several entries of one conditioning) and starting afresh with each main call.
-- A post-CFG function builds the mask from the uncond map when the uncond really ran (else from the cond map:
-  Adaptive Guidance, CFG Interval, cfg 1), blurs that branch's prediction under the mask, re-noises it, runs
-  one extra pass with the same conditioning (``passes.extra_cond_pass``) and combines
-  ``D = D_cfg + s (x̄₀ − D(x̄_t))`` (see ``guidance/sag.py``).
+- ``capture`` (the main cond/uncond call, on its own copy of ``model_options``): an attention hook at the one
+  chosen block (``host/attention_calls.py``: an ``attn1`` replace on UNets, a ``patches_replace["dit"]`` replace
+  with a runtime attention override on DiTs) computes the attention map there, in chunks, only for the rows of
+  one cond chunk: the uncond rows when the forward has them, else the cond rows. It keeps the attention mass per
+  batch row and per cond chunk (``transformer_options["cond_or_uncond"]``), accumulating over every forward of
+  the call (chunked cond and uncond forwards, several entries of one conditioning).
+- ``pass_input`` (after CFG): the mask from the uncond map when the uncond really ran (else from the cond map:
+  Adaptive Guidance, CFG Interval, cfg 1); that branch's prediction blurred under the mask and re-noised is the
+  input of the extra pass, with that branch's conditioning.
+- ``combine``: ``D = D_cfg + s (x̄₀ − D(x̄_t))`` (see ``guidance/sag.py``).
 
 Differences from core ``SelfAttentionGuidance``: core keeps the map of one forward only and forces the uncond
 pass at cfg 1 (``disable_cfg1_optimization``); here maps are per row and per chunk over all forwards, and at
@@ -21,8 +20,6 @@ side ≤ 4; here the blur kernel shrinks to fit.
 
 from __future__ import annotations
 
-import logging
-import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -30,15 +27,19 @@ import torch
 from ..guidance import sag as sag_math
 from . import common, toolkit
 from .common import CATEGORY, MODEL, UNIQUE_ID
-from .host import attention, blocks, families, guiders, observer, passes, perturbed, steps, telemetry
+from .host import attention, attention_calls, blocks, families, guiders, observer, perturbed, steps
 from .host.inputs import Input, Inputs, declare
 
 NODE = "Self-Attention Guidance"
 PASS_NAME = "sag"
+NO_MAP = (
+    "free guidance SAG: no self-attention map of the main pass at this step (a guider with its own cond lists, "
+    "area conditioning or context windows); the step is left unguided"
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# State
+# The main call's capture
 
 
 @dataclass
@@ -51,61 +52,59 @@ class _Entry:
 
 
 @dataclass
-class _RunState:
-    captures: dict = field(default_factory=dict)  # cond chunk index -> [_Entry]
-    uncond_ran: bool = False
-    warned: bool = False
+class _Capture:
+    """One main call's maps: cond chunk index -> [_Entry] (an object: transformer_options get copied)."""
 
-
-@dataclass
-class _CallState:
-    """One main call's capture (an object: transformer_options dicts get copied on every forward)."""
-
-    run: _RunState
-    grid: tuple  # DiT image-token grid of the call's latent
-    text_tokens: int | None = None
+    state: attention_calls.BlockState  # the DiT image-token grid and text length
+    unet: bool
+    captures: dict = field(default_factory=dict)
 
     def target(self, chunks: list) -> int | None:
         """The cond chunk to capture in a forward: the uncond when it is there, else the cond (once)."""
         if 1 in chunks:
             return 1
-        if 0 in chunks and 1 not in self.run.captures:
+        if 0 in chunks and 1 not in self.captures:
             return 0
         return None
 
-    def store(self, block, chunk: int, mass: torch.Tensor, grid: tuple, spatial: tuple) -> None:
-        self.run.captures.setdefault(chunk, []).append(_Entry(mass, grid, spatial))
-        observer.emit("sag_capture", block=block, chunk=chunk, mass=mass, grid=grid)
+    def __call__(self, call: attention_calls.AttentionCall, out: torch.Tensor) -> torch.Tensor:
+        """The attention hook: store the mass of the target chunk's rows of one self-attention call."""
+        target = self.target(call.chunks)
+        if target is None:
+            return out
+        spatial = call.grid
+        if self.unet:  # the spatial size of the input the UNet saw
+            spatial = tuple(call.options.get("original_shape", [0, 0, *call.grid])[2:])
+        mask = _normalise_mask(call.mask)
+        for rows in attention.chunk_rows(call.chunks, target, call.q.shape[0]):
+            entry_mask = mask
+            if mask is not None and mask.ndim >= 3 and mask.shape[0] == call.q.shape[0]:
+                entry_mask = mask[rows]
+            mass = sag_math.attention_mass(
+                call.q[rows], call.k[rows], queries=call.image, keys=call.image, mask=entry_mask
+            )
+            self.captures.setdefault(target, []).append(_Entry(mass, call.grid, spatial))
+            observer.emit("sag_capture", block=call.block, chunk=target, mass=mass, grid=call.grid)
+        return out
 
 
-def _chunk_rows(chunks: list, target: int, batch: int) -> list[range]:
-    """Row ranges of every entry of cond chunk ``target`` in a forward of ``batch`` rows."""
-    per = batch // len(chunks)
-    return [range(j * per, (j + 1) * per) for j, chunk in enumerate(chunks) if chunk == target]
-
-
-def _store(call: _CallState, seen: attention.SelfAttention) -> None:
-    """The attention callback: store the mass of the target chunk's rows of one self-attention call."""
-    found = _capture(call, seen.chunks, seen.q, seen.k, queries=seen.span, keys=seen.span, mask=seen.mask)
-    if found is not None:
-        target, masses = found
-        for mass in masses:
-            call.store(seen.block, target, mass, seen.grid, seen.spatial)
-
-
-def _capture(call: _CallState, chunks, q, k, *, queries=None, keys=None, mask=None):
-    """Mass of the target chunk's rows from q, k (B, H, N, D); returns {chunk: [(rows, keys) per entry]}."""
-    target = call.target(list(chunks))
-    if target is None:
+def _normalise_mask(mask):
+    if mask is None or not torch.is_tensor(mask):
         return None
-    out = []
-    for rows in _chunk_rows(list(chunks), target, q.shape[0]):
-        index = slice(rows.start, rows.stop)
-        entry_mask = mask
-        if mask is not None and mask.ndim >= 3 and mask.shape[0] == q.shape[0]:
-            entry_mask = mask[index]
-        out.append(sag_math.attention_mass(q[index], k[index], queries=queries, keys=keys, mask=entry_mask))
-    return target, out
+    if mask.ndim == 2:
+        return mask[None, None]
+    if mask.ndim == 3:
+        return mask[:, None]
+    return mask
+
+
+@dataclass(frozen=True)
+class _Degraded:
+    """What the extra pass evaluates, handed on to the combine."""
+
+    degraded: torch.Tensor
+    mask: torch.Tensor
+    chunk: int
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ def signal_scale(model_sampling, sigma: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The patch
+# The technique
 
 
 def apply_sag(
@@ -173,102 +172,62 @@ def apply_sag(
     ).values()
     layout = families.detect_layout(model, NODE)
     selection = parse_sag_blocks(blocks, layout)
-    patched = model.clone()
-    settings = perturbed.GuidanceSettings(
-        float(scale), steps.Window(start_percent, end_percent), 0.0, schedule
-    )
-    key = f"{passes.KEY_PREFIX}{PASS_NAME}.{uuid.uuid4().hex[:12]}"
-    steps.install_run_state(patched, key, _RunState)
+    diffusion_model = model.get_model_object("diffusion_model")
+    settings = perturbed.GuidanceSettings(scale, steps.Window(start_percent, end_percent), 0.0, schedule)
 
-    def calc_cond_batch(executor, model, conds, x_in, timestep, model_options):
-        run = steps.run_state(model_options, key)
-        if run is None or not passes.is_main_call(conds, model_options):
-            return executor(model, conds, x_in, timestep, model_options)
-        run.captures = {}
-        run.uncond_ran = False
-        if (
-            perturbed.step_scale(
-                settings, steps.StepContext.of(model_options, timestep, model.model_sampling)
-            )
-            == 0
-        ):
-            out = executor(model, conds, x_in, timestep, model_options)
+    def capture(options: dict, inputs: perturbed.PassInputs) -> _Capture:
+        call = _Capture(attention_calls.block_state(layout, inputs.x), layout.spec.kind == "unet")
+        if call.unet:
+            attention_calls.install_unet_hook(options, selection, diffusion_model, "attn1", call)
         else:
-            options = passes.options_copy(model_options)
-            grid = families.token_grid(layout, x_in.shape) if layout.spec.kind == "dit" else ()
-            call = _CallState(run, grid)
-            attention.install_attention_callback(options, selection, call, lambda seen: _store(call, seen))
-            out = executor(model, conds, x_in, timestep, options)
-        run.uncond_ran = conds[1] is not None and passes.uncond_evaluated(out)
-        return out
-
-    passes.add_wrapper(patched, steps.WrappersMP.CALC_COND_BATCH, key, calc_cond_batch)
-
-    def post_cfg(args):
-        denoised = args["denoised"]
-        model_options = args["model_options"]
-        sigma = steps.sigma_value(args["sigma"])
-        run = steps.run_state(model_options, key)
-        uncond_ran = run is not None and run.uncond_ran
-        step_scale = (
-            perturbed.step_scale(
-                settings, steps.StepContext.of(model_options, sigma, args["model"].model_sampling)
+            kinds = (attention_calls.SELF, attention_calls.JOINT)
+            attention_calls.install_dit_hook(
+                options, selection, diffusion_model, call.state, call, kinds, name="SAG"
             )
-            if run is not None
-            else 0.0
-        )
-        if step_scale == 0:
-            telemetry.record(
-                model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True, sag_scale=0.0
-            )
-            return denoised
-        x = args["input"]
-        use_uncond = uncond_ran and 1 in run.captures and args.get("uncond") is not None
+        return call
+
+    def pass_input(inputs: perturbed.GuideInputs) -> perturbed.PassInput | None:
+        args, x = inputs.args, inputs.args["input"]
+        captures = inputs.captured.captures if inputs.captured is not None else {}
+        use_uncond = inputs.uncond_ran and 1 in captures and args.get("uncond") is not None
         chunk = 1 if use_uncond else 0
         if layout.spec.kind == "dit":
             grid = families.token_grid(layout, x.shape)
-            entries = [e for e in run.captures.get(chunk, []) if e.grid == grid]
+            entries = [e for e in captures.get(chunk, []) if e.grid == grid]
         else:
-            entries = [e for e in run.captures.get(chunk, []) if e.spatial == tuple(x.shape[2:])]
+            entries = [e for e in captures.get(chunk, []) if e.spatial == tuple(x.shape[2:])]
             grid = entries[0].grid if entries else ()
             entries = [e for e in entries if e.grid == grid]
         entries = [e for e in entries if e.mass.shape[0] == x.shape[0]]
-        run.captures = {}
         if not entries:
-            if not run.warned:
-                run.warned = True
-                logging.warning(
-                    "free guidance SAG: no self-attention map of the main pass at this step (a guider with its "
-                    "own cond lists, area conditioning or context windows); the step is left unguided"
-                )
-            telemetry.record(
-                model_options, node_id, sigma=sigma, skipped=[PASS_NAME], observed=True, sag_scale=0.0
-            )
-            return denoised
+            inputs.warn_once(NO_MAP)
+            return None
         mass = torch.stack([e.mass for e in entries]).mean(dim=0)
-        mask = sag_math.upsample_mask(
-            sag_math.mass_to_mask(mass, grid, settings_threshold), tuple(x.shape[2:])
-        )
+        mask = sag_math.upsample_mask(sag_math.mass_to_mask(mass, grid, threshold), tuple(x.shape[2:]))
         source = args["uncond_denoised"] if use_uncond else args["cond_denoised"]
-        conditioning = args["uncond"] if use_uncond else args["cond"]
-        degraded = sag_math.degrade(source, mask, blur)
-        a = signal_scale(args["model"].model_sampling, sigma)
+        degraded = sag_math.degrade(source, mask, blur_sigma)
+        a = signal_scale(args["model"].model_sampling, inputs.step.sigma)
         noised = sag_math.renoise(x, source, degraded, a)
-        prediction = passes.extra_cond_pass(
-            args["model"], conditioning, noised, args["sigma"], model_options, name=PASS_NAME
-        )
-        observer.emit("sag_guide", sigma=sigma, chunk=chunk, mask=mask)
-        telemetry.record(
-            model_options, node_id, sigma=sigma, ran=[PASS_NAME], observed=True, sag_scale=step_scale
-        )
-        return sag_math.sag_guidance(denoised, degraded, prediction, step_scale)
+        conditioning = args["uncond"] if use_uncond else args["cond"]
+        return perturbed.PassInput(conditioning, noised, _Degraded(degraded, mask, chunk))
 
-    settings_threshold = float(threshold)
-    blur = float(blur_sigma)
-    guiders.install_guard(patched, NODE, guiders.SAG, windows=guiders.WINDOWS_WHOLE_MAP)
-    telemetry.enable(patched, node_id, NODE)
-    telemetry.observe(patched, node_id)
-    passes.add_post_cfg(patched, post_cfg)
+    def combine(inputs: perturbed.CombineInputs) -> torch.Tensor:
+        handed: _Degraded = inputs.pass_input.data
+        observer.emit("sag_guide", sigma=inputs.step.sigma, chunk=handed.chunk, mask=handed.mask)
+        return sag_math.sag_guidance(inputs.denoised, handed.degraded, inputs.perturbed, inputs.scale)
+
+    technique = perturbed.PerturbedPass(
+        name=PASS_NAME,
+        node=NODE,
+        scale=perturbed.pass_scale(settings),
+        combine=combine,
+        fields=lambda scale: {"sag_scale": 0.0 if scale is None else scale},
+        capture=capture,
+        pass_input=pass_input,
+        guiders=guiders.SAG,
+    )
+    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id)
+    guiders.install_guard(patched, NODE, key=PASS_NAME + ".windows", windows=guiders.WINDOWS_WHOLE_MAP)
     return patched
 
 
@@ -351,31 +310,7 @@ class SelfAttentionGuidance:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        scale,
-        blur_sigma,
-        threshold,
-        blocks,
-        start_percent,
-        end_percent,
-        schedule,
-        unique_id=None,
-    ):
-        return (
-            apply_sag(
-                model,
-                scale,
-                blur_sigma,
-                threshold,
-                blocks,
-                start_percent,
-                end_percent,
-                schedule,
-                node_id=unique_id,
-            ),
-        )
+    patch = common.node_function(apply_sag)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceSAG": SelfAttentionGuidance}

@@ -27,19 +27,10 @@ def apply_seg(
 ):
     """A clone of ``model`` guided away from its prediction with blurred self-attention queries in ``blocks``."""
     blur_sigma = INPUTS.check(blur_sigma=blur_sigma)["blur_sigma"]
+    common_inputs = common.CommonInputs(scale, blocks, start_percent, end_percent, schedule, rescale, batched)
+    perturbation = attention.Perturbation(attention.BLUR, blur_sigma)
     patched = common.apply_perturbation_guidance(
-        model,
-        node=NODE,
-        name=PASS_NAME,
-        perturbation=attention.Perturbation(attention.BLUR, blur_sigma),
-        blocks=blocks,
-        scale=scale,
-        start_percent=start_percent,
-        end_percent=end_percent,
-        rescale=rescale,
-        schedule=schedule,
-        batched=batched,
-        node_id=node_id,
+        model, NODE, PASS_NAME, perturbation, common_inputs, node_id=node_id
     )
     if families.detect_layout(model, NODE).spec.kind == "dit":  # a UNet's blur reads each call's own shape
         guiders.install_guard(patched, NODE, key=PASS_NAME + ".windows", windows=guiders.WINDOWS_TOKEN_GRID)
@@ -83,33 +74,7 @@ class SmoothedEnergyGuidance:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        scale,
-        blocks,
-        start_percent,
-        end_percent,
-        schedule,
-        rescale,
-        blur_sigma,
-        batched,
-        unique_id=None,
-    ):
-        return (
-            apply_seg(
-                model,
-                scale,
-                blur_sigma,
-                blocks,
-                start_percent,
-                end_percent,
-                schedule,
-                rescale,
-                batched,
-                node_id=unique_id,
-            ),
-        )
+    patch = common.node_function(apply_seg)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceSEG": SmoothedEnergyGuidance}

@@ -39,21 +39,16 @@ def apply_stg(
                 f"{layout.spec.label}. Use STG-A (skip attention) there",
             )
 
+    common_inputs = common.CommonInputs(scale, blocks, start_percent, end_percent, schedule, rescale, batched)
     return common.apply_perturbation_guidance(
         model,
-        node=NODE,
-        name=PASS_NAME,
-        perturbation=perturbation,
-        blocks=blocks,
-        scale=scale,
-        start_percent=start_percent,
-        end_percent=end_percent,
-        rescale=rescale,
-        schedule=schedule,
-        batched=batched,
-        node_id=node_id,
+        NODE,
+        PASS_NAME,
+        perturbation,
+        common_inputs,
         check=check,
         rescale_per_image=rescale_statistic == RESCALE_STATISTICS[0],
+        node_id=node_id,
     )
 
 
@@ -101,35 +96,7 @@ class SpatiotemporalSkipGuidance:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        scale,
-        blocks,
-        start_percent,
-        end_percent,
-        schedule,
-        rescale,
-        mode,
-        batched,
-        rescale_statistic=RESCALE_STATISTICS[0],
-        unique_id=None,
-    ):
-        return (
-            apply_stg(
-                model,
-                scale,
-                mode,
-                blocks,
-                start_percent,
-                end_percent,
-                schedule,
-                rescale,
-                batched,
-                rescale_statistic,
-                node_id=unique_id,
-            ),
-        )
+    patch = common.node_function(apply_stg)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceSTG": SpatiotemporalSkipGuidance}

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..guidance import tsg
-from . import toolkit
+from . import common, toolkit
 from .common import CATEGORY, MODEL, UNIQUE_ID
 from .host import embedding, families, observer, passes, perturbed, steps
 from .host.inputs import Input, Inputs, declare, ordered
@@ -297,33 +297,7 @@ class TimeStepGuidance:
 
     INPUTS = INPUTS
 
-    def patch(
-        self,
-        model,
-        scale,
-        noise_scale,
-        alpha,
-        t_min,
-        t_max,
-        first_n_blocks,
-        std_scaling,
-        seed,
-        unique_id=None,
-    ):
-        return (
-            apply_tsg(
-                model,
-                scale,
-                noise_scale,
-                alpha,
-                t_min,
-                t_max,
-                first_n_blocks,
-                std_scaling,
-                seed,
-                node_id=unique_id,
-            ),
-        )
+    patch = common.node_function(apply_tsg)
 
 
 NODE_CLASS_MAPPINGS = {"FreeGuidanceTSG": TimeStepGuidance}

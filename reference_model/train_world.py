@@ -5,7 +5,7 @@
     python reference_model/train_world.py --kind image --steps 3 --out smoke-run   # a smoke run
 
 Writes ``<out>/world_<kind>.safetensors`` (EMA weights with the recipe in the file's metadata; the image
-file holds SD1.5 UNet keys, the video file Wan 2.1 keys), ``<out>/world_<kind>_training.json`` (recipe,
+file holds SD1.5 UNet keys and the ``v_pred`` marker, the video file Wan 2.1 keys), ``<out>/world_<kind>_training.json`` (recipe,
 loss curve, time) and ``<out>/world_<kind>_loss.svg``. One CPU thread by default (``--threads``).
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 from sceneworld import model  # noqa: E402
 from train import loss_curve_svg  # noqa: E402
 
-DEFAULT_STEPS = {"image": 800, "video": 500}
+DEFAULT_STEPS = {"image": 1000, "video": 500}
 DEFAULT_BATCH = {"image": 24, "video": 16}
 
 
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": f"free-guidance reference world ({args.kind})",
     }
     weights = {k: v.to(torch.float16) for k, v in result.state_dict.items()}
+    if args.kind == "image":
+        weights[model.V_PRED_KEY] = torch.zeros(0)  # the loader's v-prediction marker
     safetensors.torch.save_file(weights, str(out / f"{name}.safetensors"), metadata=metadata)
     (out / f"{name}_training.json").write_text(json.dumps(record, indent=1))
     if len(result.losses) > 1:

@@ -1,4 +1,6 @@
-"""Attention hooks for every family: the perturbations of PAG, SEG and STG, and SAG's attention-map capture.
+"""Attention hooks for every family: the perturbations of PAG, SEG and STG, the way every attention hook reaches
+its blocks (``install_block_hooks``; on DiTs the one block runner ``block_runner`` / ``run_with_calls``) and the
+row, span and state helpers they share (``attention_calls.py`` builds on them).
 
 How a hook reaches the chosen blocks, with native hooks only:
 - UNet (SD1.5, SDXL): an ``attn1`` replace per chosen transformer block, keyed by the 3-tuple
@@ -8,8 +10,8 @@ How a hook reaches the chosen blocks, with native hooks only:
   STG-R returns the block's input (the block is skipped, exactly as core ``SkipLayerGuidanceDiT``). For
   attention hooks the replace runs the block (or the replace already installed at that key) with a
   shallow copy of ``transformer_options`` that carries a runtime attention override chained to any override
-  already there; the override sees the block's attention calls (``on_attention``, the one callback) and passes
-  every other call through. The override lives only in that per-block copy, so attention outside the chosen
+  already there; the override hands each attention call of the block to the hook's ``on_call``, which passes
+  the calls it does not want through. The override lives only in that per-block copy, so attention outside the chosen
   blocks (HunyuanVideo's text refiner, other blocks) is never touched.
 
 On joint attention PAG/STG-A make the whole joint attention map the identity (output = V for every token); SEG
@@ -44,12 +46,35 @@ class Perturbation:
     blur_sigma: float = 0.0
 
 
-@dataclass
-class PassState:
-    """Shared by the hooks of one perturbed forward (an object: transformer_options dicts get copied)."""
+def chunk_rows(chunks: list, chunk: int, batch: int) -> list[slice]:
+    """The row ranges of every entry of cond chunk ``chunk`` (0 = cond, 1 = uncond, ...) in a forward of ``batch``
+    rows whose chunks are ``chunks`` (``transformer_options["cond_or_uncond"]``)."""
+    chunks = list(chunks) or [0]
+    per = batch // len(chunks)
+    return [slice(j * per, (j + 1) * per) for j, c in enumerate(chunks) if c == chunk]
 
-    grid: tuple  # token grid of the image tokens, (H, W) or (T, H, W)
+
+def rows_mask(chunks: list, chunk: int, batch: int, device=None) -> torch.Tensor:
+    """Boolean (batch,) mask of the rows of cond chunk ``chunk`` (``chunk_rows``)."""
+    mask = torch.zeros(batch, dtype=torch.bool, device=device)
+    for rows in chunk_rows(chunks, chunk, batch):
+        mask[rows] = True
+    return mask
+
+
+@dataclass
+class BlockState:
+    """Per forward of the chosen blocks: the image-token grid and the text length of the joint attention (an
+    object: the transformer_options dicts get copied on every forward)."""
+
+    grid: tuple  # token grid of the image tokens, (H, W) or (T, H, W); UNet: ()
     text_tokens: int | None = None
+
+
+@dataclass
+class PassState(BlockState):
+    """Shared by the hooks of one perturbed forward."""
+
     # Batched with the main call: the chunk index (in cond_or_uncond) of the perturbed cond; None: every row
     index: int | None = None
 
@@ -61,13 +86,46 @@ class PassState:
         if self.index is None:
             return None
         chunks = list(transformer_options.get("cond_or_uncond", []))
-        mask = torch.zeros(batch, dtype=torch.bool, device=device)
-        if self.index in chunks:
-            per = batch // len(chunks)
-            for j, chunk in enumerate(chunks):
-                if chunk == self.index:
-                    mask[j * per : (j + 1) * per] = True
-        return mask
+        if self.index not in chunks:
+            return torch.zeros(batch, dtype=torch.bool, device=device)
+        return rows_mask(chunks, self.index, batch, device)
+
+
+def block_state(layout: ModelLayout, x: torch.Tensor) -> BlockState:
+    """The state of one forward of ``x`` through ``layout``'s chosen blocks."""
+    return BlockState(grid=token_grid(layout, x.shape) if layout.spec.kind == "dit" else ())
+
+
+def image_span(state: BlockState, tokens: int, text_first: bool, name: str = "") -> tuple[int, int]:
+    """(start, end) of the image tokens among ``tokens`` attention tokens (after the text on text-first joint
+    attention); a RuntimeError naming technique ``name`` when they cannot be there."""
+    who = f"free guidance {name}" if name else "free guidance"
+    count = math.prod(state.grid)
+    start = 0
+    if text_first:
+        if state.text_tokens is None:
+            raise RuntimeError(f"{who}: the text length of this joint attention is unknown")
+        start = state.text_tokens
+    if start + count > tokens:
+        raise RuntimeError(
+            f"{who}: {tokens} attention tokens cannot hold {count} image tokens (grid {state.grid}) after "
+            f"{start} text tokens"
+        )
+    return start, start + count
+
+
+def unet_attention(q, k, v, extra_options: dict, previous=None) -> torch.Tensor:
+    """A UNet ``attn1``/``attn2`` call as ComfyUI makes it (through the replace ``previous`` if there is one)."""
+    if previous is not None:
+        return previous(q, k, v, extra_options)
+    return comfy_attention.optimized_attention(
+        q,
+        k,
+        v,
+        extra_options["n_heads"],
+        attn_precision=extra_options.get("attn_precision"),
+        transformer_options=extra_options,
+    )
 
 
 def _identity_attention(q, k, v, heads, skip_reshape, skip_output_reshape):
@@ -91,19 +149,9 @@ def _blur_image_queries(q, state: PassState, heads: int, skip_reshape: bool, tex
     else:
         tokens = q
         n = q.shape[1]
-    count = math.prod(state.grid)
-    start = 0
-    if text_first:
-        if state.text_tokens is None:
-            raise RuntimeError("free guidance SEG: the text length of this joint attention is unknown")
-        start = state.text_tokens
-    if start + count > n:
-        raise RuntimeError(
-            f"free guidance SEG: {n} attention tokens cannot hold {count} image tokens (grid {state.grid}) "
-            f"after {start} text tokens"
-        )
-    image = seg_math.blur_tokens(tokens[:, start : start + count], state.grid, sigma)
-    tokens = torch.cat([tokens[:, :start], image, tokens[:, start + count :]], dim=1)
+    start, end = image_span(state, n, text_first, "SEG")
+    image = seg_math.blur_tokens(tokens[:, start:end], state.grid, sigma)
+    tokens = torch.cat([tokens[:, :start], image, tokens[:, end:]], dim=1)
     if skip_reshape:
         return tokens.reshape(b, n, h, d).transpose(1, 2)
     return tokens
@@ -111,16 +159,7 @@ def _blur_image_queries(q, state: PassState, heads: int, skip_reshape: bool, tex
 
 def _unet_replace(key, perturbation: Perturbation, state: PassState, previous):
     def attend(q, k, v, extra_options):
-        if previous is not None:
-            return previous(q, k, v, extra_options)
-        return comfy_attention.optimized_attention(
-            q,
-            k,
-            v,
-            extra_options["n_heads"],
-            attn_precision=extra_options.get("attn_precision"),
-            transformer_options=extra_options,
-        )
+        return unet_attention(q, k, v, extra_options, previous)
 
     def replace(q, k, v, extra_options):
         rows = state.rows(extra_options, q.shape[0], q.device)
@@ -154,10 +193,10 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
                 state.trace(key, SKIP)
                 return args
             if not rows.any():
-                return previous(args, extra) if previous is not None else extra["original_block"](args)
+                return run_original(args, extra, previous)
             # the block's input rows of the perturbed chunk, saved first: some blocks update it in place
             kept = {s: args[s][rows].clone() for s in ("img", "txt") if torch.is_tensor(args.get(s))}
-            out = previous(args, extra) if previous is not None else extra["original_block"](args)
+            out = run_original(args, extra, previous)
             state.trace(key, SKIP)
             out = dict(out)
             for stream, saved in kept.items():
@@ -169,46 +208,44 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
 
         return skip
 
-    def run_block(args, extra):
-        if spec.text_first and key[0] == "double_block":
-            state.text_tokens = args["txt"].shape[1]
-        calls = [0]
-
-        def override(func, *a, previous=None, **kw):
-            index = calls[0]
-            calls[0] += 1
-            if spec.self_calls is not None and index not in spec.self_calls:
-                return passes.call_attention(func, previous, *a, **kw)
-            q, k, v = a[0], a[1], a[2]
-            rows = state.rows(kw.get("transformer_options") or {}, q.shape[0], q.device)
-            if rows is not None and not rows.any():
-                return passes.call_attention(func, previous, *a, **kw)
-            heads = a[3] if len(a) > 3 else kw.get("heads")
-            skip_reshape = kw.get("skip_reshape", False)
-            state.trace(key, perturbation.mode)
-            if perturbation.mode == IDENTITY:
-                identity = _identity_attention(
-                    q, k, v, heads, skip_reshape, kw.get("skip_output_reshape", False)
-                )
-                if rows is None:
-                    return identity
-                out = passes.call_attention(func, previous, *a, **kw)
-                out[rows] = identity[rows].to(out.dtype)
-                return out
+    def on_call(args, index, attend, a, kw):
+        if not is_self_call(layout, index):
+            return attend(*a, **kw)
+        q, k, v = a[0], a[1], a[2]
+        rows = state.rows(kw.get("transformer_options") or {}, q.shape[0], q.device)
+        if rows is not None and not rows.any():
+            return attend(*a, **kw)
+        heads = a[3] if len(a) > 3 else kw.get("heads")
+        skip_reshape = kw.get("skip_reshape", False)
+        state.trace(key, perturbation.mode)
+        if perturbation.mode == IDENTITY:
+            identity = _identity_attention(q, k, v, heads, skip_reshape, kw.get("skip_output_reshape", False))
             if rows is None:
-                q = _blur_image_queries(
-                    q, state, heads, skip_reshape, spec.text_first, perturbation.blur_sigma
-                )
-            else:
-                q = q.clone()
-                q[rows] = _blur_image_queries(
-                    q[rows], state, heads, skip_reshape, spec.text_first, perturbation.blur_sigma
-                )
-            return passes.call_attention(func, previous, q, *a[1:], **kw)
+                return identity
+            out = attend(*a, **kw)
+            out[rows] = identity[rows].to(out.dtype)
+            return out
+        blur = perturbation.blur_sigma
+        if rows is None:
+            q = _blur_image_queries(q, state, heads, skip_reshape, spec.text_first, blur)
+        else:
+            q = q.clone()
+            q[rows] = _blur_image_queries(q[rows], state, heads, skip_reshape, spec.text_first, blur)
+        return attend(q, *a[1:], **kw)
 
-        return run_with_override(args, extra, previous, override)
+    return block_runner(key, layout, state, on_call, previous)
 
-    return run_block
+
+def is_self_call(layout: ModelLayout, index: int) -> bool:
+    """Whether attention call ``index`` of a DiT block is its self (or joint) attention."""
+    return layout.spec.self_calls is None or index in layout.spec.self_calls
+
+
+def run_original(args: dict, extra: dict, previous) -> dict:
+    """Run a DiT block through the replace ``previous`` installed at its key, else the block itself."""
+    if previous is not None:
+        return previous(args, extra)
+    return extra["original_block"](args)
 
 
 def run_with_override(args: dict, extra: dict, previous, override: Callable) -> dict:
@@ -218,17 +255,48 @@ def run_with_override(args: dict, extra: dict, previous, override: Callable) -> 
     block_options = {"transformer_options": dict(args["transformer_options"])}
     passes.chain_attention_override(block_options, override)
     inner = dict(args, transformer_options=block_options["transformer_options"])
-    if previous is not None:
-        return previous(inner, extra)
-    return extra["original_block"](inner)
+    return run_original(inner, extra, previous)
 
 
-def text_length_recorder(state: PassState, previous):
+# on_call(args, index, attend, a, kw): one attention call of a block run with ``args``, ``index`` its position in
+# the block, ``a``/``kw`` its arguments; ``attend(*a, **kw)`` runs a call through any override installed before.
+# Returns the call's output.
+OnCall = Callable[[dict, int, Callable, tuple, dict], torch.Tensor]
+
+
+def run_with_calls(args: dict, extra: dict, previous, on_call: OnCall) -> dict:
+    """Run a DiT block (``run_with_override``) with ``on_call`` in place of each of its attention calls."""
+    calls = [0]
+
+    def override(func, *a, previous=None, **kw):
+        index = calls[0]
+        calls[0] += 1
+
+        def attend(*args_, **kw_):
+            return passes.call_attention(func, previous, *args_, **kw_)
+
+        return on_call(args, index, attend, a, kw)
+
+    return run_with_override(args, extra, previous, override)
+
+
+def block_runner(key, layout: ModelLayout, state: BlockState | None, on_call: OnCall, previous):
+    """A block replace for DiT block ``key`` (``previous``: the replace already there) that records the text
+    length of joint attention in ``state`` and runs the block with ``on_call`` (``run_with_calls``)."""
+    text_first = layout.spec.text_first and key[0] == "double_block"
+
+    def run_block(args, extra):
+        if state is not None and text_first:
+            state.text_tokens = args["txt"].shape[1]
+        return run_with_calls(args, extra, previous, on_call)
+
+    return run_block
+
+
+def text_length_recorder(state: BlockState, previous):
     def record(args, extra):
         state.text_tokens = args["txt"].shape[1]
-        if previous is not None:
-            return previous(args, extra)
-        return extra["original_block"](args)
+        return run_original(args, extra, previous)
 
     return record
 
@@ -247,6 +315,18 @@ def install_perturbation(
     )
 
 
+def install_replaces(
+    model_options: dict, kind: str, keys, make: Callable[[tuple, Callable | None], Callable]
+):
+    """``make(key, previous)`` as the ``patches_replace[kind]`` replace ("attn1", "attn2", "dit") at each of
+    ``keys`` on ``model_options`` (a copy for one pass), ``previous`` the replace already there (chained; on UNets
+    also one installed at the 2-tuple key of the transformer's block)."""
+    existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get(kind, {})
+    for key in keys:
+        previous = existing.get(key, existing.get(key[:2]))
+        comfy.model_patcher.set_model_options_patch_replace(model_options, make(key, previous), kind, *key)
+
+
 def install_block_hooks(
     model_options: dict, selection: Selection, unet_hook, dit_hook, *, text_state=None
 ) -> None:
@@ -255,32 +335,22 @@ def install_block_hooks(
     block, ``previous`` the replace already installed there (chained). ``text_state``: on joint-attention DiTs,
     record the text length there (in the first double block when no double block is chosen)."""
     layout = selection.layout
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
     if layout.spec.kind == "unet":
-        existing = replaces.get("attn1", {})
-        for key in selection.keys:
-            previous = existing.get(key, existing.get(key[:2]))
-            comfy.model_patcher.set_model_options_patch_replace(
-                model_options, unet_hook(key, previous), "attn1", *key
-            )
+        install_replaces(model_options, "attn1", selection.keys, unet_hook)
         return
-    existing = replaces.get("dit", {})
-    for key in selection.keys:
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, dit_hook(key, existing.get(key)), "dit", *key
-        )
+    install_replaces(model_options, "dit", selection.keys, dit_hook)
     needs_text = text_state is not None and layout.spec.text_first
     if needs_text and not any(kind == "double_block" for kind, _ in selection.keys):
-        first = ("double_block", 0)
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, text_length_recorder(text_state, existing.get(first)), "dit", *first
+        install_replaces(
+            model_options,
+            "dit",
+            [("double_block", 0)],
+            lambda key, previous: text_length_recorder(text_state, previous),
         )
 
 
 def pass_state(selection: Selection, x, model_options, index=None) -> PassState:
-    layout = selection.layout
-    grid = token_grid(layout, x.shape) if layout.spec.kind == "dit" else ()
-    return PassState(grid=grid, index=index)
+    return PassState(grid=block_state(selection.layout, x).grid, index=index)
 
 
 def perturbed_prediction(model, cond, x, sigma, model_options, selection, perturbation, *, name: str):
@@ -294,134 +364,6 @@ def perturbed_prediction(model, cond, x, sigma, model_options, selection, pertur
         model_options,
         name=name,
         modify=lambda options: install_perturbation(options, selection, perturbation, state),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Observing self-attention (SAG's map capture): one callback for UNet and DiT blocks
-
-
-@dataclass(frozen=True)
-class SelfAttention:
-    """One self-attention call of a chosen block, as an attention callback sees it."""
-
-    block: tuple  # the block key
-    chunks: list  # the forward's cond chunks (transformer_options["cond_or_uncond"])
-    q: torch.Tensor  # (B, H, N, D)
-    k: torch.Tensor  # (B, H, N, D)
-    grid: tuple  # token grid of the image tokens
-    spatial: tuple  # UNet: the spatial size of the input the UNet saw (areas differ); DiT: the grid
-    span: tuple | None = None  # DiT: (start, end) of the image tokens among the N; UNet: None (all tokens)
-    mask: torch.Tensor | None = None  # the attention mask, (B|1, 1|H, N, N), if any
-
-
-def _canonical(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
-    """(B, H, N, D) from the layouts attention functions receive ([B, N, H*D] or already [B, H, N, D])."""
-    if skip_reshape:
-        return t
-    b, n = t.shape[0], t.shape[1]
-    return t.reshape(b, n, heads, -1).transpose(1, 2)
-
-
-def _normalise_mask(mask):
-    if mask is None or not torch.is_tensor(mask):
-        return None
-    if mask.ndim == 2:
-        return mask[None, None]
-    if mask.ndim == 3:
-        return mask[:, None]
-    return mask
-
-
-def _unet_observer(key, callback: Callable[[SelfAttention], None], previous):
-    def replace(q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        if previous is not None:
-            out = previous(q, k, v, extra_options)
-        else:
-            out = comfy_attention.optimized_attention(
-                q,
-                k,
-                v,
-                heads,
-                attn_precision=extra_options.get("attn_precision"),
-                transformer_options=extra_options,
-            )
-        grid = tuple(extra_options["activations_shape"][-2:])
-        spatial = tuple(extra_options.get("original_shape", [0, 0, *grid])[2:])
-        chunks = extra_options.get("cond_or_uncond") or [0]
-        callback(
-            SelfAttention(
-                key, chunks, _canonical(q, heads, False), _canonical(k, heads, False), grid, spatial
-            )
-        )
-        return out
-
-    return replace
-
-
-def _dit_observer(
-    key, layout: ModelLayout, state, callback: Callable[[SelfAttention], None], previous_block, name
-):
-    spec = layout.spec
-
-    def run_block(args, extra):
-        if spec.text_first and key[0] == "double_block":
-            state.text_tokens = args["txt"].shape[1]
-        block_transformer_options = args["transformer_options"]
-        calls = [0]
-
-        def override(func, *a, previous=None, **kw):
-            index = calls[0]
-            calls[0] += 1
-            out = passes.call_attention(func, previous, *a, **kw)
-            if index != 0:  # call 0 is the block's self (or joint) attention on every family
-                return out
-            chunks = block_transformer_options.get("cond_or_uncond") or [0]
-            heads = a[3] if len(a) > 3 else kw.get("heads")
-            skip_reshape = kw.get("skip_reshape", False)
-            q = _canonical(a[0], heads, skip_reshape)
-            k = _canonical(a[1], heads, skip_reshape)
-            count = math.prod(state.grid)
-            start = 0
-            if spec.text_first:
-                if state.text_tokens is None:
-                    raise RuntimeError(
-                        f"free guidance {name}: the text length of this joint attention is unknown"
-                    )
-                start = state.text_tokens
-            if start + count > q.shape[2]:
-                raise RuntimeError(
-                    f"free guidance {name}: {q.shape[2]} attention tokens cannot hold {count} image tokens "
-                    f"(grid {state.grid}) after {start} text tokens"
-                )
-            mask = _normalise_mask(kw.get("mask", a[4] if len(a) > 4 else None))
-            span = (start, start + count)
-            callback(SelfAttention(key, chunks, q, k, state.grid, state.grid, span, mask))
-            return out
-
-        return run_with_override(args, extra, previous_block, override)
-
-    return run_block
-
-
-def install_attention_callback(
-    model_options: dict,
-    selection: Selection,
-    state,
-    callback: Callable[[SelfAttention], None],
-    *,
-    name: str = "SAG",
-) -> None:
-    """Call ``callback`` with every self-attention call of the chosen blocks, on ``model_options`` (a copy for one
-    call). ``state`` has ``grid`` (the DiT image-token grid) and ``text_tokens`` (filled here on joint DiTs)."""
-    layout = selection.layout
-    install_block_hooks(
-        model_options,
-        selection,
-        lambda key, previous: _unet_observer(key, callback, previous),
-        lambda key, previous: _dit_observer(key, layout, state, callback, previous, name),
-        text_state=state,
     )
 
 
@@ -457,32 +399,17 @@ def attention_output_shape(
 
 
 def _replacing_block(key, layout: ModelLayout, hook: Callable[[AttentionCall], torch.Tensor], previous):
-    spec = layout.spec
+    def on_call(args, index, attend, a, kw):
+        if not is_self_call(layout, index):
+            return attend(*a, **kw)
+        heads = a[3] if len(a) > 3 else kw.get("heads")
+        shape = attention_output_shape(
+            a[2], heads, kw.get("skip_reshape", False), kw.get("skip_output_reshape", False)
+        )
+        options = kw.get("transformer_options") or args["transformer_options"]
+        return hook(AttentionCall(key, index, options, shape, lambda: attend(*a, **kw)))
 
-    def run_block(args, extra):
-        calls = [0]
-
-        def override(func, *a, previous=None, **kw):
-            index = calls[0]
-            calls[0] += 1
-            if spec.self_calls is not None and index not in spec.self_calls:
-                return passes.call_attention(func, previous, *a, **kw)
-            heads = a[3] if len(a) > 3 else kw.get("heads")
-            shape = attention_output_shape(
-                a[2], heads, kw.get("skip_reshape", False), kw.get("skip_output_reshape", False)
-            )
-            call = AttentionCall(
-                key,
-                index,
-                kw.get("transformer_options") or args["transformer_options"],
-                shape,
-                lambda: passes.call_attention(func, previous, *a, **kw),
-            )
-            return hook(call)
-
-        return run_with_override(args, extra, previous, override)
-
-    return run_block
+    return block_runner(key, layout, None, on_call, previous)
 
 
 def install_self_attention_hook(

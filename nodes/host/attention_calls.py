@@ -1,5 +1,5 @@
-"""Attention calls beyond self-attention maps: cross-attention, joint attention's text and image parts, and
-attention outputs, for the negative-prompt techniques (NASA/NAG, NegToMe, S-CFG).
+"""Attention calls seen or replaced by a hook: self-attention (SAG's map), cross-attention, joint attention's text
+and image parts, and attention outputs (the negative-prompt techniques NASA/NAG, NegToMe, S-CFG).
 
 One hook type, ``AttentionHook(call, out) -> out``: it sees one attention call of a chosen block
 (``AttentionCall``: the block key, its kind, q/k/v as (B, H, N, D), the token spans, the forward's cond chunks)
@@ -7,12 +7,11 @@ and the call's own output ``out`` (B, N, heads·D, head-merged, before the outpu
 output to use (``out`` itself to only observe). Installed on a *copy* of ``model_options`` for one call:
 
 - UNet: an ``attn1`` (kind "self") or ``attn2`` (kind "cross") replace per chosen transformer block, keyed by
-  the 3-tuple, chained to a replace already there (``install_block_hooks`` knows ``attn1`` only, hence
-  ``install_unet_hook``); ``call.module`` is that ``CrossAttention`` (its own
+  the 3-tuple, chained to a replace already there (``attention.install_replaces``); ``call.module`` is that ``CrossAttention`` (its own
   ``to_k``/``to_v`` for a second context). ComfyUI applies ``to_out`` to what the replace returns.
 - DiTs: a ``patches_replace["dit"]`` block replace (``attention.install_block_hooks``) with a runtime attention
-  override of that block only (``attention.run_with_override``), chained. Call 0 is the block's self or joint attention; on Wan and LTXV
-  call 1 is the cross-attention (``call.module``: the block's cross-attention module). Joint attention with the
+  override of that block only (``attention.block_runner``), chained. Call 0 is the block's self or joint
+  attention; on Wan and LTXV call 1 is the cross-attention (``call.module``: the block's cross-attention module). Joint attention with the
   text first (SD3, Flux): ``call.text`` and ``call.image`` are the spans of the two parts.
 
 ``install_output_patch`` adds a UNet ``attn1_output_patch``/``attn2_output_patch`` (a list hook: chainable) on
@@ -25,18 +24,29 @@ propagates the negative text stream with it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import comfy.model_patcher
 import torch
 from comfy.ldm.modules import attention as comfy_attention
 
 from . import passes
-from .attention import install_block_hooks, run_with_override
+from .attention import (
+    BlockState,
+    block_runner,
+    block_state,
+    image_span,
+    install_block_hooks,
+    install_replaces,
+    rows_mask,
+    run_original,
+    run_with_calls,
+    unet_attention,
+)
 from .blocks import Selection
-from .families import ModelLayout, token_grid
+from .families import ModelLayout
+
+__all__ = ["BlockState", "block_state"]  # shared with attention.py, used through this module too
 
 SELF = "self"
 CROSS = "cross"
@@ -63,14 +73,7 @@ class AttentionCall:
 
     def rows(self, chunk: int) -> torch.Tensor:
         """Boolean (B,) mask of the rows of cond chunk ``chunk`` (0 = cond, 1 = uncond) in this forward."""
-        batch = self.q.shape[0]
-        mask = torch.zeros(batch, dtype=torch.bool, device=self.q.device)
-        chunks = list(self.chunks) or [0]
-        per = batch // len(chunks)
-        for j, c in enumerate(chunks):
-            if c == chunk:
-                mask[j * per : (j + 1) * per] = True
-        return mask
+        return rows_mask(self.chunks, chunk, self.q.shape[0], self.q.device)
 
 
 AttentionHook = Callable[[AttentionCall, torch.Tensor], torch.Tensor]
@@ -133,17 +136,7 @@ def _unet_replace(key, which: str, module, hook: AttentionHook, previous):
 
     def replace(q, k, v, extra_options):
         heads = extra_options["n_heads"]
-        if previous is not None:
-            out = previous(q, k, v, extra_options)
-        else:
-            out = comfy_attention.optimized_attention(
-                q,
-                k,
-                v,
-                heads,
-                attn_precision=extra_options.get("attn_precision"),
-                transformer_options=extra_options,
-            )
+        out = unet_attention(q, k, v, extra_options, previous)
         grid = tuple(extra_options["activations_shape"][-2:])
         call = AttentionCall(
             block=key,
@@ -167,37 +160,22 @@ def install_unet_hook(
     model_options: dict, selection: Selection, diffusion_model, which: str, hook: AttentionHook
 ) -> None:
     """``hook`` on the ``which`` ("attn1" self, "attn2" cross) attention of every chosen UNet block."""
-    replaces = model_options.get("transformer_options", {}).get("patches_replace", {})
-    existing = replaces.get(which, {})
-    for key in selection.keys:
+
+    def make(key, previous):
         module = unet_attention_module(selection.layout, diffusion_model, key, which)
-        previous = existing.get(key, existing.get(key[:2]))
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _unet_replace(key, which, module, hook, previous), which, *key
-        )
+        return _unet_replace(key, which, module, hook, previous)
+
+    install_replaces(model_options, which, selection.keys, make)
 
 
 def install_output_patch(model_options: dict, which: str, patch: Callable) -> None:
     """A UNet ``attn1_output_patch``/``attn2_output_patch`` ``patch(n, extra_options) -> n`` on a copy of
     ``model_options`` (appended after those already there)."""
-    transformer_options = model_options.setdefault("transformer_options", {})
-    patches = dict(transformer_options.get("patches", {}))
-    name = f"{which}_output_patch"
-    patches[name] = list(patches.get(name, [])) + [patch]
-    transformer_options["patches"] = patches
+    passes.append_patch(model_options, f"{which}_output_patch", patch)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # DiTs
-
-
-@dataclass
-class BlockState:
-    """Per main call: the image-token grid and the text length of the joint attention (an object: the
-    transformer_options dicts get copied on every forward)."""
-
-    grid: tuple
-    text_tokens: int | None = None
 
 
 def block_modules(layout: ModelLayout, diffusion_model, key: tuple):
@@ -223,69 +201,51 @@ def cross_attention_module(layout: ModelLayout, diffusion_model, key: tuple):
     return block.cross_attn if layout.spec.name == "wan21" else block.attn2
 
 
-def _dit_replace(key, layout: ModelLayout, state: BlockState, hook: AttentionHook, module, previous, kinds):
+def _dit_replace(
+    key, layout: ModelLayout, state: BlockState, hook: AttentionHook, module, previous, kinds, name: str = ""
+):
     spec = layout.spec
     cross_call = spec.self_calls is not None  # Wan, LTXV: call 0 self-attention, call 1 cross-attention
 
-    def run_block(args, extra):
-        if spec.text_first and key[0] == "double_block":
-            state.text_tokens = args["txt"].shape[1]
+    def on_call(args, index, attend, a, kw):
+        if cross_call:
+            kind = SELF if index == 0 else CROSS if index == 1 else None
+        else:
+            kind = (JOINT if spec.text_first else SELF) if index == 0 else None
+        out = attend(*a, **kw)
+        if kind is None or kind not in kinds:
+            return out
         block_options = args["transformer_options"]
-        calls = [0]
+        heads = a[3] if len(a) > 3 else kw.get("heads")
+        skip_reshape = kw.get("skip_reshape", False)
+        q = canonical(a[0], heads, skip_reshape)
+        image = image_span(state, q.shape[2], kind == JOINT, name)
+        text = (0, state.text_tokens) if kind == JOINT else None
+        skip_out = kw.get("skip_output_reshape", False)
+        merged = merge_heads(out) if skip_out else out
+        call = AttentionCall(
+            block=key,
+            kind=kind,
+            q=q,
+            k=canonical(a[1], heads, skip_reshape),
+            v=canonical(a[2], heads, skip_reshape),
+            heads=heads,
+            chunks=list(block_options.get("cond_or_uncond") or [0]),
+            grid=state.grid,
+            image=image,
+            text=text,
+            module=module if kind == CROSS else None,
+            options=block_options,
+            mask=kw.get("mask", a[4] if len(a) > 4 else None),
+        )
+        result = hook(call, merged)
+        if result is merged:
+            return out
+        if skip_out:
+            return canonical(result, heads, False)
+        return result
 
-        def override(func, *a, previous=None, **kw):
-            index = calls[0]
-            calls[0] += 1
-            if cross_call:
-                kind = SELF if index == 0 else CROSS if index == 1 else None
-            else:
-                kind = (JOINT if spec.text_first else SELF) if index == 0 else None
-            if kind is None or kind not in kinds:
-                return passes.call_attention(func, previous, *a, **kw)
-            out = passes.call_attention(func, previous, *a, **kw)
-            heads = a[3] if len(a) > 3 else kw.get("heads")
-            skip_reshape = kw.get("skip_reshape", False)
-            q = canonical(a[0], heads, skip_reshape)
-            count = math.prod(state.grid)
-            start = 0
-            text = None
-            if kind == JOINT:
-                if state.text_tokens is None:
-                    raise RuntimeError("free guidance: the text length of this joint attention is unknown")
-                start = state.text_tokens
-                text = (0, state.text_tokens)
-            if start + count > q.shape[2]:
-                raise RuntimeError(
-                    f"free guidance: {q.shape[2]} attention tokens cannot hold {count} image tokens "
-                    f"(grid {state.grid}) after {start} text tokens"
-                )
-            skip_out = kw.get("skip_output_reshape", False)
-            merged = merge_heads(out) if skip_out else out
-            call = AttentionCall(
-                block=key,
-                kind=kind,
-                q=q,
-                k=canonical(a[1], heads, skip_reshape),
-                v=canonical(a[2], heads, skip_reshape),
-                heads=heads,
-                chunks=list(block_options.get("cond_or_uncond") or [0]),
-                grid=state.grid,
-                image=(start, start + count),
-                text=text,
-                module=module if kind == CROSS else None,
-                options=block_options,
-                mask=kw.get("mask", a[4] if len(a) > 4 else None),
-            )
-            result = hook(call, merged)
-            if result is merged:
-                return out
-            if skip_out:
-                return canonical(result, heads, False)
-            return result
-
-        return run_with_override(args, extra, previous, override)
-
-    return run_block
+    return block_runner(key, layout, state, on_call, previous)
 
 
 def install_dit_hook(
@@ -295,6 +255,7 @@ def install_dit_hook(
     state: BlockState,
     hook: AttentionHook,
     kinds: tuple = (SELF, CROSS, JOINT),
+    name: str = "",
 ) -> None:
     """``hook`` on the attention calls of ``kinds`` in every chosen DiT block (on a copy of model_options),
     through ``attention.install_block_hooks``."""
@@ -302,13 +263,9 @@ def install_dit_hook(
 
     def dit_hook(key, previous):
         module = cross_attention_module(layout, diffusion_model, key) if layout.spec.self_calls else None
-        return _dit_replace(key, layout, state, hook, module, previous, kinds)
+        return _dit_replace(key, layout, state, hook, module, previous, kinds, name)
 
     install_block_hooks(model_options, selection, None, dit_hook, text_state=state)
-
-
-def block_state(layout: ModelLayout, x: torch.Tensor) -> BlockState:
-    return BlockState(grid=token_grid(layout, x.shape) if layout.spec.kind == "dit" else ())
 
 
 def rerun_block(args: dict, extra: dict, previous, txt: torch.Tensor, pe=None) -> tuple[dict, tuple]:
@@ -316,12 +273,9 @@ def rerun_block(args: dict, extra: dict, previous, txt: torch.Tensor, pe=None) -
     k/v the text part of its joint attention (B, H, T, D), z that attention's output for the image (and any
     later) query rows (B, N, heads·D). ``pe``: the rotary table for the new token count."""
     captured: list = []
-    calls = [0]
 
-    def override(func, *a, previous=None, **kw):
-        index = calls[0]
-        calls[0] += 1
-        out = passes.call_attention(func, previous, *a, **kw)
+    def on_call(args_, index, attend, a, kw):
+        out = attend(*a, **kw)
         if index == 0:
             heads = a[3] if len(a) > 3 else kw.get("heads")
             skip_reshape = kw.get("skip_reshape", False)
@@ -335,7 +289,7 @@ def rerun_block(args: dict, extra: dict, previous, txt: torch.Tensor, pe=None) -
     inner = dict(args, txt=txt.clone(), img=args["img"].clone())  # some blocks update their inputs in place
     if pe is not None:
         inner["pe"] = pe
-    out = run_with_override(inner, extra, previous, override)
+    out = run_with_calls(inner, extra, previous, on_call)
     if not captured:
         raise RuntimeError("free guidance: the block ran no joint attention")
     return out, captured[0]
@@ -409,14 +363,12 @@ def install_joint_negative(
     if not chosen:
         return
     embed = text_embedder(layout, diffusion_model)
-    existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     stream = NegativeStream()
 
-    for index in range(max(chosen) + 1):
-        key = ("double_block", index)
-        previous = existing.get(key)
+    def make(key, previous):
+        index = key[1]
 
-        def run_block(args, extra, key=key, previous=previous, index=index):
+        def run_block(args, extra):
             state.text_tokens = args["txt"].shape[1]
             if index == 0:
                 raw = negative_context(args["img"])
@@ -425,16 +377,18 @@ def install_joint_negative(
                     txt = embed(raw.to(device=args["txt"].device, dtype=args["txt"].dtype))
                     stream.txt = txt.expand(args["txt"].shape[0], -1, -1) if txt.shape[0] == 1 else txt
             if stream.txt is None:
-                return previous(args, extra) if previous is not None else extra["original_block"](args)
+                return run_original(args, extra, previous)
             pe = negative_rope(args.get("pe"), args["txt"].shape[1], stream.txt.shape[1])
             negative_out, (k_neg, v_neg, z_neg) = rerun_block(args, extra, previous, stream.txt, pe)
             stream.txt = negative_out.get("txt")
             if key not in selection.keys:
-                return previous(args, extra) if previous is not None else extra["original_block"](args)
+                return run_original(args, extra, previous)
 
             def positive_hook(call, out):
                 return hook(call, out, k_neg, v_neg, z_neg)
 
             return _dit_replace(key, layout, state, positive_hook, None, previous, (JOINT,))(args, extra)
 
-        comfy.model_patcher.set_model_options_patch_replace(model_options, run_block, "dit", *key)
+        return run_block
+
+    install_replaces(model_options, "dit", [("double_block", i) for i in range(max(chosen) + 1)], make)

@@ -5,9 +5,15 @@
   are untouched) and fetches them with ``comfy.ops.cast_bias_weight``; outside an active step it runs the
   original convolution;
 - ``install``: an APPLY_MODEL wrapper decides the step's dilation from the run's schedule and, while active,
-  appends the guidance branch (a copy of every conditional row) to the batch, then puts its prediction in the
-  conditional rows' place, so CFG combines the unconditional and the weak-filtered branch as in the paper; an
-  attn1 patch (a chainable list hook) gives the guidance rows the strong conditional rows' query and key.
+  appends the guidance branch (a copy of every conditional row, ``attention.chunk_rows``) to the batch, then
+  puts its prediction in the conditional rows' place, so CFG combines the unconditional and the weak-filtered
+  branch as in the paper; an attn1 patch (a chainable list hook) gives the guidance rows the strong conditional
+  rows' query and key.
+
+The branch is not a PERTURBED-PASS (``perturbed.py``): it is rows of the conditional forward itself, not a pass.
+The contract's batching appends a cond to the main call's cond list, which ComfyUI may run as a forward of its
+own (it splits a call to fit memory), and the query/key sharing needs the strong rows in the same forward; its
+hand-off reaches a post-CFG combine, and the branch replaces the conditional prediction before CFG.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...guidance import fouriscale
-from . import counter, observer, passes, steps
+from . import attention, counter, observer, passes, steps
 
 NODE = "FouriScale"
 KEY = passes.KEY_PREFIX + "fouriscale"
@@ -151,15 +157,9 @@ def install(patched, settings: Settings, runtime: Runtime) -> None:
             )
         batch = x.shape[0]
         cond_or_uncond = list(transformer_options.get("cond_or_uncond", [0]))
-        per_chunk = batch // max(len(cond_or_uncond), 1)
+        cond_rows = attention.chunk_rows(cond_or_uncond, 0, batch)
         weak_source = torch.tensor(
-            [
-                c * per_chunk + r
-                for c, kind in enumerate(cond_or_uncond)
-                if kind == 0
-                for r in range(per_chunk)
-            ],
-            dtype=torch.long,
+            [r for rows in cond_rows for r in range(rows.start, rows.stop)], dtype=torch.long
         )
         options = transformer_options.copy()
         cond_chunks = [c for c, kind in enumerate(cond_or_uncond) if kind == 0]

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import comfy.model_patcher
 import torch
 from comfy.ldm.modules.diffusionmodules import openaimodel
 
-from . import passes
+from . import attention, passes
 
 
 def unet_resblocks(dm) -> tuple[list[str], list[str]]:
@@ -88,22 +87,12 @@ def install_resblock_inputs(model_patcher, blocks: tuple, handover: EmbeddingHan
         passes.replace_object(model_patcher, name, PerturbedEmbeddingInput(previous, handover, block))
 
 
-def _add_emb_patch(model_options: dict, patch) -> None:
-    transformer_options = model_options.setdefault("transformer_options", {})
-    patches = dict(transformer_options.get("patches", {}))
-    patches["emb_patch"] = [*patches.get("emb_patch", []), patch]
-    transformer_options["patches"] = patches
-
-
 def _dit_replace(key, perturbation: EmbeddingPerturbation, previous):
     def replace(args, extra):
         vec = args["vec"]
         delta = perturbation.delta(vec)
         perturbation.trace(key, delta)
-        inner = dict(args, vec=vec + delta)
-        if previous is not None:
-            return previous(inner, extra)
-        return extra["original_block"](inner)
+        return attention.run_original(dict(args, vec=vec + delta), extra, previous)
 
     return replace
 
@@ -130,10 +119,8 @@ def install_embedding_perturbation(
             handover.perturbation = perturbation
             return emb
 
-        _add_emb_patch(model_options, emb_patch)
+        passes.append_patch(model_options, "emb_patch", emb_patch)
         return
-    existing = model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
-    for key in keys:
-        comfy.model_patcher.set_model_options_patch_replace(
-            model_options, _dit_replace(key, perturbation, existing.get(key)), "dit", *key
-        )
+    attention.install_replaces(
+        model_options, "dit", keys, lambda key, previous: _dit_replace(key, perturbation, previous)
+    )

@@ -255,6 +255,15 @@ def chain_attention_override(model_options: dict, override: Callable) -> None:
     transformer_options["optimized_attention_override"] = chained
 
 
+def append_patch(model_options: dict, name: str, patch: Callable) -> None:
+    """Append ``patch`` to the list hook ``transformer_options["patches"][name]`` of ``model_options`` (a copy for
+    one pass: the lists are copied, never changed in place), after those already there."""
+    transformer_options = model_options.setdefault("transformer_options", {})
+    patches = dict(transformer_options.get("patches", {}))
+    patches[name] = [*patches.get(name, []), patch]
+    transformer_options["patches"] = patches
+
+
 def call_attention(func, previous, *args, **kwargs):
     """Run attention through a previously installed override if there is one, else the plain function."""
     if previous is not None:

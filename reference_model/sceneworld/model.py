@@ -1,7 +1,8 @@
 """The two world models in ComfyUI families, their initial weights and their (seeded) training.
 
-Image model: ComfyUI's SD1.5 UNet (``openaimodel.UNetModel`` through ``supported_models.SD15``: eps
-prediction, SD1.5's discrete 1000-step schedule and latent format, cross-attention on the token context) at
+Image model: ComfyUI's SD1.5 UNet (``openaimodel.UNetModel`` through ``supported_models.SD15``: SD1.5's
+discrete 1000-step schedule and latent format, cross-attention on the token context) with SD2-style
+v-prediction (ComfyUI's ``ModelType.V_PREDICTION``; see ``build_image_model``) at
 32 base channels, three levels (×1, ×2, ×2), one ResNet per level, attention at the 8×8 and 4×4 levels and
 in the middle block. ComfyUI's detection (``detect_unet_config``) reads exactly this architecture back from
 the state dict, but its family matcher only accepts SD1.5 at 320 channels (``supported_models.SD15.unet_config``);
@@ -12,7 +13,8 @@ Video model: ComfyUI's Wan 2.1 DiT (``wan.model.WanModel``), dim 128 (one head),
 natively as ``supported_models.WAN21_T2V`` (flow matching, UNETLoader loads it).
 
 Training objectives, through each model's own ``model_sampling``:
-    SD1.5:  t ~ U{0..999}, σ = sigmas[t], x_t = x0 + σ·n, input x_t/√(σ²+1), target n (eps).
+    SD1.5 v: t ~ U{0..999}, σ = sigmas[t], x_t = x0 + σ·n, input x_t/√(σ²+1),
+             target v = (n − σ·x0)/√(σ²+1)  (ComfyUI's V_PREDICTION with σ_data = 1: x0 = x_t/(σ²+1) − v·σ/√(σ²+1)).
     Wan:    σ ~ U(0, 1), x_t = (1 − σ)·x0 + σ·n, timestep 1000·σ, target v = n − x0.
 ComfyUI's layers skip weight initialisation, so training starts from a full initial state dict
 (``initial_state_dict``): PyTorch's default init of every linear/conv/norm (seeded), zero output layers
@@ -74,6 +76,27 @@ VIDEO_UNET_CONFIG = {
 }
 
 
+# A marker key in the image model's state dict: v-prediction (ComfyUI's own marker for SDXL v models).
+V_PRED_KEY = "v_pred"
+
+
+def build_image_model(unet_config: dict, v_prediction: bool = True, device=None):
+    """The image model's ComfyUI ``BaseModel``: ``supported_models.SD15`` with the given UNet config.
+
+    ComfyUI's SD15 class is eps-only, and its v-prediction detection is SD2's (a weight statistic of a
+    320-channel UNet) or SDXL's (the ``v_pred`` key); so the prediction type is passed here: V_PREDICTION
+    (SD2-v style: SD1.5's schedule and latent format, σ_data 1) when the state dict has ``V_PRED_KEY``.
+    """
+    ensure_comfy()
+    import comfy.model_base
+    import comfy.supported_models
+
+    config = comfy.supported_models.SD15(copy.deepcopy(unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    kind = comfy.model_base.ModelType.V_PREDICTION if v_prediction else comfy.model_base.ModelType.EPS
+    return comfy.model_base.BaseModel(config, model_type=kind, device=device)
+
+
 def model_config(kind: str):
     """ComfyUI's model config: ``supported_models.SD15`` (image) or the detected ``WAN21_T2V`` (video)."""
     ensure_comfy()
@@ -94,6 +117,8 @@ def model_config(kind: str):
 
 def build_base_model(kind: str):
     """The ComfyUI base model (``diffusion_model`` + ``model_sampling``) on the CPU, uninitialised."""
+    if kind == "image":
+        return build_image_model(IMAGE_UNET_CONFIG, device=torch.device("cpu"))
     return model_config(kind).get_model({}, "", device=torch.device("cpu"))
 
 
@@ -158,7 +183,7 @@ def video_batch(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list]:
 
 
 def image_loss(base, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """SD1.5 eps-prediction loss through ComfyUI's ``model_sampling`` (see module doc)."""
+    """SD1.5-schedule v-prediction loss through ComfyUI's ``model_sampling`` (see module doc)."""
     sampling = base.model_sampling
     n = x0.shape[0]
     t = torch.randint(0, len(sampling.sigmas), (n,), generator=generator)
@@ -166,10 +191,11 @@ def image_loss(base, x0: torch.Tensor, context: torch.Tensor, generator: torch.G
     noise = torch.randn(x0.shape, generator=generator)
     sigma_b = sigma.view(n, 1, 1, 1)
     x_t = sampling.noise_scaling(sigma_b, noise, x0)
-    eps = base.diffusion_model(
+    v = base.diffusion_model(
         sampling.calculate_input(sigma_b, x_t), sampling.timestep(sigma).float(), context=context
     )
-    return torch.mean((eps - noise) ** 2)
+    target = (noise - sigma_b * x0) / (sigma_b**2 + 1.0) ** 0.5
+    return torch.mean((v - target) ** 2)
 
 
 def video_loss(base, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -23,7 +23,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-IMAGE_GAIN = 0.8
+IMAGE_GAIN = 1.25  # the scenes' latents have unit second moment (v-prediction's σ_data = 1)
 VIDEO_GAIN = 0.8
 SD15_SCALE = 0.18215
 # comfy.latent_formats.Wan21 latents_mean / latents_std

@@ -3,7 +3,8 @@ tests' ComfyUI base directory next to the pack, like the digits model's nodes).
 
 - World Image Model Loader: the SD1.5-family image model from ``models/diffusion_models`` (ComfyUI's
   ``detect_unet_config`` reads the architecture; the family class is ``supported_models.SD15``, because
-  ComfyUI's family matcher only accepts 320-channel SD1.5 UNets). The video model loads with UNETLoader.
+  ComfyUI's family matcher only accepts 320-channel SD1.5 UNets; v-prediction when the file has the
+  ``v_pred`` marker key, ComfyUI's own marker for SDXL v models). The video model loads with UNETLoader.
 - World Prompt: scene or video prompts (one per line, each repeated) → CONDITIONING with the fixed token
   embedding; ConditioningZeroOut of it is the null conditioning.
 - World Decode: the linear VAE's inverse, LATENT → IMAGE (video frames as a batch of images).
@@ -36,16 +37,15 @@ def load_image_model(path: str):
     import comfy.model_detection
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.supported_models
     import comfy.utils
+    from sceneworld.model import V_PRED_KEY, build_image_model
 
     sd = comfy.utils.load_torch_file(path)
     unet_config = comfy.model_detection.detect_unet_config(sd, "")
     if unet_config is None or "model_channels" not in unet_config:
         raise ValueError(f"World Image Model Loader: {path} is not a UNet state dict")
-    config = comfy.supported_models.SD15(unet_config)
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model(sd, "")
+    v_prediction = sd.pop(V_PRED_KEY, None) is not None
+    model = build_image_model(unet_config, v_prediction=v_prediction)
     model.load_model_weights(sd, "")
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(
@@ -54,7 +54,9 @@ def load_image_model(path: str):
 
 
 class WorldImageModelLoader:
-    DESCRIPTION = "Load the reference world's image model (SD1.5 family, eps) from models/diffusion_models."
+    DESCRIPTION = (
+        "Load the reference world's image model (SD1.5 family, v-prediction) from models/diffusion_models."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
