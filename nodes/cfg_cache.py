@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ..guidance import cfg_cache as math
 from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
-from .host import observer, passes, skip, steps, telemetry
+from .host import guiders, observer, passes, skip, steps, telemetry
 from .host.inputs import Input, Inputs, declare, ordered
 
 NODE = "CFG-Cache"
@@ -144,6 +144,7 @@ def apply_cfg_cache(
         after_pass=after_pass,
         fields=fields,
     )
+    guiders.install_guard(patched, NODE, guiders.ALL, KEY + ".windows", windows=guiders.WINDOWS_STATE)
     return patched
 
 

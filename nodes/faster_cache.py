@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..guidance import faster_cache as math
 from . import cfg_cache
 from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
-from .host import attention, counter, families, observer, passes, steps
+from .host import attention, counter, families, guiders, observer, passes, steps
 from .host.inputs import GuidanceInputError, Input, Inputs, declare, ordered
 
 NODE = "FasterCache Feature Reuse"
@@ -137,13 +137,16 @@ def apply_feature_reuse(
         return out
 
     attention.install_self_attention_hook(patched, layout, hook)
+    guiders.install_guard(patched, node, guiders.MAIN_CALL, windows=guiders.WINDOWS_STATE)  # main call only
     return patched
 
 
 def apply_faster_cache(model, *, node_id=None):
     """FasterCache with the defaults of both parts: CFG-Cache, then feature reuse on the same clone chain."""
     _check_family(model, "FasterCache")
-    with_cfg_cache = cfg_cache.apply_cfg_cache(model, **cfg_cache.INPUTS.defaults(), node_id=node_id)
+    guarded = model.clone()  # its own guard first (outermost), so a refusal names FasterCache
+    guiders.install_guard(guarded, "FasterCache", guiders.TWO_COND, windows=guiders.WINDOWS_STATE)
+    with_cfg_cache = cfg_cache.apply_cfg_cache(guarded, **cfg_cache.INPUTS.defaults(), node_id=node_id)
     return apply_feature_reuse(with_cfg_cache, **INPUTS.defaults(), node="FasterCache")
 
 

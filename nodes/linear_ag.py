@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..guidance import linear_ag
 from .common import CATEGORY, MODEL, UNIQUE_ID, node_function
-from .host import observer, passes, skip, steps, telemetry
+from .host import guiders, observer, passes, skip, steps, telemetry
 from .host.inputs import Input, Inputs, declare
 
 NODE = "LinearAG"
@@ -72,6 +72,7 @@ def apply_linear_ag(model, end_percent: float = 0.5, *, node_id=None):
         after_pass=after_pass,
         fields=fields,
     )
+    guiders.install_guard(patched, NODE, guiders.ALL, KEY + ".windows", windows=guiders.WINDOWS_STATE)
     return patched
 
 

@@ -32,7 +32,7 @@ import torch
 
 from ..guidance import nasa as nasa_math
 from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
-from .host import attention_calls, families, observer, passes, steps, telemetry
+from .host import attention_calls, families, guiders, observer, passes, steps, telemetry
 from .host import blocks as blocks_module
 from .host.inputs import COMBO, GuidanceInputError, Input, Inputs, declare
 
@@ -256,6 +256,7 @@ def apply_nasa(
 
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id, describe)
+    guiders.install_guard(patched, NODE, guiders.MAIN_CALL)  # it acts on the two-cond main call only
     return patched
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..guidance import negtome as negtome_math
 from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
-from .host import attention_calls, families, observer, passes, steps, telemetry
+from .host import attention_calls, families, guiders, observer, passes, steps, telemetry
 from .host import blocks as blocks_module
 from .host.inputs import COMBO, GuidanceInputError, Input, Inputs, declare
 
@@ -217,6 +217,7 @@ def apply_negtome(
 
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id, describe)
+    guiders.install_guard(patched, NODE, guiders.MAIN_CALL, batch=guiders.BATCH_ROWS)  # main call only
     return patched
 
 

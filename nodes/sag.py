@@ -227,7 +227,9 @@ def apply_sag(
         pass_input=pass_input,
         guiders=guiders.SAG,
     )
-    return perturbed.install_perturbed_pass(model, technique, node_id=node_id)
+    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id)
+    guiders.install_guard(patched, NODE, key=PASS_NAME + ".windows", windows=guiders.WINDOWS_WHOLE_MAP)
+    return patched
 
 
 # ----------------------------------------------------------------------------------------------------------

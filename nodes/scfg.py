@@ -25,7 +25,7 @@ import torch
 
 from ..guidance import scfg as scfg_math
 from .common import CATEGORY, MODEL, UNIQUE_ID, check_arguments, node_function
-from .host import attention_calls, families, observer, passes, steps, telemetry
+from .host import attention_calls, families, guiders, observer, passes, steps, telemetry
 from .host import blocks as blocks_module
 from .host.inputs import GuidanceInputError, Input, Inputs, declare, ordered
 
@@ -183,6 +183,7 @@ def apply_scfg(
     telemetry.enable(patched, node_id, NODE)
     telemetry.observe(patched, node_id)
     passes.add_post_cfg(patched, post_cfg)
+    guiders.install_guard(patched, NODE, guiders.TWO_COND, windows=guiders.WINDOWS_REGIONS)
     return patched
 
 

@@ -7,7 +7,7 @@ import comfy.samplers
 
 from ..guidance import scg
 from .common import CATEGORY, UNIQUE_ID, check_arguments, node_function
-from .host import telemetry
+from .host import guiders, passes, telemetry
 from .host.inputs import Input, Inputs, declare, ordered
 from .objectives import TYPE
 from .tfg import check_objective, run_parts
@@ -33,6 +33,7 @@ def sample_scg(
 ):
     """KSAMPLER function: best-of-N ancestral sampling, candidates scored on their LATENT-space x0."""
     _, base_model, alpha, counter = run_parts(model)
+    guiders.check_batch_stack(NODE, passes.guider_of(model), x, guiders.BATCH_ROWS)  # candidates ride in it
     extra_args = {} if extra_args is None else dict(extra_args)
     if extra_args.get("denoise_mask") is not None:
         chunk = 1  # the inpainting wrapper's mask has the batch of one candidate

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..guidance import seg as seg_math
 from . import common
 from .common import CATEGORY, UNIQUE_ID
-from .host import attention
+from .host import attention, families, guiders
 from .host.inputs import Input, Inputs, declare
 
 NODE = "Smoothed Energy Guidance"
@@ -29,9 +29,12 @@ def apply_seg(
     blur_sigma = INPUTS.check(blur_sigma=blur_sigma)["blur_sigma"]
     common_inputs = common.CommonInputs(scale, blocks, start_percent, end_percent, schedule, rescale, batched)
     perturbation = attention.Perturbation(attention.BLUR, blur_sigma)
-    return common.apply_perturbation_guidance(
+    patched = common.apply_perturbation_guidance(
         model, NODE, PASS_NAME, perturbation, common_inputs, node_id=node_id
     )
+    if families.detect_layout(model, NODE).spec.kind == "dit":  # a UNet's blur reads each call's own shape
+        guiders.install_guard(patched, NODE, key=PASS_NAME + ".windows", windows=guiders.WINDOWS_TOKEN_GRID)
+    return patched
 
 
 INPUTS = Inputs(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fg_testing import sampling
 from fg_testing.prompts import tiny_txt2img
+from fg_testing.stacks import NetworkProbe, core_cache
 from fg_testing.test_nodes import cached_model
 
 
@@ -18,6 +19,7 @@ def toolkit(pack):
     host = pack.nodes.host
     return types.SimpleNamespace(
         EvalCounter=host.counter.EvalCounter,
+        counter_key=host.counter.COUNTER_KEY,
         GuidanceInputError=pack.nodes.toolkit.GuidanceInputError,
         check_range=pack.nodes.toolkit.check_range,
         call_attention=host.passes.call_attention,
@@ -232,3 +234,30 @@ def test_sampler_conditional_only_calls_keep_batched_extra_passes(pack):
     out = sampling.custom_sample(model, "sd15", sampler, grid, cfg=3.0)
     assert torch.isfinite(out).all()
     assert counter.last.extra.get("pag", 0) > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "cache"), [("sd15", "EasyCache"), ("sd15", "LazyCache"), ("wan21", "EasyCache")]
+)
+def test_counts_are_what_reached_the_network_under_core_caches(toolkit, family, cache):
+    """Core EasyCache skips inside the model call (the counter names those chunks ``skipped_by_others``),
+    LazyCache before it; either way the counts equal the chunks an independent probe saw in the network.
+    The counter is installed first, so its network wrapper is moved inside EasyCache's at every call."""
+    model, counter = counted(toolkit, family)
+    model = core_cache(model, cache, 3.0)  # the node's maximum: skips as much as it can
+    if cache == "EasyCache":
+        keys = list(model.wrappers["diffusion_model"])
+        assert keys.index("easycache") > keys.index(toolkit.counter_key)  # as installed: counter outside
+    probe = NetworkProbe(model)
+    try:
+        sampling.ksample(model, family, steps=8, cfg=4.0)
+    finally:
+        probe.close()
+    counts = counter.last.as_dict()
+    assert counts["total"] == probe.chunks < 16, counts
+    assert counts["cond"] == counts["uncond"] == probe.chunks // 2
+    skipped = counts.get("skipped_by_others", {})
+    if cache == "EasyCache":  # LazyCache skips whole predictions: they never reach a model call
+        assert skipped == {"cond": 8 - counts["cond"], "uncond": 8 - counts["uncond"]}
+    else:
+        assert skipped == {}
