@@ -150,15 +150,6 @@ def test_matrix_covers_every_tiny_family():
 # Stacking with core's SkipLayerGuidanceDiT, CFGZeroStar and APG on the families the registry gained
 
 NEW_FAMILIES = ["chroma", "qwen_image", "auraflow", "mochi"]
-PAG_DEFAULTS = {
-    "scale": 3.0,
-    "blocks": "auto",
-    "start_percent": 0.0,
-    "end_percent": 1.0,
-    "schedule": "constant",
-    "rescale": 0.0,
-    "batched": True,
-}
 CORE = {
     "SkipLayerGuidanceDiT": {
         "double_layers": "0",
@@ -178,11 +169,14 @@ CORE = {
 def test_stacks_with_core_nodes(run_prompt, family, core):
     """The pack's PAG over a core node: it still acts (differs from the core node alone) and stays finite."""
     from fg_testing.prompts import tiny_txt2img
+    from test_attention_guidance import technique
+
+    pag_patch = technique("pag")
 
     def with_core(pag: bool):
         def patch(g, model):
             model = g.node(core, model=model, **CORE[core])
-            return g.node("FreeGuidancePAG", model=model, **PAG_DEFAULTS) if pag else model
+            return pag_patch(g, model) if pag else model
 
         prompt, ids = tiny_txt2img(family, patch=patch, steps=2, batch=2)
         return run_prompt(prompt).outputs[ids["stats"]]["latent_stats"][0]

@@ -49,19 +49,22 @@ def weights_of(pack, run):
     return runs
 
 
-def test_cfg_schedule_on_the_sigma_axis_is_continuous_across_the_experts(comfy_host, pack, experts):
+def scheduled(pack, model, axis: str):
+    return pack.nodes.cfg_schedule.apply_cfg_schedule(model, "cosine", axis, 1.0, 1.0)
+
+
+def two_scheduled_passes(comfy_host, pack, experts, axis: str):
+    """The weights of each pass, CFG Schedule (cosine, clamp 1) on both experts."""
     high, low = experts
-    schedule = pack.nodes.cfg_schedule.apply_cfg_schedule
-    runs = weights_of(
-        pack,
-        lambda: two_passes(
-            comfy_host,
-            schedule(high, "cosine", "sigma", 1.0, 1.0),
-            schedule(low, "cosine", "sigma", 1.0, 1.0),
-        ),
+    return weights_of(
+        pack, lambda: two_passes(comfy_host, scheduled(pack, high, axis), scheduled(pack, low, axis))
     )
+
+
+def test_cfg_schedule_on_the_sigma_axis_is_continuous_across_the_experts(comfy_host, pack, experts):
+    runs = two_scheduled_passes(comfy_host, pack, experts, "sigma")
     assert [len(r) for r in runs] == [SPLIT, STEPS - SPLIT]
-    whole = weights_of(pack, lambda: one_pass(comfy_host, schedule(high, "cosine", "sigma", 1.0, 1.0)))
+    whole = weights_of(pack, lambda: one_pass(comfy_host, scheduled(pack, experts[0], "sigma")))
     assert len(whole) == 1
     both = runs[0] + runs[1]
     assert [s for s, _ in both] == pytest.approx([s for s, _ in whole[0]])
@@ -70,14 +73,7 @@ def test_cfg_schedule_on_the_sigma_axis_is_continuous_across_the_experts(comfy_h
 
 
 def test_cfg_schedule_on_the_step_axis_restarts_in_each_pass(comfy_host, pack, experts):
-    high, low = experts
-    schedule = pack.nodes.cfg_schedule.apply_cfg_schedule
-    runs = weights_of(
-        pack,
-        lambda: two_passes(
-            comfy_host, schedule(high, "cosine", "step", 1.0, 1.0), schedule(low, "cosine", "step", 1.0, 1.0)
-        ),
-    )
+    runs = two_scheduled_passes(comfy_host, pack, experts, "step")
     assert [len(r) for r in runs] == [SPLIT, STEPS - SPLIT]
     assert runs[0][0][1] == pytest.approx(runs[1][0][1])  # each pass starts at the schedule's start
 
