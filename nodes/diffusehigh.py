@@ -14,7 +14,7 @@ import torch
 from ..guidance import diffusehigh
 from . import toolkit
 from .common import CATEGORY, UNIQUE_ID
-from .host import telemetry
+from .host import guiders, passes, telemetry
 from .host.inputs import COMBO, MEMORY_NOTE, Input, Inputs, activation_bytes, check_memory, declare
 
 NODE = "DiffuseHigh"
@@ -105,6 +105,7 @@ def sample_diffusehigh(
     """
     extra_args = {} if extra_args is None else dict(extra_args)
     base = _base_model(model)
+    guiders.check_finite(NODE, passes.guider_of(model))
     latent = getattr(model, "latent_image", None)  # the clean input latent (in the model's latent space)
     if latent is None:
         latent = x

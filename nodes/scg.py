@@ -32,7 +32,7 @@ def sample_scg(
     node_id=None,
 ):
     """KSAMPLER function: best-of-N ancestral sampling, candidates scored on their LATENT-space x0."""
-    _, base_model, alpha, counter = run_parts(model)
+    _, base_model, alpha, counter = run_parts(model, NODE)
     guiders.check_batch_stack(NODE, passes.guider_of(model), x, guiders.BATCH_ROWS)  # candidates ride in it
     extra_args = {} if extra_args is None else dict(extra_args)
     if extra_args.get("denoise_mask") is not None:

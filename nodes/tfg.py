@@ -17,7 +17,7 @@ from . import toolkit
 from .cfg_pp import alpha_of
 from .common import CATEGORY, UNIQUE_ID, node_function
 from .host import counter as eval_counter
-from .host import passes, telemetry
+from .host import guiders, passes, telemetry
 from .host.inputs import COMBO, Input, Inputs, declare
 from .objectives import TYPE, autograd_ready, normal_tensor
 
@@ -39,9 +39,11 @@ def check_objective(node: str, objective, differentiable: bool) -> obj.Objective
     return objective
 
 
-def run_parts(model):
-    """(model patcher, base model, alpha, counter) of the guider behind the k-diffusion ``model``."""
+def run_parts(model, node: str):
+    """(model patcher, base model, alpha, counter) of the guider behind the k-diffusion ``model``; refuses a
+    NaN or infinite guider scale naming ``node``."""
     guider = passes.guider_of(model)
+    guiders.check_finite(node, guider)
     patcher = guider.model_patcher
     return (
         patcher,
@@ -63,7 +65,7 @@ def sample_tfg(
     node_id=None,
 ):
     """KSAMPLER function: TFG's unified step with the guider's denoiser and the objective on LATENT-space x0."""
-    patcher, base_model, alpha, counter = run_parts(model)
+    patcher, base_model, alpha, counter = run_parts(model, NODE)
     extra_args = {} if extra_args is None else dict(extra_args)
     if settings.uses_model_gradient:
         autograd_ready(base_model)  # weights loaded in inference mode cannot be saved for backward

@@ -284,6 +284,15 @@ def test_a_non_finite_cfg_is_refused_at_sampling_start(pack, value):
         assert name.split()[0] in str(error.value)
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_cfg_is_refused_by_the_sampler_nodes(pack, value):
+    for name, (sampler, _) in samplers(pack).items():
+        settings = SETTINGS.get(name, {})
+        out, _, _ = run(pack, "CFGGuider", None, sampler, value, name == "DiffuseHigh", settings)
+        assert isinstance(out, pack.nodes.toolkit.GuidanceInputError), f"{name} ran with cfg {value}"
+        assert "finite" in str(out) and name.split()[0] in str(out), str(out)
+
+
 def test_non_finite_dualcfg_scale_is_refused(pack):
     patched = pack.nodes.pag.apply_pag(cached_model(FAMILY))
     model = cached_model(FAMILY)

@@ -102,8 +102,8 @@ def main_scale(guider) -> float | None:
     return None if value is None else float(value)
 
 
-def check(node: str, guider, supported: frozenset[str] = ALL) -> None:
-    """Refuse a guider ``node`` does not run under, or a NaN/infinite scale, with an error naming both."""
+def check_finite(node: str, guider) -> None:
+    """Refuse a NaN or infinite scale of the guider (e.g. a cfg reaching the sampler through a link)."""
     for name, value in scales(guider).items():
         try:
             finite = math.isfinite(float(value))
@@ -111,6 +111,11 @@ def check(node: str, guider, supported: frozenset[str] = ALL) -> None:
             finite = False
         if not finite:
             raise GuidanceInputError(node, name, f"of the guider must be a finite number, got {value!r}")
+
+
+def check(node: str, guider, supported: frozenset[str] = ALL) -> None:
+    """Refuse a guider ``node`` does not run under, or a NaN/infinite scale, with an error naming both."""
+    check_finite(node, guider)
     which = kind(guider)
     if which not in supported:
         why = _WHY.get(which, "it is not one of the guiders this node supports")

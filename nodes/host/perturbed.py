@@ -128,6 +128,13 @@ class _RunState:
     batched: BatchedPrediction | None = None
     main: MainCall | None = None
     warned: set = field(default_factory=set)
+    step: steps.StepContext | None = None  # the current model call's, built once for its hooks
+
+    def step_of(self, model_options: dict, sigma, model_sampling) -> steps.StepContext:
+        value = steps.sigma_value(sigma)
+        if self.step is None or self.step.sigma != value:
+            self.step = steps.StepContext.of(model_options, value, model_sampling)
+        return self.step
 
 
 def _handed(handoff: Handoff | None, x: torch.Tensor, sigma: float) -> Handoff | None:
@@ -147,7 +154,7 @@ def install_perturbed_pass(model, technique: PerturbedPass, *, batched: bool = F
         if run is None or not passes.is_main_call(conds, model_options):
             return executor(model, conds, x_in, timestep, model_options)
         run.main = None
-        step = steps.StepContext.of(model_options, timestep, model.model_sampling)
+        step = run.step_of(model_options, timestep, model.model_sampling)
         if technique.scale(step) is None:
             return executor(model, conds, x_in, timestep, model_options)
         options, called, index = model_options, conds, None
@@ -176,8 +183,13 @@ def install_perturbed_pass(model, technique: PerturbedPass, *, batched: bool = F
         denoised = args["denoised"]
         model_options = args["model_options"]
         x = args["input"]
-        step = steps.StepContext.of(model_options, args["sigma"], args["model"].model_sampling)
         run = steps.run_state(model_options, key)
+        model_sampling = args["model"].model_sampling
+        step = (
+            run.step_of(model_options, args["sigma"], model_sampling)
+            if run is not None
+            else steps.StepContext.of(model_options, args["sigma"], model_sampling)
+        )
         handed, main = (run.batched, run.main) if run is not None else (None, None)
         if run is not None:
             run.batched = run.main = None
