@@ -11,7 +11,10 @@ from fg_testing import gmm, sampling
 def setup(request, comfy_host):
     family = request.param
     mixture = gmm.GaussianMixture.make(classes=3, dim=gmm.dim_of(family), separation=1.0, std=0.5)
-    return family, mixture, gmm.gmm_model(family, mixture)
+    yield family, mixture, gmm.gmm_model(family, mixture)
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()  # the mixture replaced the shared model's network while loaded
 
 
 def sample(model, family, class_id, cfg, steps=24, batch=64, seed=0):

@@ -11,7 +11,12 @@ class NetworkProbe:
     chunks = its batch / the latent batch."""
 
     def __init__(self, model, latent_batch: int = 1):
-        net = model.model.diffusion_model
+        import comfy.model_management
+
+        # another patcher of the same model may still be loaded with its object patches applied (e.g. the
+        # analytic mixture of fg_testing.gmm in place of the network): unload it so the model holds its own
+        comfy.model_management.unload_all_models()
+        net = model.get_model_object("diffusion_model")
         names = ("input_blocks", "patch_embedding", "x_embedder", "img_in")
         layer = next(getattr(net, n) for n in names if hasattr(net, n))
         while isinstance(layer, (torch.nn.ModuleList, torch.nn.Sequential)):  # UNet: a sequence of layers
