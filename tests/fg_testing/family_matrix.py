@@ -78,12 +78,13 @@ def refusal(family: str, technique: str) -> str | None:
     return None
 
 
+def cell(family: str, technique: str) -> Cell:
+    why = refusal(family, technique)
+    return Cell(family, technique, why, "mode" if why and why.startswith("STG-R") else "model")
+
+
 @functools.cache
 def cells() -> tuple[Cell, ...]:
-    def cell(family: str, technique: str) -> Cell:
-        why = refusal(family, technique)
-        return Cell(family, technique, why, "mode" if why and why.startswith("STG-R") else "model")
-
     return tuple(cell(f, t) for f in FAMILIES for t in TECHNIQUES)
 
 
