@@ -34,7 +34,7 @@ from fg_testing.prompts import Graph
 ROOT = Path(__file__).resolve().parents[1]
 
 
-PIPELINES = ("t2i", "hires", "inpaint", "video")
+PIPELINES = ("t2i", "hires", "inpaint", "video", "negative")
 GUIDED = ("t2i", "inpaint", "video")  # pipelines of a plain guidance technique
 
 
@@ -56,6 +56,8 @@ SETTINGS = {
     "hires": Settings(steps=10, cfg=3.0, prompts=4, repeat=1),
     "inpaint": Settings(steps=10, cfg=3.0, prompts=8, repeat=1),
     "video": Settings(steps=10, cfg=3.0, scheduler="simple", prompts=8, repeat=2),
+    # a negative prompt on the image model at cfg 1 (``negative_workload``)
+    "negative": Settings(steps=10, cfg=1.0, prompts=8, repeat=2),
 }
 HIRES_SCALES = (2, 4)
 SEED = 0
@@ -68,6 +70,8 @@ class Entry:
     ``kind``: "none" (plain sampling), "patch" (MODEL → MODEL node), "sampler" (a SAMPLER node, run with
     SamplerCustom), "hires_sampler" (a SAMPLER that upscales the native result: DiffuseHigh).
     ``settings``: inputs given to the node; every other input is its schema default.
+    ``extra``: more MODEL → MODEL nodes (node id, inputs) applied after ``node``, in order: a stack in one row.
+    ``note``: why a row is refused or what it means, kept with the row in world.json.
     """
 
     technique: str
@@ -78,12 +82,20 @@ class Entry:
     cfg: float | None = None  # None: the pipeline's baseline CFG
     source: str = "pack"  # "pack" | "core" | "baseline"
     hires_scales: tuple[int, ...] = (2,)
+    extra: tuple[tuple[str, dict], ...] = ()
+    note: str = ""
 
 
 def _baselines() -> list[Entry]:
     out = [
         Entry("cond only", kind="none", cfg=1.0, pipelines=PIPELINES, source="baseline", hires_scales=(2, 4)),
-        Entry("CFG", kind="none", pipelines=PIPELINES, source="baseline", hires_scales=(2, 4)),
+        Entry(
+            "CFG",
+            kind="none",
+            pipelines=tuple(p for p in PIPELINES if p != "negative"),  # negative: NEGATIVE_ENTRIES' own
+            source="baseline",
+            hires_scales=(2, 4),
+        ),
     ]
     for scale in (1.5, 5.0, 7.5):
         out.append(
@@ -136,9 +148,77 @@ ENTRIES: list[Entry] = [
         pipelines=("hires",),
         hires_scales=(2, 4),
     ),
-    Entry("EasyCache (core)", "EasyCache", source="core", pipelines=("t2i", "video")),
+    # Core's own bug at the pinned commit, reproduced without any of the pack's nodes (no counter either):
+    # EasyCache's apply_cache_diff adds each cond's cached diff (one cond's rows) to the whole batched call
+    # (cond and uncond together), so a skipped step fails for a batch > 1 per prompt (ComfyUI #10344, fixed
+    # after the pin by #10376) and at batch 1 broadcasts both diffs onto both halves (wrong, silently).
+    # No setting gives an honest row on this host, so it stays refused with core's error.
+    Entry(
+        "EasyCache (core)",
+        "EasyCache",
+        source="core",
+        pipelines=("t2i", "video"),
+        note="core bug at the pinned ComfyUI (apply_cache_diff does not slice the batch; ComfyUI #10344, "
+        "fixed upstream by #10376): fails on its first skipped step whenever cond and uncond share a call",
+    ),
     Entry("LazyCache (core)", "LazyCache", source="core", pipelines=("t2i", "video")),
 ]
+
+# ---- Issues #15 and #16 on the world (branch wcache): caches and their stacks, STG-A on the UNet, negative
+# prompts at cfg 1. ----
+CFG_CACHE = "FreeGuidanceCFGCache"
+# the paper-style schedule that reached 22 evaluations on the digits model (bench/cache.py): full steps only
+# before 'start', then every unconditional prediction rebuilt (no refresh)
+CFG_CACHE_NO_REFRESH = {"start": 0.1, "interval": 1000}
+AG_DIGITS = {"threshold": 0.985, "start_percent": 0.0}  # the digits model's best stack settings
+CACHE_ENTRIES: list[Entry] = [
+    Entry("CFG-Cache", CFG_CACHE, pipelines=("t2i", "video")),
+    Entry("CFG-Cache", CFG_CACHE, settings=CFG_CACHE_NO_REFRESH, pipelines=("t2i", "video")),
+    Entry("FasterCache Feature Reuse", "FreeGuidanceFasterCacheFeatureReuse", pipelines=("video",)),
+    # UNets are refused by both FasterCache nodes (DiT attention modules only): t2i records the refusal
+    Entry("FasterCache", "FreeGuidanceFasterCache", pipelines=("t2i", "video")),
+    Entry(
+        "CFG-Cache + Adaptive Guidance",
+        CFG_CACHE,
+        settings=CFG_CACHE_NO_REFRESH,
+        extra=(("FreeGuidanceAdaptiveGuidance", AG_DIGITS),),
+        pipelines=("t2i", "video"),
+    ),
+    Entry(
+        "LinearAG + Adaptive Guidance",
+        "FreeGuidanceLinearAG",
+        settings={"end_percent": 0.8},
+        extra=(("FreeGuidanceAdaptiveGuidance", AG_DIGITS),),
+        pipelines=("t2i", "video"),
+    ),
+    Entry(
+        "CFG-Cache + FasterCache Feature Reuse",
+        CFG_CACHE,
+        settings=CFG_CACHE_NO_REFRESH,
+        extra=(("FreeGuidanceFasterCacheFeatureReuse", {}),),
+        pipelines=("video",),
+    ),
+    # STG's default mode STG-R (skip block) is refused on a UNet; STG-A (skip attention) is its UNet mode
+    Entry(
+        "STG-A", "FreeGuidanceSTG", settings={"mode": "STG-A (skip attention)"}, pipelines=("t2i", "inpaint")
+    ),
+]
+# The ``negative`` pipeline: the sampler's negative is a prompt naming the shape to avoid (``negative_workload``);
+# "cond only" (cfg 1) is plain sampling that ignores it. NASA/NAG read it as the sampler's negative (the same
+# tensor as the node's own 'negative' input, without a second prompt node).
+SAMPLER_NEGATIVE = {"negative_source": "sampler negative"}
+# NegToMe's official UNet min_grid (32 at SDXL's 128² latent: a quarter of the latent side) scaled to the
+# world's 16² latent: 4, every output attention layer (8² and 4²).
+NEGTOME_WORLD = {"min_grid": 4}
+NEGATIVE_ENTRIES: list[Entry] = [
+    Entry("CFG 3 (negative as uncond)", kind="none", cfg=3.0, pipelines=("negative",), source="baseline"),
+    Entry("NASA", "FreeGuidanceNASA", settings=SAMPLER_NEGATIVE, pipelines=("negative",)),
+    Entry("NASA", "FreeGuidanceNASA", settings={**SAMPLER_NEGATIVE, "mode": "nag"}, pipelines=("negative",)),
+    # S-CFG varies the CFG scale per region: it needs CFG > 1, so it runs at CFG 3 (against the row above)
+    Entry("S-CFG", "FreeGuidanceSCFG", cfg=3.0, pipelines=("negative",)),
+    Entry("NegToMe", "FreeGuidanceNegToMe", settings=NEGTOME_WORLD, pipelines=("t2i", "negative")),
+]
+ENTRIES += CACHE_ENTRIES + NEGATIVE_ENTRIES
 
 WIRED = {"MODEL": "model", "VAE": "vae"}
 
@@ -167,16 +247,25 @@ def node_defaults(node_id: str) -> tuple[dict, list[tuple[str, str]]]:
 
 
 def patch_node(g: Graph, entry: Entry, model, vae=None, extra: dict | None = None):
-    values, links = node_defaults(entry.node)
-    inputs = {**values, **entry.settings, **(extra or {})}
+    return add_node(g, entry.node, {**entry.settings, **(extra or {})}, model, vae)
+
+
+def add_node(g: Graph, node: str, settings: dict, model, vae=None):
+    """(the node wired to the model/VAE, its inputs): schema defaults overridden by ``settings``."""
+    values, links = node_defaults(node)
+    inputs = {**values, **settings}
     for name, kind in links:
         if kind == "MODEL":
             inputs[name] = model
         elif kind == "VAE" and vae is not None:
             inputs[name] = vae
         elif name not in inputs:
-            raise ValueError(f"{entry.node}: linked input {name!r} ({kind}) has no source in the benchmark")
-    return g.node(entry.node, **inputs), inputs
+            raise ValueError(f"{node}: linked input {name!r} ({kind}) has no source in the benchmark")
+    return g.node(node, **inputs), inputs
+
+
+def plain(inputs: dict) -> dict:
+    return {k: v for k, v in inputs.items() if not isinstance(v, list)}  # without the links
 
 
 @dataclass
@@ -190,6 +279,7 @@ class Workload:
     groups: list[int]
     sources: list | None = None  # inpaint: source scenes per sample
     cells: list[str] | None = None  # inpaint: masked cell per sample
+    negatives: list[str] | None = None  # negative: the negative prompt per prompt (the sampler's negative)
 
 
 def workloads() -> dict[str, Workload]:
@@ -238,7 +328,42 @@ def workloads() -> dict[str, Workload]:
         [v for v in videos for _ in range(s.repeat)],
         [i for i in range(len(videos)) for _ in range(s.repeat)],
     )
+    out["negative"] = negative_workload()
     return out
+
+
+def negative_shape(shape: str) -> str:
+    """The shape a negative prompt names instead of ``shape``: the next of the world's shapes."""
+    from sceneworld import world
+
+    return world.SHAPES[(world.SHAPES.index(shape) + 1) % len(world.SHAPES)]
+
+
+def negative_workload() -> Workload:
+    """One-object scenes; the negative prompt is the same scene with the object's shape swapped (the attribute
+    the image model confuses most), so the rate of the negative shape and the positive attributes are scored."""
+    import numpy as np
+    from sceneworld import world
+
+    s = SETTINGS["negative"]
+    rng = np.random.default_rng(2029)
+    scenes, negatives = [], []
+    for i in range(s.prompts):
+        obj = world.random_object(rng, world.POSITIONS[i % len(world.POSITIONS)])
+        scene = world.parse_scene(world.Scene((obj,), world.BACKGROUNDS[0]).prompt())
+        swapped = world.SceneObject(
+            shape=negative_shape(obj.shape), colour=obj.colour, size=obj.size, position=obj.position
+        )
+        scenes.append(scene)
+        negatives.append(world.Scene((swapped,), scene.background).prompt())
+    return Workload(
+        "negative",
+        [sc.prompt() for sc in scenes],
+        s.repeat,
+        [sc for sc in scenes for _ in range(s.repeat)],
+        [i for i in range(len(scenes)) for _ in range(s.repeat)],
+        negatives=negatives,
+    )
 
 
 def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, dict, dict]:
@@ -257,10 +382,17 @@ def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, 
     counted = model
     vae = g.node("WorldRefVAE") if kind == "image" else None
     node_inputs: dict = {}
+    stacked = []
     if entry.kind == "patch":
         model, node_inputs = patch_node(g, entry, model, vae)
+        for node, values in entry.extra:
+            model, inputs = add_node(g, node, values, model, vae)
+            stacked.append({"node": node, **plain(inputs)})
     positive = g.node("WorldRefPrompt", prompts="\n".join(work.texts), kind=kind, repeat=work.repeat)
-    negative = g.node("ConditioningZeroOut", conditioning=positive)
+    if work.negatives is not None:
+        negative = g.node("WorldRefPrompt", prompts="\n".join(work.negatives), kind=kind, repeat=work.repeat)
+    else:
+        negative = g.node("ConditioningZeroOut", conditioning=positive)
     batch = len(work.items)
     mask_id = None
     if work.pipeline == "video":
@@ -330,7 +462,9 @@ def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, 
     settings = {"cfg": cfg, "steps": s.steps, "sampler": s.sampler, "scheduler": s.scheduler}
     if entry.node:
         settings["node"] = entry.node
-        settings.update({k: v for k, v in node_inputs.items() if not isinstance(v, list)})
+        settings.update(plain(node_inputs))
+    if stacked:
+        settings["stack"] = stacked
     if work.pipeline == "hires":
         settings["scale"] = scale
     ids["mask"] = mask_id
@@ -371,10 +505,31 @@ class Scorer:
         images = vae.decode_image_latent(latent)
         if pipeline == "t2i":
             return self.image_metrics(images, work)
+        if pipeline == "negative":
+            return {**self.image_metrics(images, work), **negative_metrics(images, work)}
         if pipeline == "hires":
             return metrics.score_hires(images, work.items)
         sources = world.scene_batch(work.sources)
         return metrics.score_inpaint(images, sources, work.items, work.cells)
+
+
+def negative_metrics(images, work: Workload) -> dict:
+    """Per sample, the largest object found in the prompted object's cell: the rate of the negative prompt's
+    shape there, and of the positive shape."""
+    from sceneworld import metrics
+
+    negative = positive = 0
+    for image, scene in zip(metrics.to_hwc(images), work.items, strict=True):
+        target = scene.objects[0]
+        found, _, _ = metrics.detect(image)
+        here = [d for d in found if d.position == target.position]
+        shape = max(here, key=lambda d: d.area).shape if here else None
+        negative += shape == negative_shape(target.shape)
+        positive += shape == target.shape
+    return {
+        "negative_shape_rate": negative / len(work.items),
+        "positive_shape_rate": positive / len(work.items),
+    }
 
 
 def rows_for(entries: list[Entry]) -> list[tuple[Entry, str, int]]:
@@ -406,7 +561,10 @@ def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> di
         try:
             result = fg_host.run_prompt(prompt, expect_success=False)
         except Exception as error:  # a validation error: the node's inputs do not fit this pipeline
-            refused.append({"pipeline": pipeline, "technique": entry.technique, "error": str(error)[:400]})
+            refused.append(
+                {"pipeline": pipeline, "technique": entry.technique, "error": str(error)[:400]}
+                | ({"note": entry.note} if entry.note else {})
+            )
             print(f"{pipeline:>8} {entry.technique:>30}: refused ({str(error)[:120]})", flush=True)
             continue
         seconds = time.time() - start
@@ -420,17 +578,21 @@ def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> di
                     "settings": settings,
                     "error": text[:400],
                 }
+                | ({"note": entry.note} if entry.note else {})
             )
             print(f"{pipeline:>8} {entry.technique:>30}: refused ({text[:120]})", flush=True)
             continue
         latent = fg_world.read_saved_latent(host.base_dir, result.outputs, ids["latent"])
         total = 0
         extra: dict = {}
+        attention: dict = {}  # attention calls computed/skipped by a feature cache (the counter's own)
         for report in ids["reports"]:
             counts = result.outputs[report]["free_guidance_evaluations"][0]
             total += counts["total"]
             for k, v in counts["extra"].items():
                 extra[k] = extra.get(k, 0) + v
+            for k, v in counts.get("attention", {}).items():
+                attention[k] = attention.get(k, 0) + v
         with torch.no_grad():
             metrics = scorer.score(pipeline, latent, work, scale)
         row = {
@@ -445,6 +607,10 @@ def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> di
         }
         if extra:
             row["extra_evaluations"] = extra
+        if attention:
+            row["attention"] = attention
+        if entry.note:
+            row["note"] = entry.note
         rows.append(row)
         shown = " ".join(f"{k} {v:.3f}" for k, v in list(row["metrics"].items())[:5])
         print(
@@ -500,6 +666,14 @@ HEADLINE = {
         "identity_consistency",
         "flicker",
     ],
+    "negative": [
+        "negative_shape_rate",
+        "positive_shape_rate",
+        "prompt_accuracy",
+        "colour_accuracy",
+        "classifier_accuracy",
+        "diversity",
+    ],
 }
 SWEPT = ("threshold", "scale", "renoise", "cfg")
 
@@ -512,6 +686,11 @@ def label(entry: Entry, settings: dict, pipeline: str, scale: int) -> str:
     bits += [f"{k} {v}" for k, v in entry.settings.items()]
     if entry.node and not entry.settings:
         bits.append("defaults")
+    for node, values in entry.extra:  # a stack: each further node and what it changes
+        bits.append(
+            f"+ {node.removeprefix('FreeGuidance')} "
+            + (", ".join(f"{k} {v}" for k, v in values.items()) or "defaults")
+        )
     return ", ".join(bits)
 
 
@@ -551,8 +730,14 @@ def markdown(results: dict) -> str:
         lines.append("|---|---|---:|---:|" + "---:|" * len(keys))
         for r in rows:
             values = " | ".join(f"{r['metrics'].get(k, float('nan')):.3f}" for k in keys)
+            attn = r.get("attention")
+            calls = (
+                f" (attention {attn.get('computed', 0)} computed / {attn.get('skipped', 0)} skipped)"
+                if attn
+                else ""
+            )
             lines.append(
-                f"| {r['technique']} | {r['label']} | {r['evaluations_per_sample']:.0f} | "
+                f"| {r['technique']} | {r['label']} | {r['evaluations_per_sample']:.0f}{calls} | "
                 f"{r['seconds_per_sample']:.3f} | {values} |"
             )
         lines.append("")
