@@ -7,8 +7,9 @@ FasterCache and the best stacks.
    noise, attention calls computed/skipped and wall time per sample.
 2. Time per sample on the tiny video models (Wan 2.1, LTXV, HunyuanVideo; random weights, so only time and
    counts mean anything), the entries in round-robin, best of ``--repeats``.
-3. The reference world (branch ``world``): ``world_rows`` is the hook; it runs when ``fg_testing.world``
-   exists and says so otherwise.
+3. The reference world's image (SD1.5-family) and video (Wan 2.1) models: no second run here; ``world_rows``
+   shows the cache rows of ``docs/benchmark/world.json`` (``bench/world.py``'s one run: its ``CACHE_ENTRIES``
+   and the baselines), quality against evaluations and attention calls.
 
     PYTHONPATH=tests nice -n 10 ~/.cache/comfyui-free-guidance/venv/bin/python bench/cache.py
 
@@ -172,14 +173,53 @@ def video_rows(families: list[str], steps: int, repeats: int) -> list[dict]:
     return rows
 
 
-def world_rows() -> list[dict] | str:
-    """The reference world's image and video models (branch ``world``): quality vs evaluations and attention
-    calls. A hook until that branch lands: returns why it did not run."""
-    try:
-        from fg_testing import world  # noqa: F401
-    except ImportError:
-        return "not run: the reference world (fg_testing.world, branch 'world') is not on this branch"
-    return "not run: wire fg_testing.world's models into digits_rows' entries when it lands"
+WORLD_BASELINES = {
+    "cond only",
+    "CFG",
+    "Adaptive Guidance",
+    "LinearAG",
+    "EasyCache (core)",
+    "LazyCache (core)",
+}
+WORLD_METRICS = {
+    "t2i": ("prompt_accuracy", "shape_accuracy", "fd"),
+    "video": ("attribute_accuracy", "speed_accuracy", "identity_consistency"),
+}
+
+
+def world_rows(path: Path | None = None) -> dict | str:
+    """The cache rows of the reference world's benchmark (docs/benchmark/world.json), or why there are none."""
+    import world  # bench/world.py (this script's folder is on sys.path)
+
+    names = WORLD_BASELINES | {e.technique for e in world.CACHE_ENTRIES if e.node != "FreeGuidanceSTG"}
+    return world.read_rows(tuple(WORLD_METRICS), names, path)
+
+
+def world_markdown(world) -> list[str]:
+    if isinstance(world, str):
+        return [f"Reference world: {world}", ""]
+    lines = [f"Reference world (rows of `{world['source']}`, `bench/world.py`'s run; cfg 3, 10 steps):", ""]
+    for pipeline, keys in WORLD_METRICS.items():
+        rows = [r for r in world["rows"] if r["pipeline"] == pipeline]
+        if not rows:
+            continue
+        lines += [
+            f"| {pipeline} | settings | evaluations / sample | attention computed / skipped | "
+            + " | ".join(keys)
+            + " |",
+            "|---|---|---|---|" + "---|" * len(keys),
+        ]
+        for r in rows:
+            attn = r.get("attention")
+            attention = f"{attn.get('computed', 0)} / {attn.get('skipped', 0)}" if attn else "—"
+            values = " | ".join(f"{r['metrics'][k]:.3f}" for k in keys)
+            lines.append(
+                f"| {r['technique']} | {r['label']} | {r['evaluations_per_sample']:.0f} | {attention} | {values} |"
+            )
+        lines.append("")
+    for r in world["refused"]:
+        lines.append(f"- refused on {r['pipeline']}: {r['technique']}: {r.get('note') or r['error'][:200]}")
+    return [*lines, ""]
 
 
 def markdown(digits: list[dict], video: list[dict], world, setup: dict) -> str:
@@ -216,7 +256,7 @@ def markdown(digits: list[dict], video: list[dict], world, setup: dict) -> str:
             f"| {r['family']} | {r['name']} | {r['evaluations']} | {attention} | {r['ms_per_sample']} | "
             f"{r['vs_cfg']:.2f}× |"
         )
-    lines += ["", f"Reference world: {world if isinstance(world, str) else 'see cache.json'}", ""]
+    lines += ["", *world_markdown(world)]
     return "\n".join(lines)
 
 
@@ -233,13 +273,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="digits entries to run (CFG always runs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmark"))
+    parser.add_argument("--world-json", help="the world benchmark's rows (default docs/benchmark/world.json)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     digits = digits_rows(args.per_class, args.steps, args.seed, args.only)
     video = video_rows(args.families, args.video_steps, args.repeats)
-    world = world_rows()
+    world = world_rows(Path(args.world_json) if args.world_json else None)
     setup = {
         "per_class": args.per_class,
         "samples": 10 * args.per_class,

@@ -14,9 +14,14 @@ batch diversity, and their cost in time (and, on CUDA, memory), in one run.
 - Cost: median seconds per run over interleaved repeats, as a ratio to plain sampling; peak CUDA memory when
   CUDA is in use.
 
-The reference world with attribute tokens (branch ``world``) plugs in through ``Setup``: its model file, its
-conditioning of an attribute, its attribute classifier; ``digits_setup`` is the digits one. One thread, bounded
-sizes; writes ``docs/benchmark/negative.{md,json}``. A benchmark, not a test: nothing here asserts.
+- The reference world (its SD1.5-family image model, real attribute tokens): no second run here; ``world_rows``
+  shows the ``negative`` and ``diversity`` rows of ``docs/benchmark/world.json`` (``bench/world.py``'s one run:
+  a positive scene and a negative prompt naming the object's shape to avoid, at cfg 1; NegToMe on one
+  prompt's batch).
+
+Another trained model plugs in through ``Setup``: its model file, its conditioning of an attribute, its
+classifier; ``digits_setup`` is the digits one. One thread, bounded sizes; writes
+``docs/benchmark/negative.{md,json}``. A benchmark, not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -210,6 +215,47 @@ def diversity(pack, setup: Setup, digits: list[int], steps: int, batches: int) -
     }
 
 
+WORLD_METRICS = {
+    "negative": ("negative_shape_rate", "positive_shape_rate", "prompt_accuracy", "colour_accuracy"),
+    "diversity": ("diversity", "prompt_accuracy", "shape_accuracy"),
+}
+
+
+def world_rows(path: Path | None = None) -> dict | str:
+    """The world's negative-prompt and batch-diversity rows (docs/benchmark/world.json), or why there are none."""
+    import world  # bench/world.py (this script's folder is on sys.path)
+
+    names = {"cond only", "CFG"} | {e.technique for e in world.NEGATIVE_ENTRIES}
+    return world.read_rows(tuple(WORLD_METRICS), names, path)
+
+
+def world_markdown(world) -> list[str]:
+    if isinstance(world, str):
+        return ["", f"Reference world: {world}"]
+    lines = [
+        "",
+        f"Reference world (rows of `{world['source']}`, `bench/world.py`'s run, 10 steps): *negative*: "
+        "one-object scenes, the negative prompt the same scene with the object's shape swapped, cfg 1 unless "
+        "stated (cond only = plain cfg 1, which ignores the negative); *diversity*: one prompt's batch of 16.",
+    ]
+    for pipeline, keys in WORLD_METRICS.items():
+        rows = [r for r in world["rows"] if r["pipeline"] == pipeline]
+        if not rows:
+            continue
+        lines += [
+            "",
+            f"| {pipeline} | settings | evaluations / sample | s / sample | " + " | ".join(keys) + " |",
+            "|---|---|---|---|" + "---|" * len(keys),
+        ]
+        for r in rows:
+            values = " | ".join(f"{r['metrics'][k]:.3f}" for k in keys)
+            lines.append(
+                f"| {r['technique']} | {r['label']} | {r['evaluations_per_sample']:.0f} | "
+                f"{r['seconds_per_sample']:.3f} | {values} |"
+            )
+    return lines
+
+
 def write(results: dict) -> None:
     out = ROOT / "docs" / "benchmark"
     out.mkdir(parents=True, exist_ok=True)
@@ -242,6 +288,7 @@ def write(results: dict) -> None:
             f"| {name} | {row['diversity']:.3f} | {row['accuracy']:.3f} | {row['confidence']:.3f} | "
             f"{row['time_ratio']:.2f}x |"
         )
+    lines += world_markdown(results.get("world", "not run"))
     (out / "negative.md").write_text("\n".join(lines) + "\n")
 
 
@@ -251,6 +298,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--digits", default="0123456789")
     parser.add_argument("--batches", type=int, default=3, help="NegToMe batches of 8 per digit")
+    parser.add_argument("--world-json", help="the world benchmark's rows (default docs/benchmark/world.json)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from fg_testing import host
@@ -263,6 +311,7 @@ def main() -> None:
         "setup": {"samples": args.samples, "steps": args.steps, "digits": args.digits, "device": device},
         "negative_prompt": negative_prompt(comfy.pack, setup, digits, args.samples, args.steps),
         "diversity": diversity(comfy.pack, setup, digits, args.steps, args.batches),
+        "world": world_rows(Path(args.world_json) if args.world_json else None),
     }
     write(results)
     print(json.dumps(results, indent=1))

@@ -34,7 +34,7 @@ from fg_testing.prompts import Graph
 ROOT = Path(__file__).resolve().parents[1]
 
 
-PIPELINES = ("t2i", "hires", "inpaint", "video", "negative")
+PIPELINES = ("t2i", "hires", "inpaint", "video", "negative", "diversity")
 GUIDED = ("t2i", "inpaint", "video")  # pipelines of a plain guidance technique
 
 
@@ -57,7 +57,9 @@ SETTINGS = {
     "inpaint": Settings(steps=10, cfg=3.0, prompts=8, repeat=1),
     "video": Settings(steps=10, cfg=3.0, scheduler="simple", prompts=8, repeat=2),
     # a negative prompt on the image model at cfg 1 (``negative_workload``)
-    "negative": Settings(steps=10, cfg=1.0, prompts=8, repeat=2),
+    "negative": Settings(steps=10, cfg=1.0, prompts=16, repeat=2),
+    # one prompt's batch (NegToMe's reference is the batch's first row): within-prompt diversity
+    "diversity": Settings(steps=10, cfg=3.0, prompts=1, repeat=16),
 }
 HIRES_SCALES = (2, 4)
 SEED = 0
@@ -213,14 +215,45 @@ NEGTOME_WORLD = {"min_grid": 4}
 NEGATIVE_ENTRIES: list[Entry] = [
     Entry("CFG 3 (negative as uncond)", kind="none", cfg=3.0, pipelines=("negative",), source="baseline"),
     Entry("NASA", "FreeGuidanceNASA", settings=SAMPLER_NEGATIVE, pipelines=("negative",)),
+    *[
+        Entry("NASA", "FreeGuidanceNASA", settings={**SAMPLER_NEGATIVE, "alpha": a}, pipelines=("negative",))
+        for a in (0.5, 1.0)  # the SD1.5 default is 0.1; the paper's sweeps go to ~1
+    ],
     Entry("NASA", "FreeGuidanceNASA", settings={**SAMPLER_NEGATIVE, "mode": "nag"}, pipelines=("negative",)),
     # S-CFG varies the CFG scale per region: it needs CFG > 1, so it runs at CFG 3 (against the row above)
     Entry("S-CFG", "FreeGuidanceSCFG", cfg=3.0, pipelines=("negative",)),
-    Entry("NegToMe", "FreeGuidanceNegToMe", settings=NEGTOME_WORLD, pipelines=("t2i", "negative")),
+    # batch diversity: one prompt's batch, NegToMe against plain CFG 3 (and against cond only at cfg 1)
+    Entry("NegToMe", "FreeGuidanceNegToMe", settings=NEGTOME_WORLD, pipelines=("diversity",)),
+    Entry("NegToMe", "FreeGuidanceNegToMe", settings=NEGTOME_WORLD, cfg=1.0, pipelines=("diversity",)),
+    Entry(
+        "NegToMe", "FreeGuidanceNegToMe", settings={**NEGTOME_WORLD, "t_end": 500.0}, pipelines=("diversity",)
+    ),
 ]
 ENTRIES += CACHE_ENTRIES + NEGATIVE_ENTRIES
 
 WIRED = {"MODEL": "model", "VAE": "vae"}
+
+
+def read_rows(pipelines: tuple[str, ...], techniques: set[str], path: Path | None = None) -> dict | str:
+    """The rows and refusals of ``techniques`` on ``pipelines`` in world.json (this script's one run), for the
+    other benchmarks to show without a second world run; a sentence saying why not when there are none."""
+    path = path or ROOT / "docs" / "benchmark" / "world.json"
+    if not path.exists():
+        return f"not run: {path.name} is missing (bench/world.py writes it)"
+    data = json.loads(path.read_text())
+    pick = [r for r in data["rows"] if r["pipeline"] in pipelines and r["technique"] in techniques]
+    refused = [
+        r for r in data.get("refused", []) if r["pipeline"] in pipelines and r["technique"] in techniques
+    ]
+    if not pick:
+        return (
+            f"not run: {path.name} has no rows of {', '.join(sorted(techniques))} yet (bench/world.py --only)"
+        )
+    return {
+        "source": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "rows": pick,
+        "refused": refused,
+    }
 
 
 def node_defaults(node_id: str) -> tuple[dict, list[tuple[str, str]]]:
@@ -329,6 +362,9 @@ def workloads() -> dict[str, Workload]:
         [i for i in range(len(videos)) for _ in range(s.repeat)],
     )
     out["negative"] = negative_workload()
+    s = SETTINGS["diversity"]
+    scene = out["t2i"].items[0]
+    out["diversity"] = Workload("diversity", [scene.prompt()], s.repeat, [scene] * s.repeat, [0] * s.repeat)
     return out
 
 
@@ -503,7 +539,7 @@ class Scorer:
             out["diversity"] = metrics.diversity(videos, work.groups)
             return out
         images = vae.decode_image_latent(latent)
-        if pipeline == "t2i":
+        if pipeline in ("t2i", "diversity"):
             return self.image_metrics(images, work)
         if pipeline == "negative":
             return {**self.image_metrics(images, work), **negative_metrics(images, work)}
@@ -666,6 +702,7 @@ HEADLINE = {
         "identity_consistency",
         "flicker",
     ],
+    "diversity": ["diversity", "prompt_accuracy", "shape_accuracy", "classifier_accuracy", "fd"],
     "negative": [
         "negative_shape_rate",
         "positive_shape_rate",

@@ -236,3 +236,60 @@ def test_world_prompt_errors_name_the_node_and_input(world_host):
         "red circle small top-left\nblue cross large bottom-left", "image", 3
     )
     assert cond[0][0].shape == (6, 13, 768)
+
+
+def test_negative_metrics_on_rendered_ground_truth(comfy_host, bench_world):
+    from sceneworld import world
+
+    work = bench_world.negative_workload()
+    assert len(work.negatives) == len(work.texts) and work.negatives != work.texts
+    positive = bench_world.negative_metrics(world.scene_batch(work.items), work)
+    assert positive == {"negative_shape_rate": 0.0, "positive_shape_rate": 1.0}
+    swapped = [world.parse_scene(work.negatives[g]) for g in work.groups]
+    negative = bench_world.negative_metrics(world.scene_batch(swapped), work)
+    assert negative == {"negative_shape_rate": 1.0, "positive_shape_rate": 0.0}
+
+
+def _smoke_entry(bench_world, technique: str, pipeline: str, steps: int = 2) -> tuple[dict, dict]:
+    """(the prompt, the evaluation counts) of one ``ENTRIES`` row, 2 prompts × 1 in ``steps`` steps."""
+    entry = next(e for e in bench_world.ENTRIES if e.technique == technique and pipeline in e.pipelines)
+    settings = bench_world.SETTINGS[pipeline]
+    bench_world.SETTINGS[pipeline] = bench_world.Settings(
+        steps=steps,
+        cfg=settings.cfg,
+        sampler=settings.sampler,
+        scheduler=settings.scheduler,
+        prompts=2,
+        repeat=1,
+    )
+    try:
+        work = bench_world.workloads()[pipeline]
+        prompt, ids, _ = bench_world.build_workflow(entry, work)
+        result = fg_host.run_prompt(prompt)
+        latent = fg_world.read_saved_latent(fg_host.init_host().base_dir, result.outputs, ids["latent"])
+        assert torch.isfinite(latent).all()
+        return prompt, result.outputs[ids["reports"][-1]]["free_guidance_evaluations"][0]
+    finally:
+        bench_world.SETTINGS[pipeline] = settings
+
+
+def test_world_stack_entry_chains_both_nodes(world_host, bench_world):
+    prompt, counts = _smoke_entry(bench_world, "CFG-Cache + Adaptive Guidance", "t2i")
+    by_type = {node["class_type"]: (key, node) for key, node in prompt.items()}
+    cache_id, _ = by_type["FreeGuidanceCFGCache"]
+    _, ag = by_type["FreeGuidanceAdaptiveGuidance"]
+    assert ag["inputs"]["model"][0] == cache_id and ag["inputs"]["threshold"] == 0.985
+    assert counts["cond"] == 2 and counts["uncond"] == 1  # step 0 full (before start 0.1), step 1 rebuilt
+
+
+def test_world_feature_reuse_entry_reports_attention_calls(world_host, bench_world):
+    _, counts = _smoke_entry(bench_world, "FasterCache Feature Reuse", "video", steps=4)
+    assert counts["total"] == 8
+    assert counts["attention"]["computed"] > 0 and counts["attention"]["skipped"] > 0
+
+
+def test_world_negative_pipeline_steers_at_cfg_1(world_host, bench_world):
+    prompt, counts = _smoke_entry(bench_world, "NASA", "negative")
+    texts = [n["inputs"]["prompts"] for n in prompt.values() if n["class_type"] == "WorldRefPrompt"]
+    assert len(texts) == 2 and texts[0] != texts[1]  # the sampler's negative is a real prompt
+    assert counts["total"] == 2 and counts["uncond"] == 0  # cfg 1: one network pass per step
