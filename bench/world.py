@@ -4,8 +4,10 @@
 
 Pipelines (reference_model/WORLD.md): ``t2i`` (the SD1.5-family image model at its 16×16 training size),
 ``hires`` (the same model sampled at 2× and 4× — duplicated or broken objects are what hires methods exist to
-fix), ``inpaint`` (one object's cell masked with SetLatentNoiseMask, a different object prompted there) and
-``video`` (the Wan 2.1-family model, 8 frames). Every row is one workflow through ComfyUI's own
+fix), ``inpaint`` (one object's cell masked with SetLatentNoiseMask, a different object prompted there),
+``video`` (the Wan 2.1-family model, 8 frames), ``negative`` (the image model at cfg 1 with a negative prompt
+naming the shape to avoid: its rate and the positive attributes) and ``diversity`` (one prompt's batch:
+within-batch diversity, NegToMe's measure). Every row is one workflow through ComfyUI's own
 ``validate_prompt`` and ``PromptExecutor`` (in process, CPU), nodes addressed by id only:
 loader → Count Network Evaluations → the technique's node(s) → KSampler (or SamplerCustom for SAMPLER
 nodes) → Network Evaluation Report → SaveLatent. The same seed (so the same noise) in every row of a
@@ -13,7 +15,8 @@ pipeline; latents are decoded with the linear VAE and scored by ``sceneworld.met
 checks) and the attribute classifier (accuracy and Fréchet distance in its feature space).
 
 A technique is one ``Entry`` in ``ENTRIES``: its node id, the inputs it overrides (everything else is the
-node's own default, read from the node's schema), the pipelines it fits, and the CFG scale it runs with.
+node's own default, read from the node's schema), the pipelines it fits, the CFG scale it runs with, and
+any further patch nodes of a stack (``extra``). Rows carry the counter's attention calls computed/skipped.
 A node that refuses a model family (an error naming the node) is recorded in ``refused``, not as a row.
 Adding a technique = adding one entry. A benchmark, not a test: nothing here asserts.
 """

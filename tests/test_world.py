@@ -293,3 +293,15 @@ def test_world_negative_pipeline_steers_at_cfg_1(world_host, bench_world):
     texts = [n["inputs"]["prompts"] for n in prompt.values() if n["class_type"] == "WorldRefPrompt"]
     assert len(texts) == 2 and texts[0] != texts[1]  # the sampler's negative is a real prompt
     assert counts["total"] == 2 and counts["uncond"] == 0  # cfg 1: one network pass per step
+
+
+def test_read_rows_picks_the_named_rows_and_says_why_when_none(bench_world, tmp_path):
+    path = tmp_path / "world.json"
+    row = {"pipeline": "video", "technique": "CFG-Cache", "evaluations_per_sample": 15.0}
+    refused = {"pipeline": "t2i", "technique": "CFG-Cache", "error": "x", "note": "why"}
+    other = {"pipeline": "hires", "technique": "CFG-Cache"}
+    path.write_text(json.dumps({"rows": [row, other], "refused": [refused]}))
+    picked = bench_world.read_rows(("t2i", "video"), {"CFG-Cache"}, path)
+    assert picked["rows"] == [row] and picked["refused"] == [refused]
+    assert "no rows of NASA" in bench_world.read_rows(("negative",), {"NASA"}, path)
+    assert "missing" in bench_world.read_rows(("t2i",), {"CFG"}, tmp_path / "absent.json")
