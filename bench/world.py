@@ -156,8 +156,8 @@ ENTRIES: list[Entry] = [
     # Core's own bug at the pinned commit, reproduced without any of the pack's nodes (no counter either):
     # EasyCache's apply_cache_diff adds each cond's cached diff (one cond's rows) to the whole batched call
     # (cond and uncond together), so a skipped step fails for a batch > 1 per prompt (ComfyUI #10344, fixed
-    # after the pin by #10376) and at batch 1 broadcasts both diffs onto both halves (wrong, silently).
-    # No setting gives an honest row on this host, so it stays refused with core's error.
+    # after the pin by #10376); at batch 1 its code broadcasts both diffs onto both halves (wrong, silently;
+    # a batch-1 image run skipped no step in 10). No setting gives an honest row here: refused, core's error.
     Entry(
         "EasyCache (core)",
         "EasyCache",
