@@ -179,8 +179,8 @@ AG_DIGITS = {"threshold": 0.985, "start_percent": 0.0}  # the digits model's bes
 CACHE_ENTRIES: list[Entry] = [
     Entry("CFG-Cache", CFG_CACHE, pipelines=("t2i", "video")),
     Entry("CFG-Cache", CFG_CACHE, settings=CFG_CACHE_NO_REFRESH, pipelines=("t2i", "video")),
-    Entry("FasterCache Feature Reuse", "FreeGuidanceFasterCacheFeatureReuse", pipelines=("video",)),
     # UNets are refused by both FasterCache nodes (DiT attention modules only): t2i records the refusal
+    Entry("FasterCache Feature Reuse", "FreeGuidanceFasterCacheFeatureReuse", pipelines=("t2i", "video")),
     Entry("FasterCache", "FreeGuidanceFasterCache", pipelines=("t2i", "video")),
     Entry(
         "CFG-Cache + Adaptive Guidance",
