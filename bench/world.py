@@ -5,7 +5,8 @@
 Pipelines (reference_model/WORLD.md): ``t2i`` (the SD1.5-family image model at its 16×16 training size),
 ``hires`` (the same model sampled at 2× and 4× — duplicated or broken objects are what hires methods exist to
 fix), ``inpaint`` (one object's cell masked with SetLatentNoiseMask, a different object prompted there) and
-``video`` (the Wan 2.1-family model, 8 frames). Every row is one workflow through ComfyUI's own
+``video`` (the Wan 2.1-family model, 8 frames), and ``superres`` (the hires prompts sampled at 2× with the
+downsampling objective against their 16×16 renders: TFG/SCG rows only, issue #17). Every row is one workflow through ComfyUI's own
 ``validate_prompt`` and ``PromptExecutor`` (in process, CPU), nodes addressed by id only:
 loader → Count Network Evaluations → the technique's node(s) → KSampler (or SamplerCustom for SAMPLER
 nodes) → Network Evaluation Report → SaveLatent. The same seed (so the same noise) in every row of a
@@ -190,13 +191,34 @@ ENTRIES += [
         settings={"preset": "TFG"},
         pipelines=OBJECTIVE_PIPELINES,
     ),
+    *(
+        Entry(
+            "TFG",
+            "FreeGuidanceTFGSampler",
+            kind="objective_sampler",
+            settings={"preset": "TFG", "mu": mu},
+            pipelines=(pipeline,),
+        )
+        for pipeline, mu in MU_FULL.items()
+    ),
+    *(
+        Entry(
+            "DPS",
+            "FreeGuidanceTFGSampler",
+            kind="objective_sampler",
+            settings={"preset": "DPS", **rho},
+            pipelines=OBJECTIVE_PIPELINES,
+        )
+        for rho in ({}, {"rho": 16.0})  # DPS divides the gradient by |loss|: ρ 1 barely moves x
+    ),
     Entry(
         "SCG",
         "FreeGuidanceSCGSampler",
         kind="objective_sampler",
         settings={"candidates": 4},
-        pipelines=("inpaint",),
+        pipelines=OBJECTIVE_PIPELINES,
     ),
+    Entry("SCG", "FreeGuidanceSCGSampler", kind="objective_sampler", pipelines=("inpaint",)),
     *(
         Entry(
             f"{method} upscale",
