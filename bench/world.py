@@ -156,6 +156,14 @@ ENTRIES: list[Entry] = [
 # measurement (masked); 2×2 average pooling spreads it over 4 pixels: 25. Cost: backward passes through the UNet.
 OBJECTIVE_PIPELINES = ("inpaint", "superres")
 MU_FULL = {"inpaint": 6.25, "superres": 25.0}
+
+
+def _tfg(technique: str, pipelines: tuple[str, ...] = OBJECTIVE_PIPELINES, **settings) -> Entry:
+    return Entry(
+        technique, "FreeGuidanceTFGSampler", kind="objective_sampler", settings=settings, pipelines=pipelines
+    )
+
+
 ENTRIES += [
     Entry(
         "TFG rho=mu=0",
@@ -173,44 +181,12 @@ ENTRIES += [
         pipelines=("inpaint",),
         source="core",
     ),
-    Entry("MPGD", "FreeGuidanceTFGSampler", kind="objective_sampler", pipelines=OBJECTIVE_PIPELINES),
-    *(
-        Entry(
-            "MPGD",
-            "FreeGuidanceTFGSampler",
-            kind="objective_sampler",
-            settings={"mu": mu},
-            pipelines=(pipeline,),
-        )
-        for pipeline, mu in MU_FULL.items()
-    ),
-    Entry(
-        "TFG",
-        "FreeGuidanceTFGSampler",
-        kind="objective_sampler",
-        settings={"preset": "TFG"},
-        pipelines=OBJECTIVE_PIPELINES,
-    ),
-    *(
-        Entry(
-            "TFG",
-            "FreeGuidanceTFGSampler",
-            kind="objective_sampler",
-            settings={"preset": "TFG", "mu": mu},
-            pipelines=(pipeline,),
-        )
-        for pipeline, mu in MU_FULL.items()
-    ),
-    *(
-        Entry(
-            "DPS",
-            "FreeGuidanceTFGSampler",
-            kind="objective_sampler",
-            settings={"preset": "DPS", **rho},
-            pipelines=OBJECTIVE_PIPELINES,
-        )
-        for rho in ({}, {"rho": 16.0})  # DPS divides the gradient by |loss|: ρ 1 barely moves x
-    ),
+    _tfg("MPGD"),
+    *(_tfg("MPGD", (pipeline,), mu=mu) for pipeline, mu in MU_FULL.items()),
+    _tfg("TFG", preset="TFG"),
+    *(_tfg("TFG", (pipeline,), preset="TFG", mu=mu) for pipeline, mu in MU_FULL.items()),
+    _tfg("DPS", preset="DPS"),
+    _tfg("DPS", preset="DPS", rho=16.0),  # DPS divides the gradient by |loss|: ρ 1 barely moves x
     Entry(
         "SCG",
         "FreeGuidanceSCGSampler",
