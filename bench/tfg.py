@@ -19,10 +19,10 @@ Metrics: class accuracy of the result by the independent classifier (true label 
 in the kept half / consistency with the measurement, error against the real digit, network evaluations and
 backward passes (the pack's counter) and wall time per sample. Writes ``docs/benchmark/tfg.{md,json}``.
 
-Hook for the reference world of scene models (being built): load its model where the digits model is
-loaded, build its measurements and objectives the same way (the Latent/Image Measurement objectives, or a
-decoder term like ``sr_objective``), and add its rows with ``run`` and a row function like ``inpaint_row``
-under a new task key of ``rows``; the tables are written from ``rows``.
+The reference world's rows (a masked object, 2x super-resolution) are not here: they are ``Entry`` rows of
+``bench/world.py`` (its "Guidance toward an objective" block: the ``inpaint`` and ``superres`` pipelines of
+``docs/benchmark/world.json``, the Image Measurement objective through the World VAE, the real host's
+workflows), measured in the benchmark's one run with every other technique.
 """
 
 from __future__ import annotations

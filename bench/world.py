@@ -6,8 +6,9 @@ Pipelines (reference_model/WORLD.md): ``t2i`` (the SD1.5-family image model at i
 ``hires`` (the same model sampled at 2× and 4× — duplicated or broken objects are what hires methods exist to
 fix), ``inpaint`` (one object's cell masked with SetLatentNoiseMask, a different object prompted there),
 ``video`` (the Wan 2.1-family model, 8 frames), ``negative`` (the image model at cfg 1 with a negative prompt
-naming the shape to avoid: its rate and the positive attributes) and ``diversity`` (one prompt's batch:
-within-batch diversity, NegToMe's measure). Every row is one workflow through ComfyUI's own
+naming the shape to avoid: its rate and the positive attributes), ``diversity`` (one prompt's batch:
+within-batch diversity, NegToMe's measure) and ``superres`` (the hires prompts sampled at 2× with the
+downsampling objective against their 16×16 renders: TFG/SCG rows only). Every row is one workflow through ComfyUI's own
 ``validate_prompt`` and ``PromptExecutor`` (in process, CPU), nodes addressed by id only:
 loader → Count Network Evaluations → the technique's node(s) → KSampler (or SamplerCustom for SAMPLER
 nodes) → Network Evaluation Report → SaveLatent. The same seed (so the same noise) in every row of a
@@ -24,6 +25,7 @@ Adding a technique = adding one entry. A benchmark, not a test: nothing here ass
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import traceback
@@ -37,7 +39,8 @@ from fg_testing.prompts import Graph
 ROOT = Path(__file__).resolve().parents[1]
 
 
-PIPELINES = ("t2i", "hires", "inpaint", "video", "negative", "diversity")
+PIPELINES = ("t2i", "hires", "inpaint", "video", "negative", "diversity", "superres")
+SAMPLED = PIPELINES[:6]  # the pipelines of the baselines (superres: its plain rows are hires ×2)
 GUIDED = ("t2i", "inpaint", "video")  # pipelines of a plain guidance technique
 
 
@@ -63,8 +66,10 @@ SETTINGS = {
     "negative": Settings(steps=10, cfg=1.0, prompts=16, repeat=2),
     # one prompt's batch (NegToMe's reference is the batch's first row): within-prompt diversity
     "diversity": Settings(steps=10, cfg=3.0, prompts=1, repeat=16),
+    "superres": Settings(steps=10, cfg=3.0, prompts=4, repeat=1),  # hires's prompts and seed
 }
 HIRES_SCALES = (2, 4)
+SUPERRES_SCALE = 2
 SEED = 0
 
 
@@ -73,7 +78,9 @@ class Entry:
     """One technique row (per pipeline it fits).
 
     ``kind``: "none" (plain sampling), "patch" (MODEL → MODEL node), "sampler" (a SAMPLER node, run with
-    SamplerCustom), "hires_sampler" (a SAMPLER that upscales the native result: DiffuseHigh).
+    SamplerCustom), "hires_sampler" (a SAMPLER that upscales the native result: DiffuseHigh),
+    "objective_sampler" (a SAMPLER node given the pipeline's measurement objective: TFG, SCG), "upscale"
+    (no model: the measurement image upscaled by ComfyUI's ImageScaleBy).
     ``settings``: inputs given to the node; every other input is its schema default.
     ``extra``: more MODEL → MODEL nodes (node id, inputs) applied after ``node``, in order: a stack in one row.
     ``note``: why a row is refused or what it means, kept with the row in world.json.
@@ -93,11 +100,11 @@ class Entry:
 
 def _baselines() -> list[Entry]:
     out = [
-        Entry("cond only", kind="none", cfg=1.0, pipelines=PIPELINES, source="baseline", hires_scales=(2, 4)),
+        Entry("cond only", kind="none", cfg=1.0, pipelines=SAMPLED, source="baseline", hires_scales=(2, 4)),
         Entry(
             "CFG",
             kind="none",
-            pipelines=tuple(p for p in PIPELINES if p != "negative"),  # negative: NEGATIVE_ENTRIES' own
+            pipelines=tuple(p for p in SAMPLED if p != "negative"),  # negative: NEGATIVE_ENTRIES' own
             source="baseline",
             hires_scales=(2, 4),
         ),
@@ -234,6 +241,66 @@ NEGATIVE_ENTRIES: list[Entry] = [
 ]
 ENTRIES += CACHE_ENTRIES + NEGATIVE_ENTRIES
 
+# ---- Guidance toward an objective (issue #17): the TFG and SCG samplers given the pack's Image Measurement
+# objective through the World VAE. inpaint: the masked-image objective on the kept region, sampled from an
+# empty latent (no SetLatentNoiseMask), the new object only prompted; superres: sampled at 2× (32×32) with the
+# downsampling objective against the prompt's own 16×16 render. The World VAE decodes with gain 0.4 per
+# orthonormal model-space latent value, so one μ step of 1/0.4² = 6.25 moves a measured pixel fully onto the
+# measurement (masked); 2×2 average pooling spreads it over 4 pixels: 25. Cost: backward passes through the UNet.
+OBJECTIVE_PIPELINES = ("inpaint", "superres")
+MU_FULL = {"inpaint": 6.25, "superres": 25.0}
+
+
+def _tfg(technique: str, pipelines: tuple[str, ...] = OBJECTIVE_PIPELINES, **settings) -> Entry:
+    return Entry(
+        technique, "FreeGuidanceTFGSampler", kind="objective_sampler", settings=settings, pipelines=pipelines
+    )
+
+
+ENTRIES += [
+    Entry(
+        "TFG rho=mu=0",
+        "FreeGuidanceTFGSampler",
+        kind="objective_sampler",
+        settings={"preset": "TFG", "rho": 0.0, "mu": 0.0},
+        pipelines=OBJECTIVE_PIPELINES,
+        source="baseline",
+    ),
+    Entry(
+        "SetLatentNoiseMask (euler_ancestral)",
+        "KSamplerSelect",
+        kind="sampler",
+        settings={"sampler_name": "euler_ancestral"},
+        pipelines=("inpaint",),
+        source="core",
+    ),
+    _tfg("MPGD"),
+    *(_tfg("MPGD", (pipeline,), mu=mu) for pipeline, mu in MU_FULL.items()),
+    _tfg("TFG", preset="TFG"),
+    *(_tfg("TFG", (pipeline,), preset="TFG", mu=mu) for pipeline, mu in MU_FULL.items()),
+    _tfg("DPS", preset="DPS"),
+    _tfg("DPS", preset="DPS", rho=16.0),  # DPS divides the gradient by |loss|: ρ 1 barely moves x
+    Entry(
+        "SCG",
+        "FreeGuidanceSCGSampler",
+        kind="objective_sampler",
+        settings={"candidates": 4},
+        pipelines=OBJECTIVE_PIPELINES,
+    ),
+    Entry("SCG", "FreeGuidanceSCGSampler", kind="objective_sampler", pipelines=("inpaint",)),
+    *(
+        Entry(
+            f"{method} upscale",
+            "ImageScaleBy",
+            kind="upscale",
+            settings={"upscale_method": method, "scale_by": float(SUPERRES_SCALE)},
+            pipelines=("superres",),
+            source="baseline",
+        )
+        for method in ("bilinear", "nearest-exact")
+    ),
+]
+
 WIRED = {"MODEL": "model", "VAE": "vae"}
 
 
@@ -355,6 +422,7 @@ def workloads() -> dict[str, Workload]:
         sources=[x for x in sources for _ in range(s.repeat)],
         cells=[c for c in cells for _ in range(s.repeat)],
     )
+    out["superres"] = dataclasses.replace(out["hires"], pipeline="superres")
     s = SETTINGS["video"]
     videos = [world.parse_video(v.prompt()) for v in world.videos(s.prompts, 2028)]
     out["video"] = Workload(
@@ -405,6 +473,38 @@ def negative_workload() -> Workload:
     )
 
 
+def inpaint_source(g: Graph, work: Workload):
+    """World Inpaint Source of the pipeline's source scenes: (LATENT, MASK of the masked cell) node."""
+    return g.node(
+        "WorldRefInpaintSource",
+        scenes="\n".join(sc.prompt() for sc in work.sources[:: work.repeat]),
+        positions="\n".join(work.cells[:: work.repeat]),
+        repeat=work.repeat,
+    )
+
+
+def measurement(g: Graph, work: Workload, vae, scale: int) -> tuple[list, list, dict]:
+    """(objective, measurement IMAGE, the objective's settings) of an objective pipeline: inpaint, the source
+    scene outside the masked cell; superres, the prompt's 16×16 render (World Inpaint Source renders and
+    encodes scenes; its masks are not used there), measured through 2×2 average pooling."""
+    if work.pipeline == "inpaint":
+        source = inpaint_source(g, work)
+        extra = {"operator": "masked (inpainting)", "mask": [Graph.id(source), 1]}
+    else:
+        source = g.node(
+            "WorldRefInpaintSource",
+            scenes="\n".join(work.texts),
+            positions="top-left",
+            repeat=work.repeat,
+        )
+        extra = {"operator": "downsample (super-resolution)", "factor": scale}
+    image = g.node("VAEDecode", samples=[Graph.id(source), 0], vae=vae)
+    node = Entry("objective", "FreeGuidanceObjectiveImageMeasurement")
+    objective, inputs = patch_node(g, node, None, vae, {"image": image, **extra})
+    values = {k: v for k, v in inputs.items() if not isinstance(v, list)}
+    return objective, image, {"node": node.node, **values}
+
+
 def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, dict, dict]:
     """(API prompt, output node ids, the row's settings) for one entry on one pipeline."""
     s = SETTINGS[work.pipeline]
@@ -436,13 +536,8 @@ def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, 
     mask_id = None
     if work.pipeline == "video":
         latent = g.node("EmptyHunyuanLatentVideo", width=64, height=64, length=29, batch_size=batch)
-    elif work.pipeline == "inpaint":
-        source = g.node(
-            "WorldRefInpaintSource",
-            scenes="\n".join(sc.prompt() for sc in work.sources[:: work.repeat]),
-            positions="\n".join(work.cells[:: work.repeat]),
-            repeat=work.repeat,
-        )
+    elif work.pipeline == "inpaint" and entry.kind != "objective_sampler":
+        source = inpaint_source(g, work)
         latent = g.node("SetLatentNoiseMask", samples=source, mask=[Graph.id(source), 1])
         mask_id = Graph.id(source)
     else:
@@ -493,9 +588,18 @@ def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, 
         size = 16 * scale  # the linear VAE's pixel = one latent pixel
         sampler, node_inputs = patch_node(g, entry, model, vae, {"width": size, "height": size})
         sampled = custom(model, sampler, first, add_noise=False)
+    elif entry.kind == "objective_sampler":
+        objective, _, objective_settings = measurement(g, work, vae, scale)
+        sampler, node_inputs = patch_node(g, entry, model, vae, {"objective": objective})
+        sampled = custom(model, sampler, latent)
+    elif entry.kind == "upscale":
+        _, image, objective_settings = measurement(g, work, vae, scale)
+        scaled, node_inputs = patch_node(g, entry, model, vae, {"image": image})
+        sampled = g.node("VAEEncode", pixels=scaled, vae=vae)
     else:
         raise ValueError(f"unknown entry kind {entry.kind!r}")
-    reports.append(Graph.id(g.node("FreeGuidanceEvaluationReport", model=counted, latent=sampled)))
+    if entry.kind != "upscale":  # no model runs
+        reports.append(Graph.id(g.node("FreeGuidanceEvaluationReport", model=counted, latent=sampled)))
     ids["reports"] = reports
     ids["latent"] = Graph.id(g.node("SaveLatent", samples=sampled, filename_prefix="world"))
     settings = {"cfg": cfg, "steps": s.steps, "sampler": s.sampler, "scheduler": s.scheduler}
@@ -504,7 +608,9 @@ def build_workflow(entry: Entry, work: Workload, scale: int = 1) -> tuple[dict, 
         settings.update(plain(node_inputs))
     if stacked:
         settings["stack"] = stacked
-    if work.pipeline == "hires":
+    if entry.kind == "objective_sampler":
+        settings["objective"] = objective_settings
+    if work.pipeline in ("hires", "superres"):
         settings["scale"] = scale
     ids["mask"] = mask_id
     return g.prompt, ids, settings
@@ -529,7 +635,8 @@ class Scorer:
         with torch.no_grad():
             features = self.classifier.features(images.float())
         out["classifier_accuracy"] = classifier.accuracy(self.classifier, images, work.items)
-        out["fd"] = frechet_distance(features, self.reference_features)
+        if len(features) > 1:  # a covariance needs two samples (--smoke's one-image diversity pipeline)
+            out["fd"] = frechet_distance(features, self.reference_features)
         out["diversity"] = metrics.diversity(images, work.groups)
         return out
 
@@ -548,6 +655,13 @@ class Scorer:
             return {**self.image_metrics(images, work), **negative_metrics(images, work)}
         if pipeline == "hires":
             return metrics.score_hires(images, work.items)
+        if pipeline == "superres":
+            import torch.nn.functional as F
+
+            out = metrics.score_hires(images, work.items)
+            error = F.avg_pool2d(images, scale) - world.scene_batch(work.items)
+            out["measurement_rmse"] = float(error.pow(2).mean().sqrt())
+            return out
         sources = world.scene_batch(work.sources)
         return metrics.score_inpaint(images, sources, work.items, work.cells)
 
@@ -577,7 +691,8 @@ def rows_for(entries: list[Entry]) -> list[tuple[Entry, str, int]]:
         for pipeline in PIPELINES:
             if pipeline not in entry.pipelines:
                 continue
-            for scale in entry.hires_scales if pipeline == "hires" else (1,):
+            scales = {"hires": entry.hires_scales, "superres": (SUPERRES_SCALE,)}.get(pipeline, (1,))
+            for scale in scales:
                 out.append((entry, pipeline, scale))
     return out
 
@@ -625,6 +740,7 @@ def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> di
         total = 0
         extra: dict = {}
         attention: dict = {}  # attention calls computed/skipped by a feature cache (the counter's own)
+        backward: dict = {}
         for report in ids["reports"]:
             counts = result.outputs[report]["free_guidance_evaluations"][0]
             total += counts["total"]
@@ -632,6 +748,8 @@ def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> di
                 extra[k] = extra.get(k, 0) + v
             for k, v in counts.get("attention", {}).items():
                 attention[k] = attention.get(k, 0) + v
+            for k, v in counts.get("backward", {}).items():
+                backward[k] = backward.get(k, 0) + v
         with torch.no_grad():
             metrics = scorer.score(pipeline, latent, work, scale)
         row = {
@@ -650,6 +768,8 @@ def run(only: list[str] | None = None, pipelines: list[str] | None = None) -> di
             row["attention"] = attention
         if entry.note:
             row["note"] = entry.note
+        if backward:  # TFG: "model" = evaluations back-propagated, "objective" = objective backward passes
+            row["backward_per_sample"] = {k: float(v) for k, v in backward.items()}
         rows.append(row)
         shown = " ".join(f"{k} {v:.3f}" for k, v in list(row["metrics"].items())[:5])
         print(
@@ -697,6 +817,14 @@ HEADLINE = {
         "downsampled_prompt_accuracy",
     ],
     "inpaint": ["new_object_accuracy", "new_object_attributes", "error_outside_mask", "prompt_accuracy"],
+    "superres": [
+        "prompt_accuracy",
+        "count_accuracy",
+        "duplicated_rate",
+        "broken_rate",
+        "downsampled_prompt_accuracy",
+        "measurement_rmse",
+    ],
     "video": [
         "prompt_accuracy",
         "direction_accuracy",
@@ -720,8 +848,8 @@ SWEPT = ("threshold", "scale", "renoise", "cfg")
 
 def label(entry: Entry, settings: dict, pipeline: str, scale: int) -> str:
     """The row's settings in words: CFG, the hires scale, what the entry changes from the node's defaults."""
-    bits = [f"cfg {settings['cfg']:g}"]
-    if pipeline == "hires":
+    bits = [] if entry.kind == "upscale" else [f"cfg {settings['cfg']:g}"]
+    if pipeline in ("hires", "superres"):
         bits.append(f"×{scale}")
     bits += [f"{k} {v}" for k, v in entry.settings.items()]
     if entry.node and not entry.settings:
@@ -771,14 +899,17 @@ def markdown(results: dict) -> str:
         for r in rows:
             values = " | ".join(f"{r['metrics'].get(k, float('nan')):.3f}" for k in keys)
             attn = r.get("attention")
-            calls = (
-                f" (attention {attn.get('computed', 0)} computed / {attn.get('skipped', 0)} skipped)"
-                if attn
-                else ""
-            )
+            evals = f"{r['evaluations_per_sample']:.0f}"
+            if attn:
+                evals += f" (attention {attn.get('computed', 0)} computed / {attn.get('skipped', 0)} skipped)"
+            if r.get("backward_per_sample"):
+                evals += (
+                    " (backward "
+                    + " + ".join(f"{v:.0f} {k}" for k, v in r["backward_per_sample"].items())
+                    + ")"
+                )
             lines.append(
-                f"| {r['technique']} | {r['label']} | {r['evaluations_per_sample']:.0f}{calls} | "
-                f"{r['seconds_per_sample']:.3f} | {values} |"
+                f"| {r['technique']} | {r['label']} | {evals} | {r['seconds_per_sample']:.3f} | {values} |"
             )
         lines.append("")
     if results.get("refused"):
@@ -802,6 +933,7 @@ def plot(results: dict, path: Path) -> None:
         ("t2i", "prompt_accuracy", "t2i: prompt-attribute accuracy"),
         ("hires", "duplicated_rate", "hires: duplicated-object rate (lower is better)"),
         ("inpaint", "new_object_accuracy", "inpaint: new-object accuracy"),
+        ("superres", "measurement_rmse", "superres: RMSE to the 16×16 measurement (lower is better)"),
         ("video", "prompt_accuracy", "video: prompt-attribute accuracy"),
     ):
         series: dict[str, list] = {}

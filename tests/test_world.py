@@ -4,6 +4,7 @@ prompts, and a few seeded, reproducible training steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -305,3 +306,44 @@ def test_read_rows_picks_the_named_rows_and_says_why_when_none(bench_world, tmp_
     assert picked["rows"] == [row] and picked["refused"] == [refused]
     assert "no rows of NASA" in bench_world.read_rows(("negative",), {"NASA"}, path)
     assert "missing" in bench_world.read_rows(("t2i",), {"CFG"}, tmp_path / "absent.json")
+
+
+def test_objective_rows_run_smoke_sized_and_move_toward_the_measurement(world_host, bench_world, monkeypatch):
+    """bench/world.py's TFG rows (issue #17) at 2 prompts × 2 steps: the Image Measurement objective decodes
+    through the World VAE with gradients (its decoder is the World Decode's), backward passes are counted,
+    and a full μ step lowers the error the objective measures below unguided sampling's (same noise)."""
+    import world_nodes
+    from sceneworld import vae
+
+    latent = vae.encode_image_latent(torch.rand(2, 3, 16, 16)) + 0.3 * torch.randn(2, 4, 16, 16)
+    linear = world_nodes.LinearImageVAE()
+    decoded = linear.process_output(linear.first_stage_model.decode(latent))
+    assert torch.allclose(decoded, vae.decode_image_latent(latent), atol=1e-6)
+
+    wanted = {
+        ("TFG rho=mu=0", 0.0),
+        ("MPGD", 6.25),
+        ("MPGD", 25.0),
+        ("TFG", None),
+        ("nearest-exact upscale", None),
+    }
+    entries = [e for e in bench_world.ENTRIES if (e.technique, e.settings.get("mu")) in wanted]
+    monkeypatch.setattr(bench_world, "ENTRIES", entries)
+    for pipeline in bench_world.OBJECTIVE_PIPELINES:
+        settings = dataclasses.replace(bench_world.SETTINGS[pipeline], steps=2, prompts=2, repeat=1)
+        monkeypatch.setitem(bench_world.SETTINGS, pipeline, settings)
+    results = bench_world.run(None, list(bench_world.OBJECTIVE_PIPELINES))
+    assert not results["refused"], results["refused"]
+    rows = {(r["pipeline"], r["label"]): r for r in results["rows"]}
+    plain = "cfg 3, preset TFG, rho 0.0, mu 0.0"
+    inpaint = rows[("inpaint", "cfg 3, mu 6.25")]["metrics"]["error_outside_mask"]
+    assert inpaint < 0.5 * rows[("inpaint", plain)]["metrics"]["error_outside_mask"]
+    superres = rows[("superres", "cfg 3, ×2, mu 25.0")]["metrics"]["measurement_rmse"]
+    assert superres < 0.9 * rows[("superres", f"cfg 3, ×2, {plain[7:]}")]["metrics"]["measurement_rmse"]
+    assert rows[("superres", "×2, upscale_method nearest-exact, scale_by 2.0")]["metrics"][
+        "measurement_rmse"
+    ] == pytest.approx(0.0, abs=1e-6)
+    tfg = rows[("inpaint", "cfg 3, preset TFG")]
+    assert tfg["backward_per_sample"] == {"model": 4.0, "objective": 4.0}  # 2 steps × both CFG halves
+    assert rows[("inpaint", "cfg 3, mu 6.25")]["backward_per_sample"] == {"objective": 2.0}
+    assert len(rows) == 7

@@ -135,8 +135,22 @@ class WorldDecode:
         return (images.contiguous().to(torch.float32),)
 
 
+class LinearDecoder(torch.nn.Module):
+    """The linear decoder as a ComfyUI ``first_stage_model``: LATENT → RGB in [-1, 1], differentiable, not
+    clamped (what the pack's objectives back-propagate through, like a real VAE's decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("hadamard", vae.hadamard(4).clone())  # its "weights" (made autograd-ready)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        z = vae.image_process_in(latent) / vae.IMAGE_GAIN
+        return torch.einsum("ij,njhw->nihw", self.hadamard.to(z), z)[:, :3]  # = 2·latent_to_image − 1
+
+
 class LinearImageVAE:
-    """The image model's linear VAE as a ComfyUI VAE for nodes that take one (VAEDecode, VAEEncode, DiffuseHigh).
+    """The image model's linear VAE as a ComfyUI VAE for nodes that take one (VAEDecode, VAEEncode, DiffuseHigh,
+    the pack's image objectives through ``first_stage_model``/``patcher``/``process_output``, as on comfy.sd.VAE).
 
     One latent pixel per image pixel: ``downscale_ratio`` is 1 (a node's "pixel" width is the latent width).
     """
@@ -146,6 +160,20 @@ class LinearImageVAE:
     latent_channels = 4
     latent_dim = 2
     output_channels = 3
+    vae_dtype = torch.float32
+
+    def __init__(self):
+        import comfy.model_management
+        import comfy.model_patcher
+
+        self.device = comfy.model_management.get_torch_device()
+        self.first_stage_model = LinearDecoder()
+        self.patcher = comfy.model_patcher.ModelPatcher(
+            self.first_stage_model, load_device=self.device, offload_device=torch.device("cpu")
+        )
+
+    def process_output(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)  # comfy.sd.VAE's, for images
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         return vae.decode_image_latent(samples.cpu()).permute(0, 2, 3, 1).contiguous()
