@@ -16,7 +16,16 @@ What is computed per family (``guidance/nasa.py`` has the equations):
   [negative text, image]. The negative text stream is the negative context through the model's text embedder
   and then through every double block up to the last chosen one, each run a second time on [negative text,
   image] (those blocks cost twice; no extra network call). Text-query rows and single blocks are unchanged.
-- LTXV, HunyuanVideo: refused (masked cross-attention / image-first joint attention: not done yet).
+- Chroma (and Radiance), Qwen-Image (and Edit), AuraFlow: as Flux, the negative through each model's own text
+  embedder (``txt_in``; Qwen-Image ``txt_norm`` then ``txt_in``; AuraFlow its register tokens then
+  ``cond_seq_linear``, so the registers count with the negative text as with the positive). Where the text
+  tokens have positions of their own (Qwen-Image) or the prompt carries an attention mask (Chroma), the negative
+  needs the positive's token count (an error says so).
+- LTXV (separate cross-attention, as Wan): the negative through ``caption_projection`` and the block's
+  ``to_k``/``k_norm``/``to_v``, with the negative conditioning's own attention mask when it has one.
+- Refused, with the reason: HunyuanVideo and HunyuanImage 2.1 (the text passes a token refiner conditioned on
+  the timestep inside the forward, then an image-first joint attention), Mochi (asymmetric joint attention: the
+  text has its own per-block projections after the T5 projection).
 
 Only the conditional rows change (chunk 0 of each forward); the unconditional pass, when cfg > 1 runs it, is
 left as it is. NAG replaces ``Z⁺ − α·Z⁻`` by its normalized extrapolation. α = 0 (NASA) or φ = 1 (NAG) returns
@@ -40,7 +49,14 @@ NODE = "NASA Negative Attention"
 MODES = ("nasa", "nag")
 SOURCES = ("node input", "sampler negative")
 JOINT_MODES = ("auto", "text keys", "text share", "joint attention")
-SUPPORTED = "SD1.5, SD2.x, SDXL (UNet), SD3, Flux, Wan 2.1"
+SUPPORTED = "SD1.5, SD2.x, SDXL, SVD (UNet), SD3, Flux, Chroma, Qwen-Image, AuraFlow, Wan 2.1 / 2.2, LTXV"
+CROSS_FAMILIES = ("wan21", "ltxv")  # separate cross-attention
+REFUSED = {
+    "hunyuan_video": "its text passes a token refiner conditioned on the timestep inside the forward, then an "
+    "image-first joint attention; NASA has no negative text stream there",
+    "mochi": "its asymmetric joint attention projects the text with per-block weights of its own; NASA has no "
+    "negative text stream there",
+}
 # α where the paper names none (SDXL, SD3, Flux, Wan): our choice, PixArt-α's 0.5 (the paper's only DiT value)
 FALLBACK_ALPHA = 0.5
 JOINT_NASA_DEFAULT = "text share"  # bench/negative.py: "text keys" is erratic on the digits model
@@ -86,8 +102,17 @@ def all_blocks(layout: families.ModelLayout) -> str:
 @dataclass
 class _Run:
     negative: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None  # the negative conditioning's attention mask (LTXV), 1 = keep
     embedded: dict = field(default_factory=dict)
     layers: int = 0  # layers changed at the last call
+
+
+def _first_mask(conditioning) -> torch.Tensor | None:
+    if not conditioning:
+        return None
+    entry = conditioning[0]
+    extra = entry if isinstance(entry, dict) else (entry[1] if len(entry) > 1 else {})
+    return extra.get("attention_mask") if isinstance(extra, dict) else None
 
 
 def _first_tensor(conditioning) -> torch.Tensor | None:
@@ -116,9 +141,18 @@ def apply_nasa(
     values = check_arguments(INPUTS, locals())
     layout = families.detect_layout(model, NODE)
     variant = model_variant(model)
-    if layout.spec.name in ("ltxv", "hunyuan_video"):
+    name = layout.spec.name
+    fits = (
+        layout.spec.kind == "unet"
+        or name in CROSS_FAMILIES
+        or (layout.spec.text_first and name in attention_calls.JOINT_NEGATIVE_FAMILIES)
+    )
+    if not fits:
+        reason = REFUSED.get(name, "no negative attention route is known for it")
         raise GuidanceInputError(
-            NODE, "model", f"is {layout.spec.label}, which NASA does not support yet; supported: {SUPPORTED}"
+            NODE,
+            "model",
+            f"is {layout.spec.label}, which NASA does not fit: {reason}; supported: {SUPPORTED}",
         )
     alpha = default_alpha(variant) if values["alpha"] < 0 else values["alpha"]
     scale = default_nag_scale(variant) if values["nag_scale"] < 0 else values["nag_scale"]
@@ -130,6 +164,7 @@ def apply_nasa(
         raise GuidanceInputError(NODE, "blocks", "must name double (joint) blocks on this model")
     from_node = values["negative_source"] == "node input"
     fixed = _first_tensor(negative) if from_node else None
+    fixed_mask = _first_mask(negative) if from_node else None
     if from_node and fixed is None:
         raise GuidanceInputError(
             NODE, "negative", "is needed when negative_source is 'node input' (connect a CONDITIONING)"
@@ -147,9 +182,10 @@ def apply_nasa(
 
     def outer_sample(executor, *args, **kwargs):
         guider = executor.class_obj
-        run = _Run(negative=fixed)
+        run = _Run(negative=fixed, negative_mask=fixed_mask)
         if not from_node:
             run.negative = _first_tensor(guider.original_conds.get("negative"))
+            run.negative_mask = _first_mask(guider.original_conds.get("negative"))
             if run.negative is None:
                 raise GuidanceInputError(
                     NODE, "negative_source", "is 'sampler negative', but the sampler has none"
@@ -183,16 +219,31 @@ def apply_nasa(
             module = call.module
             device, dtype = call.q.device, call.q.dtype
             context = run.negative.to(device=device, dtype=dtype)
-            if layout.spec.name == "wan21":
+            mask = None
+            if name == "wan21":
                 cache = ("wan", device, dtype)
                 if cache not in run.embedded:
                     run.embedded[cache] = dm.text_embedding(context)
                 context = run.embedded[cache]
                 k_neg = module.norm_k(module.k(context))
                 v_neg = module.v(context)
+            elif name == "ltxv":
+                cache = ("ltxv", device, dtype)
+                if cache not in run.embedded:
+                    run.embedded[cache] = dm.caption_projection(context)
+                context = run.embedded[cache]
+                k_neg, v_neg = module.k_norm(module.to_k(context)), module.to_v(context)
+                given = run.negative_mask
+                if given is not None:  # as LTXV's forward: a 0/1 token mask becomes additive
+                    mask = given.to(device=device).reshape(given.shape[0], 1, 1, -1)
+                    if not torch.is_floating_point(given):
+                        mask = (mask.to(dtype) - 1) * torch.finfo(dtype).max
+                    mask = mask.to(dtype)
             else:
                 k_neg, v_neg = module.to_k(context), module.to_v(context)
-            z_neg = attention_calls.attend(attention_calls.merge_heads(call.q), k_neg, v_neg, call.heads)
+            z_neg = attention_calls.attend(
+                attention_calls.merge_heads(call.q), k_neg, v_neg, call.heads, mask
+            )
             guided = combine(call, out, z_neg)
             run.layers += guided is not out
             return guided
@@ -325,8 +376,8 @@ INPUTS = Inputs(
         Input(
             "blocks",
             "STRING",
-            "Which layers. 'all' = every cross-attention layer (UNet, Wan; the paper's choice) or every double "
-            "(joint) block (SD3, Flux). Else the block syntax of the attention nodes: 'output.1, middle' (UNet), "
+            "Which layers. 'all' = every cross-attention layer (UNet, Wan, LTXV; the paper's choice) or every "
+            "double (joint) block (SD3, Flux, Chroma, Qwen-Image, AuraFlow). Else the block syntax of the attention nodes: 'output.1, middle' (UNet), "
             "'double:0-9' (DiT).",
             default="all",
             extra={"multiline": False},
@@ -334,7 +385,7 @@ INPUTS = Inputs(
         Input(
             "joint_negative",
             COMBO,
-            "SD3/Flux only: what Z- is for the image queries of a joint block. text keys: their attention over the "
+            "Joint-attention models only (SD3, Flux, Chroma, Qwen-Image, AuraFlow): what Z- is for the image queries of a joint block. text keys: their attention over the "
             "negative text keys alone (the paper's cross-attention reading); text share: the negative text's "
             "share of the joint softmax over [negative text, image] keys (a negative equal to the positive scales "
             "the text part of Z+ by 1 - alpha); joint attention: the whole joint attention with the negative "

@@ -12,7 +12,9 @@ Never ``sampler_cfg_function``. At cfg 1 (no unconditional pass) it does nothing
 - SD3 and Flux (adapted, not in the paper): the joint attention of the chosen double blocks, its image-query
   rows: C = the text-key columns and S = the image-key columns, each row renormalized to sum 1; token 0 of the
   text stands for the BOS token in the foreground test (T5 has none: it is the first word there).
-- Video families (Wan, LTXV, HunyuanVideo) are refused: the regions are 2-D maps.
+- Chroma (and Radiance), Qwen-Image (and Edit), AuraFlow: as SD3/Flux (text-first joint attention); AuraFlow's
+  8 register tokens lead its text stream and are left out of C, so its first prompt token stands for BOS.
+- Video families (Wan, LTXV, HunyuanVideo, Mochi, SVD) are refused: the regions are 2-D maps.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from .host import blocks as blocks_module
 from .host.inputs import GuidanceInputError, Input, Inputs, declare, ordered
 
 NODE = "S-CFG"
-SUPPORTED = "SD1.5, SDXL (UNet), SD3, Flux"
+SUPPORTED = "SD1.5, SDXL, SD2 (UNet), SD3, Flux, Chroma, Qwen-Image, AuraFlow"
+JOINT_FAMILIES = ("sd3", "flux", "chroma", "qwen_image", "auraflow")
 
 
 @dataclass
@@ -58,7 +61,7 @@ def apply_scfg(
     """A clone of ``model`` whose CFG scale varies per region (S-CFG)."""
     values = check_arguments(INPUTS, locals())
     layout = families.detect_layout(model, NODE)
-    if layout.spec.name not in ("unet", "sd3", "flux"):
+    if layout.spec.name not in ("unet", *JOINT_FAMILIES):
         raise GuidanceInputError(NODE, "model", f"is {layout.spec.label}; S-CFG supports {SUPPORTED}")
     text = values["blocks"].strip()
     auto = text.lower() in ("", "auto")
@@ -72,6 +75,7 @@ def apply_scfg(
         raise GuidanceInputError(NODE, "blocks", "must name double (joint) blocks on this model")
     r = values["ratio"]
     dm = model.get_model_object("diffusion_model")
+    registers = dm.register_tokens.shape[1] if layout.spec.name == "auraflow" else 0
     patched = model.clone()
     key = f"{passes.KEY_PREFIX}scfg.{uuid.uuid4().hex[:12]}"
     steps.install_run_state(patched, key, _Run)
@@ -103,6 +107,7 @@ def apply_scfg(
         def hook(call, out):
             probs = attention_calls.probabilities(call.q, call.k, queries=call.image)
             t0, t1 = call.text
+            t0 += registers
             i0, i1 = call.image
             cross = probs[:, :, t0:t1]
             own = probs[:, :, i0:i1]
@@ -152,17 +157,21 @@ def apply_scfg(
             telemetry.record(model_options, node_id, sigma=sigma, observed=True, scfg_applied=False)
             return denoised
         delta = args["cond_denoised"] - args["uncond_denoised"]
+        single_frame = delta.ndim == 5  # Qwen-Image: (B, C, 1, H, W) latents
         rate, masks, foreground = scfg_math.region_scale_from_attention(
             cond,
             uncond,
-            delta,
+            delta[:, :, 0] if single_frame else delta,
             cfg,
             powers=values["powers"],
             official_powers=values["official_powers"],
             clamp=(values["rate_min"], values["rate_max"]),
             product_max=values["product_max"],
         )
+        if single_frame:
+            rate = rate.unsqueeze(2)
         out = denoised + cfg * (rate.to(delta.dtype) - 1) * delta
+        rate = rate[:, :, 0] if single_frame else rate
         means = scfg_math.region_means(rate, masks)[0]
         regions = {str(i): round(float(m), 4) for i, m in enumerate(means.tolist()) if m == m}
         observer.emit(

@@ -93,11 +93,18 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``softmax(QKᵀ/√d)V`` with ComfyUI's attention, (B, N, heads·d) in and out; K/V of batch 1 broadcast."""
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(QKᵀ/√d + mask)V`` with ComfyUI's attention, (B, N, heads·d) in and out; K/V (and the additive
+    mask) of batch 1 broadcast."""
     if k.shape[0] != q.shape[0]:
         k, v = k.expand(q.shape[0], -1, -1), v.expand(q.shape[0], -1, -1)
-    return comfy_attention.optimized_attention(q, k, v, heads)
+    if mask is None:
+        return comfy_attention.optimized_attention(q, k, v, heads)
+    if mask.shape[0] != q.shape[0]:
+        mask = mask.expand(q.shape[0], *mask.shape[1:])
+    return comfy_attention.optimized_attention_masked(q, k, v, heads, mask)
 
 
 def probabilities(q: torch.Tensor, k: torch.Tensor, queries=None, keys=None) -> torch.Tensor:
@@ -299,23 +306,47 @@ def rerun_block(args: dict, extra: dict, previous, txt: torch.Tensor, pe=None) -
 # A second text stream through text-first joint DiTs (NASA's joint-attention adaptation)
 
 
+def _aura_text(diffusion_model):
+    def embed(context: torch.Tensor) -> torch.Tensor:
+        c = diffusion_model.cond_seq_linear(context)
+        registers = diffusion_model.register_tokens.to(device=c.device, dtype=c.dtype)
+        return torch.cat([registers.repeat(c.shape[0], 1, 1), c], dim=1)
+
+    return embed
+
+
+# What a text-first joint DiT applies to its context before the first block, and the token axis of its rotary
+# table (None: no table, or text positions that differ per token, so a negative needs the positive's length)
+_TEXT_EMBEDDERS = {
+    "sd3": (lambda dm: dm.context_embedder, None),
+    "flux": (lambda dm: dm.txt_in, 2),
+    "chroma": (lambda dm: dm.txt_in, 2),
+    "qwen_image": (lambda dm: lambda context: dm.txt_in(dm.txt_norm(context)), None),
+    "auraflow": (_aura_text, None),  # its register tokens lead the text stream
+}
+JOINT_NEGATIVE_FAMILIES = tuple(_TEXT_EMBEDDERS)
+
+
 def text_embedder(layout: ModelLayout, diffusion_model) -> Callable[[torch.Tensor], torch.Tensor]:
     """What a text-first joint DiT applies to its context before the first block (SD3 ``context_embedder``,
-    Flux ``txt_in``)."""
-    if layout.spec.name == "sd3":
-        return diffusion_model.context_embedder
-    if layout.spec.name == "flux":
-        return diffusion_model.txt_in
-    raise KeyError(layout.spec.name)
+    Flux and Chroma ``txt_in``, Qwen-Image ``txt_in`` after ``txt_norm``, AuraFlow's register tokens and
+    ``cond_seq_linear``)."""
+    return _TEXT_EMBEDDERS[layout.spec.name][0](diffusion_model)
 
 
-def negative_rope(pe, text_tokens: int, negative_tokens: int):
-    """The rotary table for [negative text, image] from the block's [text, image] one (token axis 2), when every
-    text position has the same entry (Flux: text ids are all 0); None when there is no table."""
+def negative_rope(pe, text_tokens: int, negative_tokens: int, axis: int | None = 2):
+    """The rotary table for [negative text, image] from the block's [text, image] one (token axis ``axis``),
+    when every text position has the same entry (Flux: text ids are all 0); None when there is no table."""
     if pe is None or not torch.is_tensor(pe):
         return None
     if negative_tokens == text_tokens:
         return pe
+    if axis is None:
+        raise RuntimeError(
+            "free guidance NASA: this model gives its text tokens different positions; the negative prompt "
+            f"must have as many tokens as the positive ({text_tokens}), got {negative_tokens}"
+        )
+    pe = pe.movedim(axis, 2)
     text = pe[:, :, :text_tokens]
     if not torch.equal(text, text[:, :, :1].expand_as(text)):
         raise RuntimeError(
@@ -325,7 +356,7 @@ def negative_rope(pe, text_tokens: int, negative_tokens: int):
     first = pe[:, :, :1]
     shape = list(first.shape)
     shape[2] = negative_tokens
-    return torch.cat([first.expand(*shape), pe[:, :, text_tokens:]], dim=2)
+    return torch.cat([first.expand(*shape), pe[:, :, text_tokens:]], dim=2).movedim(2, axis)
 
 
 @dataclass
@@ -378,7 +409,13 @@ def install_joint_negative(
                     stream.txt = txt.expand(args["txt"].shape[0], -1, -1) if txt.shape[0] == 1 else txt
             if stream.txt is None:
                 return run_original(args, extra, previous)
-            pe = negative_rope(args.get("pe"), args["txt"].shape[1], stream.txt.shape[1])
+            tokens, negative_tokens = args["txt"].shape[1], stream.txt.shape[1]
+            if args.get("attn_mask") is not None and negative_tokens != tokens:
+                raise RuntimeError(
+                    f"free guidance NASA: this {layout.spec.label} prompt carries an attention mask; the negative "
+                    f"prompt must have as many tokens as the positive ({tokens}), got {negative_tokens}"
+                )
+            pe = negative_rope(args.get("pe"), tokens, negative_tokens, _TEXT_EMBEDDERS[layout.spec.name][1])
             negative_out, (k_neg, v_neg, z_neg) = rerun_block(args, extra, previous, stream.txt, pe)
             stream.txt = negative_out.get("txt")
             if key not in selection.keys:
