@@ -13,6 +13,9 @@ How a hook reaches the chosen blocks, with native hooks only:
   already there; the override hands each attention call of the block to the hook's ``on_call``, which passes
   the calls it does not want through. The override lives only in that per-block copy, so attention outside the chosen
   blocks (HunyuanVideo's text refiner, other blocks) is never touched.
+- DiTs without that hook (HiDream, Lumina 2, Omnigen 2, Cosmos Predict2, PixArt, HunyuanDiT): the same replaces,
+  run by the object patch of each block's ``forward`` on the clone (``block_routes``); STG-R there keeps the
+  image tokens as they entered (``_image_skip``).
 
 On joint attention PAG/STG-A make the whole joint attention map the identity (output = V for every token); SEG
 blurs only the image tokens' queries on their (T,) H, W grid.
