@@ -4,7 +4,8 @@ Each entry says how to recognise the family's diffusion model, how to list its a
 (the token grid of the image tokens), its token layout (joint text+image attention with the text first, or
 self-attention calls by position), how its timestep embedding reaches the blocks (the hook TSG perturbs) and
 which native hook reaches a block (``attn1`` replaces on UNets, ``patches_replace["dit"]`` on DiTs; a DiT
-block replace that returns its input skips the block). Adding a family is adding one ``Family`` to
+block replace that returns its input skips the block; DiTs without a usable hook take the object-patch route of
+``BlockRoute``, see ``block_routes.py``). Adding a family is adding one ``Family`` to
 ``FAMILIES``.
 
 Which attention call is self-attention: Wan and LTXV call self-attention first, then cross-attention; SD3,
@@ -230,6 +231,29 @@ _HYDIT_ROUTE = BlockRoute(
     taps={"double": AttentionTap("attn1", "Wqkv", "out_proj", _hydit_split)},
 )
 
+# Self-attention as call 0 of each block, then cross-attention; STG's official Wan 2.1 14B block 2 of 40.
+_WAN_BLOCKS = {"self_calls": frozenset({0}), "default_blocks": "2", "reference_depth": {"double": 40}}
+
+
+def _one_list_family(name: str, label: str, model_class, route: BlockRoute, **spec) -> Family:
+    """A DiT of the object route with one list of blocks and no official layer recommendation: SD3's 7, 8, 9
+    of 24 at the same relative depth."""
+    blocks = route.parts["double"]
+    return Family(
+        FamilySpec(
+            name,
+            label,
+            "dit",
+            default_blocks="7,8,9",
+            reference_depth={"double": 24},
+            block_route=route,
+            **spec,
+        ),
+        lambda dm: isinstance(dm, model_class),
+        lambda dm: {"double": len(getattr(dm, blocks))},
+        _square_patch,
+    )
+
 
 FAMILIES: tuple[Family, ...] = (
     # SVD (a video UNet: spatial and temporal transformers, the frames in the batch)
@@ -284,14 +308,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # Wan 2.1 14B (40 blocks): STG's official skip_guidance_block_idxs [2].
     Family(
-        FamilySpec(
-            "wan21",
-            "Wan 2.1 / 2.2",
-            "dit",
-            self_calls=frozenset({0}),
-            default_blocks="2",
-            reference_depth={"double": 40},
-        ),
+        FamilySpec("wan21", "Wan 2.1 / 2.2", "dit", **_WAN_BLOCKS),
         lambda dm: isinstance(dm, wan_model.WanModel) and not isinstance(dm, wan_model.WanModel_S2V),
         lambda dm: {"double": len(dm.blocks)},
         lambda dm: tuple(dm.patch_size),
@@ -391,47 +408,15 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # Lumina 2 (26 joint `layers`, text then image; the refiners are not offered): no official recommendation,
     # so SD3's 7, 8, 9 of 24 at the same relative depth.
-    Family(
-        FamilySpec(
-            "lumina2",
-            "Lumina 2",
-            "dit",
-            text_first=True,
-            default_blocks="7,8,9",
-            reference_depth={"double": 24},
-            block_route=_LUMINA_ROUTE,
-        ),
-        lambda dm: isinstance(dm, lumina_model.NextDiT),
-        lambda dm: {"double": len(dm.layers)},
-        _square_patch,
-    ),
+    _one_list_family("lumina2", "Lumina 2", lumina_model.NextDiT, _LUMINA_ROUTE, text_first=True),
     # Omnigen 2 (32 joint `layers`: text, reference images, then the image): as Lumina 2.
-    Family(
-        FamilySpec(
-            "omnigen2",
-            "Omnigen 2",
-            "dit",
-            text_first=True,
-            default_blocks="7,8,9",
-            reference_depth={"double": 24},
-            block_route=_OMNIGEN_ROUTE,
-        ),
-        lambda dm: isinstance(dm, omnigen_model.OmniGen2Transformer2DModel),
-        lambda dm: {"double": len(dm.layers)},
-        _square_patch,
+    _one_list_family(
+        "omnigen2", "Omnigen 2", omnigen_model.OmniGen2Transformer2DModel, _OMNIGEN_ROUTE, text_first=True
     ),
     # Cosmos Predict2 (28 blocks of self-attention then cross-attention, as Wan): no official recommendation, so
     # STG's Wan block 2 of 40 at the same relative depth.
     Family(
-        FamilySpec(
-            "cosmos_predict2",
-            "Cosmos Predict2",
-            "dit",
-            self_calls=frozenset({0}),
-            default_blocks="2",
-            reference_depth={"double": 40},
-            block_route=_COSMOS_ROUTE,
-        ),
+        FamilySpec("cosmos_predict2", "Cosmos Predict2", "dit", **_WAN_BLOCKS, block_route=_COSMOS_ROUTE),
         lambda dm: isinstance(dm, cosmos_model.MiniTrainDIT),
         lambda dm: {"double": len(dm.blocks)},
         lambda dm: (int(dm.patch_temporal), int(dm.patch_spatial), int(dm.patch_spatial)),
@@ -439,35 +424,16 @@ FAMILIES: tuple[Family, ...] = (
     # PixArt Alpha / Sigma (28 blocks) and HunyuanDiT (40 blocks, long skips): their attention runs without
     # transformer_options, so the object route also taps each block's self-attention projections. No official
     # recommendation: SD3's 7, 8, 9 of 24 at the same relative depth.
-    Family(
-        FamilySpec(
-            "pixart",
-            "PixArt Alpha / Sigma",
-            "dit",
-            default_blocks="7,8,9",
-            reference_depth={"double": 24},
-            embedding=None,
-            embedding_note="its blocks receive t_block's adaLN modulation (6 x hidden), not the timestep "
-            "embedding vector",
-            block_route=_PIXART_ROUTE,
-        ),
-        lambda dm: isinstance(dm, pixart_model.PixArtMS),
-        lambda dm: {"double": len(dm.blocks)},
-        _square_patch,
+    _one_list_family(
+        "pixart",
+        "PixArt Alpha / Sigma",
+        pixart_model.PixArtMS,
+        _PIXART_ROUTE,
+        embedding=None,
+        embedding_note="its blocks receive t_block's adaLN modulation (6 x hidden), not the timestep embedding "
+        "vector",
     ),
-    Family(
-        FamilySpec(
-            "hunyuan_dit",
-            "HunyuanDiT",
-            "dit",
-            default_blocks="7,8,9",
-            reference_depth={"double": 24},
-            block_route=_HYDIT_ROUTE,
-        ),
-        lambda dm: isinstance(dm, hydit_model.HunYuanDiT),
-        lambda dm: {"double": len(dm.blocks)},
-        _square_patch,
-    ),
+    _one_list_family("hunyuan_dit", "HunyuanDiT", hydit_model.HunYuanDiT, _HYDIT_ROUTE),
 )
 FAMILY_SPECS = {family.spec.name: family.spec for family in FAMILIES}
 DIT_LABELS = ", ".join(family.spec.label for family in FAMILIES if family.spec.kind == "dit")
@@ -509,8 +475,8 @@ def detect_layout(model_patcher, node: str, *, block_route: bool = False) -> Mod
                 raise GuidanceInputError(
                     node,
                     "model",
-                    f"is a {family.spec.label} model, which this node cannot perturb: its model code has no "
-                    "block replace hook, and this node does not install the pack's object-patch route",
+                    f"is a {family.spec.label} model, which this node cannot perturb: its blocks are reached "
+                    "only through the pack's object-patch route, which this node does not install",
                 )
             return ModelLayout(family.spec, family.blocks(dm), family.patch(dm))
     raise GuidanceInputError(
