@@ -76,7 +76,7 @@ def apply_perturbation_guidance(
     scale after the schedule.
     """
     inputs.check(node)
-    layout = families.detect_layout(model, node)
+    layout = families.detect_layout(model, node, block_route=True)
     families.check_fits(layout, name, node)
     if check is not None:
         check(layout)
@@ -88,7 +88,9 @@ def apply_perturbation_guidance(
     technique = perturbed.perturbation_pass(
         node=node, name=name, selection=selection, perturbation=perturbation, settings=settings
     )
-    return perturbed.install_perturbed_pass(model, technique, batched=inputs.batched, node_id=node_id)
+    return perturbed.install_perturbed_pass(
+        model, technique, batched=inputs.batched, node_id=node_id, layout=layout
+    )
 
 
 BLOCKS_TOOLTIP = (

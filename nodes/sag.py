@@ -170,7 +170,7 @@ def apply_sag(
         end_percent=end_percent,
         schedule=schedule,
     ).values()
-    layout = families.detect_layout(model, NODE)
+    layout = families.detect_layout(model, NODE, block_route=True)
     families.check_fits(layout, "sag", NODE)
     selection = parse_sag_blocks(blocks, layout)
     diffusion_model = model.get_model_object("diffusion_model")
@@ -227,7 +227,7 @@ def apply_sag(
         pass_input=pass_input,
         guiders=guiders.SAG,
     )
-    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id)
+    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id, layout=layout)
     guiders.install_guard(patched, NODE, key=PASS_NAME + ".windows", windows=guiders.WINDOWS_WHOLE_MAP)
     return patched
 

@@ -32,7 +32,8 @@ def apply_seg(
     patched = common.apply_perturbation_guidance(
         model, NODE, PASS_NAME, perturbation, common_inputs, node_id=node_id
     )
-    if families.detect_layout(model, NODE).spec.kind == "dit":  # a UNet's blur reads each call's own shape
+    layout = families.detect_layout(model, NODE, block_route=True)
+    if layout.spec.kind == "dit":  # a UNet's blur reads each call's own shape
         guiders.install_guard(patched, NODE, key=PASS_NAME + ".windows", windows=guiders.WINDOWS_TOKEN_GRID)
     return patched
 

@@ -72,6 +72,7 @@ class Target:
     embedding: str  # how the family's timestep embedding reaches the blocks: "emb_patch" (UNet) | "vec" (DiT)
     keys: tuple  # dit: ("double_block", i) ...; unet: ResBlock paths (empty = the whole model via emb_patch)
     available: int  # the largest valid first_n_blocks
+    replace_kind: str = "dit"  # dit: the patches_replace kind of its block replaces
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class Target:
 
 def resolve_target(model, first_n_blocks: int) -> Target:
     """The family and the blocks to perturb; GuidanceInputError for an unsupported model or a bad N."""
-    layout = families.detect_layout(model, NODE)
+    layout = families.detect_layout(model, NODE, block_route=True)
     families.check_fits(layout, "tsg", NODE)
     if layout.spec.embedding is None:
         raise toolkit.GuidanceInputError(
@@ -97,7 +98,8 @@ def resolve_target(model, first_n_blocks: int) -> Target:
         return Target(layout.spec.label, layout.spec.embedding, keys, available)
     order = layout.dit_blocks_in_order()
     _check_n(n, len(order), f"this {layout.spec.label} model has {layout.describe_blocks()}")
-    return Target(layout.spec.label, layout.spec.embedding, tuple(order if n == 0 else order[:n]), len(order))
+    keys = tuple(order if n == 0 else order[:n])
+    return Target(layout.spec.label, layout.spec.embedding, keys, len(order), families.replace_kind(layout))
 
 
 def _check_n(n, available: int, what: str) -> None:
@@ -181,7 +183,9 @@ def apply_tsg(
             inputs.step.t / tsg.T_SCALE,
             tsg.step_seed(settings.seed, step_index(inputs.step)),
         )
-        embedding.install_embedding_perturbation(options, target.embedding, target.keys, state, handover)
+        embedding.install_embedding_perturbation(
+            options, target.embedding, target.keys, state, handover, target.replace_kind
+        )
 
     def combine(inputs: perturbed.CombineInputs):
         return tsg.combine(inputs.denoised, inputs.cond_denoised, inputs.perturbed, settings.w)
@@ -195,7 +199,8 @@ def apply_tsg(
         fields=lambda scale: {} if scale is None else {"tsg_scale": scale},
         after_pass=handover.clear,
     )
-    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id)
+    layout = families.detect_layout(model, NODE, block_route=True)
+    patched = perturbed.install_perturbed_pass(model, technique, node_id=node_id, layout=layout)
     if target.embedding == "emb_patch":
         embedding.install_resblock_inputs(patched, target.keys, handover)
     return patched

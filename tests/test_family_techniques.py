@@ -74,7 +74,7 @@ def expected_blocks(pack, technique: str, model) -> set | None:
         return None
     if technique == "tsg":  # all blocks: on a UNet, the one emb_patch on time_embed's output
         return set(pack.nodes.tsg.resolve_target(model, 0).keys) or {"emb"}
-    layout = host.families.detect_layout(model, "Test")
+    layout = host.families.detect_layout(model, "Test", block_route=True)
     if technique == "sag":
         return set(pack.nodes.sag.parse_sag_blocks("auto", layout).keys)
     return set(host.blocks.parse_blocks("Test", "blocks", "auto", layout).keys)
@@ -132,6 +132,16 @@ def test_cell(comfy_host, pack, family, technique):
     assert state(model) == before
 
 
+@pytest.mark.parametrize("family", ["hidream", "pixart_alpha"])
+def test_nodes_without_the_block_route_refuse_its_families(pack, family):
+    """A node that does not install the object-patch block route refuses the families that need it, by name."""
+    model = family_matrix.build_model(family)
+    label = pack.nodes.host.families.FAMILY_SPECS["hidream" if family == "hidream" else "pixart"].label
+    with pytest.raises(pack.nodes.toolkit.GuidanceInputError, match="object-patch route") as error:
+        pack.nodes.negtome.apply_negtome(model)
+    assert label in str(error.value) and "input 'model'" in str(error.value)
+
+
 def test_readme_matrix_is_the_rendered_one():
     text = README.read_text()
     start, end = text.index(MATRIX_START) + len(MATRIX_START), text.index(MATRIX_END)
@@ -148,7 +158,17 @@ def test_matrix_covers_every_tiny_family():
 # ---------------------------------------------------------------------------------------------------------
 # Stacking with core's SkipLayerGuidanceDiT, CFGZeroStar and APG on the families the registry gained
 
-NEW_FAMILIES = ["chroma", "qwen_image", "auraflow", "mochi"]
+NEW_FAMILIES = [
+    "chroma",
+    "qwen_image",
+    "auraflow",
+    "mochi",
+    "hidream",
+    "lumina2",
+    "omnigen2",
+    "cosmos_predict2_t2i",
+    "hunyuan_dit",
+]
 CORE = {
     "SkipLayerGuidanceDiT": {
         "double_layers": "0",

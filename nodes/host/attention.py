@@ -13,6 +13,9 @@ How a hook reaches the chosen blocks, with native hooks only:
   already there; the override hands each attention call of the block to the hook's ``on_call``, which passes
   the calls it does not want through. The override lives only in that per-block copy, so attention outside the chosen
   blocks (HunyuanVideo's text refiner, other blocks) is never touched.
+- DiTs without that hook (HiDream, Lumina 2, Omnigen 2, Cosmos Predict2, PixArt, HunyuanDiT): the same replaces,
+  run by the object patch of each block's ``forward`` on the clone (``block_routes``); STG-R there keeps the
+  image tokens as they entered (``_image_skip``).
 
 On joint attention PAG/STG-A make the whole joint attention map the identity (output = V for every token); SEG
 blurs only the image tokens' queries on their (T,) H, W grid.
@@ -31,7 +34,7 @@ from comfy.ldm.modules import attention as comfy_attention
 from ...guidance import seg as seg_math
 from . import observer, passes
 from .blocks import Selection
-from .families import ModelLayout, token_grid
+from .families import ModelLayout, replace_kind, token_grid
 
 IDENTITY = "identity"
 BLUR = "blur"
@@ -185,6 +188,8 @@ def _unet_replace(key, perturbation: Perturbation, state: PassState, previous):
 
 def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: PassState, previous):
     spec = layout.spec
+    if perturbation.mode == SKIP and spec.block_route is not None:
+        return _image_skip(key, state, previous)
     if perturbation.mode == SKIP:
 
         def skip(args, extra):
@@ -234,6 +239,32 @@ def _dit_replace(key, layout: ModelLayout, perturbation: Perturbation, state: Pa
         return attend(q, *a[1:], **kw)
 
     return block_runner(key, layout, state, on_call, previous)
+
+
+def _image_skip(key, state: PassState, previous):
+    """STG-R on a family of the object route: the block runs, and its image tokens leave it as they entered
+    (residual identity); text (and reference) tokens the block carries take its output."""
+
+    def skip(args, extra):
+        img = args["img"]
+        rows = state.rows(args["transformer_options"], img.shape[0], img.device)
+        if rows is not None and not rows.any():
+            return run_original(args, extra, previous)
+        count = math.prod(state.grid)
+        start = args["image_at"](count) if "image_at" in args else 0
+        end = start + count if "image_at" in args else img.shape[1]
+        saved = img[:, start:end].clone()  # saved first: some blocks update their input in place
+        out = dict(run_original(args, extra, previous))
+        state.trace(key, SKIP)
+        merged = out["img"].clone()
+        if rows is None:
+            merged[:, start:end] = saved
+        else:
+            merged[rows, start:end] = saved[rows]
+        out["img"] = merged
+        return out
+
+    return skip
 
 
 def is_self_call(layout: ModelLayout, index: int) -> bool:
@@ -286,7 +317,9 @@ def block_runner(key, layout: ModelLayout, state: BlockState | None, on_call: On
     text_first = layout.spec.text_first and key[0] == "double_block"
 
     def run_block(args, extra):
-        if state is not None and text_first:
+        if state is not None and "image_at" in args:  # the object route: text before the image, measured
+            state.text_tokens = args["image_at"](math.prod(state.grid))
+        elif state is not None and text_first:
             state.text_tokens = args["txt"].shape[1]
         return run_with_calls(args, extra, previous, on_call)
 
@@ -338,12 +371,13 @@ def install_block_hooks(
     if layout.spec.kind == "unet":
         install_replaces(model_options, "attn1", selection.keys, unet_hook)
         return
-    install_replaces(model_options, "dit", selection.keys, dit_hook)
+    kind = replace_kind(layout)
+    install_replaces(model_options, kind, selection.keys, dit_hook)
     needs_text = text_state is not None and layout.spec.text_first
     if needs_text and not any(kind == "double_block" for kind, _ in selection.keys):
         install_replaces(
             model_options,
-            "dit",
+            kind,
             [("double_block", 0)],
             lambda key, previous: text_length_recorder(text_state, previous),
         )

@@ -199,13 +199,16 @@ def block_modules(layout: ModelLayout, diffusion_model, key: tuple):
         return diffusion_model.blocks[index]
     if name == "ltxv":
         return diffusion_model.transformer_blocks[index]
+    route = layout.spec.block_route
+    if route is not None:
+        return getattr(diffusion_model, route.parts[kind.removesuffix("_block")])[index]
     raise KeyError(name)
 
 
 def cross_attention_module(layout: ModelLayout, diffusion_model, key: tuple):
     """The cross-attention module of a Wan/LTXV block."""
     block = block_modules(layout, diffusion_model, key)
-    return block.cross_attn if layout.spec.name == "wan21" else block.attn2
+    return block.attn2 if layout.spec.name == "ltxv" else block.cross_attn
 
 
 def _dit_replace(

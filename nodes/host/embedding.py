@@ -103,10 +103,11 @@ def install_embedding_perturbation(
     keys: tuple,
     perturbation: EmbeddingPerturbation,
     handover: EmbeddingHandover,
+    replace_kind: str = "dit",
 ) -> None:
     """Install the perturbation on ``model_options`` (the perturbed pass's copy), by the family's ``embedding``
     (``FamilySpec.embedding``). "emb_patch" (UNet): ``keys`` empty = every block (the whole ``emb``), else the
-    object-patched ResBlocks; "vec" (DiT): the block keys."""
+    object-patched ResBlocks; "vec" (DiT): the block keys (block replaces of ``replace_kind``)."""
     if embedding == "emb_patch":
         whole_model = not keys
 
@@ -122,5 +123,5 @@ def install_embedding_perturbation(
         passes.append_patch(model_options, "emb_patch", emb_patch)
         return
     attention.install_replaces(
-        model_options, "dit", keys, lambda key, previous: _dit_replace(key, perturbation, previous)
+        model_options, replace_kind, keys, lambda key, previous: _dit_replace(key, perturbation, previous)
     )

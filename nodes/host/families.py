@@ -4,7 +4,8 @@ Each entry says how to recognise the family's diffusion model, how to list its a
 (the token grid of the image tokens), its token layout (joint text+image attention with the text first, or
 self-attention calls by position), how its timestep embedding reaches the blocks (the hook TSG perturbs) and
 which native hook reaches a block (``attn1`` replaces on UNets, ``patches_replace["dit"]`` on DiTs; a DiT
-block replace that returns its input skips the block). Adding a family is adding one ``Family`` to
+block replace that returns its input skips the block; DiTs without a usable hook take the object-patch route of
+``BlockRoute``, see ``block_routes.py``). Adding a family is adding one ``Family`` to
 ``FAMILIES``.
 
 Which attention call is self-attention: Wan and LTXV call self-attention first, then cross-attention; SD3,
@@ -20,16 +21,57 @@ from dataclasses import dataclass, field
 
 from comfy.ldm.aura import mmdit as aura_model
 from comfy.ldm.chroma import model as chroma_model
+from comfy.ldm.cosmos import predict2 as cosmos_model
 from comfy.ldm.flux import model as flux_model
 from comfy.ldm.genmo.joint_model import asymm_models_joint as mochi_model
+from comfy.ldm.hidream import model as hidream_model
 from comfy.ldm.hunyuan_video import model as hunyuan_model
+from comfy.ldm.hydit import attn_layers as hydit_attention
+from comfy.ldm.hydit import models as hydit_model
 from comfy.ldm.lightricks import model as ltxv_model
+from comfy.ldm.lumina import model as lumina_model
 from comfy.ldm.modules import attention as comfy_attention
 from comfy.ldm.modules.diffusionmodules import mmdit, openaimodel
+from comfy.ldm.omnigen import omnigen2 as omnigen_model
+from comfy.ldm.pixart import pixartms as pixart_model
 from comfy.ldm.qwen_image import model as qwen_model
 from comfy.ldm.wan import model as wan_model
 
 from ..toolkit import GuidanceInputError
+
+
+@dataclass(frozen=True)
+class BlockRoute:
+    """How a family without ``patches_replace["dit"]`` reaches its blocks: an object patch of each block's
+    ``forward`` (``block_routes.install``) that runs the dit replace installed at the block's key."""
+
+    parts: dict  # block kind ("double" | "single") -> the diffusion model's attribute holding those blocks
+    streams: dict  # kind -> {replace argument ("img", "txt", "vec"): the block forward's parameter}
+    outputs: dict  # kind -> the replace arguments the forward returns, in order (one name: a tensor)
+    # kind -> (the forward's arguments, image token count) -> index of the first image token of "img", where
+    # "img" also carries text (or reference) tokens; a kind not listed: "img" holds only image tokens
+    image_at: dict = field(default_factory=dict)
+    note: str = ""  # the route, as the README's matrix states it
+    replace_kind: str = (
+        "dit"  # the patches_replace kind the dispatch reads (another where the model reads "dit")
+    )
+    options_from_call: bool = (
+        False  # the blocks get no transformer_options: an APPLY_MODEL wrapper hands them on
+    )
+    taps: dict = field(default_factory=dict)  # kind -> AttentionTap, where attention takes no override
+
+
+@dataclass(frozen=True)
+class AttentionTap:
+    """Where a block's attention cannot take the runtime override: object patches of its projections. The q/k/v
+    projection's output is read, and the output projection's input (the attention output) is handed to the
+    override as an attention call (``block_routes``)."""
+
+    module: str  # the block's self-attention module
+    qkv: str  # its q/k/v projection
+    out: str  # its output projection
+    split: Callable  # (qkv output, the attention module, the block's arguments) -> q, k, v, each [B, H, N, D]
+    heads: str = "num_heads"  # the attention module's head count attribute
 
 
 @dataclass(frozen=True)
@@ -48,6 +90,7 @@ class FamilySpec:
     embedding_note: str = ""
     # techniques that do not fit the family: {technique: the reason}; the nodes refuse them at patch time
     unfit: dict = field(default_factory=dict)
+    block_route: BlockRoute | None = None  # None: the model code's own patches_replace["dit"] (or a UNet)
 
 
 @dataclass(frozen=True)
@@ -87,6 +130,129 @@ def _square_patch(dm) -> tuple:
 
 def _double_single(dm) -> dict:
     return {"double": len(dm.double_blocks), "single": len(dm.single_blocks)}
+
+
+def _image_last(values: dict, count: int, stream: str) -> int:
+    """The image tokens end the joint sequence ``stream`` (Omnigen 2: text, references, then the image)."""
+    return values[stream].shape[1] - count
+
+
+def _lumina_image_at(values: dict, count: int) -> int:
+    """Lumina 2's joint sequence: each row's valid caption tokens, its image tokens, then zero padding up to
+    the longest row (lumina/model.py:587-593); the masked caption tokens say how much padding there is."""
+    start = values["x"].shape[1] - count
+    mask = values.get("x_mask")
+    if mask is not None:
+        padding = (mask.reshape(mask.shape[0], -1) < 0).sum(1)
+        if padding.min() != padding.max():
+            raise RuntimeError(
+                "free guidance: the rows of this Lumina 2 batch have captions of different lengths, so their "
+                "image tokens do not line up"
+            )
+        start -= int(padding[0])
+    return start
+
+
+def _single_stream(block: str, embedding: str) -> dict:
+    return {"img": block, "vec": embedding}
+
+
+_HIDREAM_ROUTE = BlockRoute(
+    parts={"double": "double_stream_blocks", "single": "single_stream_blocks"},
+    streams={
+        "double": {"img": "image_tokens", "txt": "text_tokens", "vec": "adaln_input"},
+        "single": _single_stream("image_tokens", "adaln_input"),
+    },
+    outputs={"double": ("img", "txt"), "single": ("img",)},
+    image_at={"single": lambda values, count: 0},  # image, then T5 + Llama tokens (hidream/model.py:813)
+    note="object patch of each block's forward, attention override",
+)
+_LUMINA_ROUTE = BlockRoute(
+    parts={"double": "layers"},
+    streams={"double": _single_stream("x", "adaln_input")},
+    outputs={"double": ("img",)},
+    image_at={"double": _lumina_image_at},
+    note="object patch of each `layers` block's forward, attention override",
+)
+_OMNIGEN_ROUTE = BlockRoute(
+    parts={"double": "layers"},
+    streams={"double": _single_stream("hidden_states", "temb")},
+    outputs={"double": ("img",)},
+    image_at={"double": lambda values, count: _image_last(values, count, "hidden_states")},
+    note="object patch of each `layers` block's forward, attention override",
+)
+_COSMOS_ROUTE = BlockRoute(
+    parts={"double": "blocks"},
+    streams={"double": _single_stream("x_B_T_H_W_D", "emb_B_T_D")},
+    outputs={"double": ("img",)},
+    note="object patch of each block's forward, attention override",
+)
+
+
+def _pixart_split(qkv, attn, values: dict) -> tuple:
+    """PixArt's self-attention q, k, v (pixart/blocks.py:146-170) from its qkv projection."""
+    if attn.sr_ratio > 1:
+        raise RuntimeError("free guidance: PixArt's KV token compression (sr_ratio > 1) is not supported")
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, -1).unbind(2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return tuple(t.reshape(b, n, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+
+
+def _hydit_split(qkv, attn, values: dict) -> tuple:
+    """HunyuanDiT's self-attention q, k, v (hydit/attn_layers.py:197-210) from Wqkv, with its rotary table."""
+    b, n, _ = qkv.shape
+    q, k, v = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    pe = values.get("freq_cis_img")
+    if pe is not None:
+        q, k = hydit_attention.apply_rotary_emb(q, k, pe, head_first=True)
+    return q, k, v
+
+
+_TAPPED = "object patch of each block's forward and of its self-attention's projections"
+_PIXART_ROUTE = BlockRoute(
+    parts={"double": "blocks"},
+    streams={"double": _single_stream("x", "t")},
+    outputs={"double": ("img",)},
+    note=_TAPPED,
+    options_from_call=True,
+    taps={"double": AttentionTap("attn", "qkv", "proj", _pixart_split)},
+)
+# HunyuanDiT reads patches_replace["dit"] itself, with no transformer_options in the args: the pack's replaces go
+# under their own kind, which only the dispatch reads.
+_HYDIT_ROUTE = BlockRoute(
+    parts={"double": "blocks"},
+    streams={"double": {"img": "x", "vec": "c", "txt": "text_states"}},
+    outputs={"double": ("img",)},
+    note=_TAPPED,
+    replace_kind="free_guidance_dit",
+    options_from_call=True,
+    taps={"double": AttentionTap("attn1", "Wqkv", "out_proj", _hydit_split)},
+)
+
+# Self-attention as call 0 of each block, then cross-attention; STG's official Wan 2.1 14B block 2 of 40.
+_WAN_BLOCKS = {"self_calls": frozenset({0}), "default_blocks": "2", "reference_depth": {"double": 40}}
+
+
+def _one_list_family(name: str, label: str, model_class, route: BlockRoute, **spec) -> Family:
+    """A DiT of the object route with one list of blocks and no official layer recommendation: SD3's 7, 8, 9
+    of 24 at the same relative depth."""
+    blocks = route.parts["double"]
+    return Family(
+        FamilySpec(
+            name,
+            label,
+            "dit",
+            default_blocks="7,8,9",
+            reference_depth={"double": 24},
+            block_route=route,
+            **spec,
+        ),
+        lambda dm: isinstance(dm, model_class),
+        lambda dm: {"double": len(getattr(dm, blocks))},
+        _square_patch,
+    )
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -142,14 +308,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # Wan 2.1 14B (40 blocks): STG's official skip_guidance_block_idxs [2].
     Family(
-        FamilySpec(
-            "wan21",
-            "Wan 2.1 / 2.2",
-            "dit",
-            self_calls=frozenset({0}),
-            default_blocks="2",
-            reference_depth={"double": 40},
-        ),
+        FamilySpec("wan21", "Wan 2.1 / 2.2", "dit", **_WAN_BLOCKS),
         lambda dm: isinstance(dm, wan_model.WanModel) and not isinstance(dm, wan_model.WanModel_S2V),
         lambda dm: {"double": len(dm.blocks)},
         lambda dm: tuple(dm.patch_size),
@@ -232,6 +391,49 @@ FAMILIES: tuple[Family, ...] = (
         lambda dm: {"double": len(dm.blocks)},
         lambda dm: (1, int(dm.patch_size), int(dm.patch_size)),
     ),
+    # HiDream-I1 (16 double, 32 single; image tokens first): no official layer recommendation, so Flux's
+    # 7, 8, 9 at the same relative depth. No patches_replace["dit"]: the object route.
+    Family(
+        FamilySpec(
+            "hidream",
+            "HiDream",
+            "dit",
+            default_blocks="double:7,8,9; single:7,8,9",
+            reference_depth={"double": 19, "single": 38},
+            block_route=_HIDREAM_ROUTE,
+        ),
+        lambda dm: isinstance(dm, hidream_model.HiDreamImageTransformer2DModel),
+        lambda dm: {"double": len(dm.double_stream_blocks), "single": len(dm.single_stream_blocks)},
+        _square_patch,
+    ),
+    # Lumina 2 (26 joint `layers`, text then image; the refiners are not offered): no official recommendation,
+    # so SD3's 7, 8, 9 of 24 at the same relative depth.
+    _one_list_family("lumina2", "Lumina 2", lumina_model.NextDiT, _LUMINA_ROUTE, text_first=True),
+    # Omnigen 2 (32 joint `layers`: text, reference images, then the image): as Lumina 2.
+    _one_list_family(
+        "omnigen2", "Omnigen 2", omnigen_model.OmniGen2Transformer2DModel, _OMNIGEN_ROUTE, text_first=True
+    ),
+    # Cosmos Predict2 (28 blocks of self-attention then cross-attention, as Wan): no official recommendation, so
+    # STG's Wan block 2 of 40 at the same relative depth.
+    Family(
+        FamilySpec("cosmos_predict2", "Cosmos Predict2", "dit", **_WAN_BLOCKS, block_route=_COSMOS_ROUTE),
+        lambda dm: isinstance(dm, cosmos_model.MiniTrainDIT),
+        lambda dm: {"double": len(dm.blocks)},
+        lambda dm: (int(dm.patch_temporal), int(dm.patch_spatial), int(dm.patch_spatial)),
+    ),
+    # PixArt Alpha / Sigma (28 blocks) and HunyuanDiT (40 blocks, long skips): their attention runs without
+    # transformer_options, so the object route also taps each block's self-attention projections. No official
+    # recommendation: SD3's 7, 8, 9 of 24 at the same relative depth.
+    _one_list_family(
+        "pixart",
+        "PixArt Alpha / Sigma",
+        pixart_model.PixArtMS,
+        _PIXART_ROUTE,
+        embedding=None,
+        embedding_note="its blocks receive t_block's adaLN modulation (6 x hidden), not the timestep embedding "
+        "vector",
+    ),
+    _one_list_family("hunyuan_dit", "HunyuanDiT", hydit_model.HunYuanDiT, _HYDIT_ROUTE),
 )
 FAMILY_SPECS = {family.spec.name: family.spec for family in FAMILIES}
 DIT_LABELS = ", ".join(family.spec.label for family in FAMILIES if family.spec.kind == "dit")
@@ -262,17 +464,32 @@ class ModelLayout:
         return order + [("single_block", i) for i in range(self.blocks.get("single", 0))]
 
 
-def detect_layout(model_patcher, node: str) -> ModelLayout:
-    """The family of ``model_patcher`` and its attention blocks; GuidanceInputError when unsupported."""
+def detect_layout(model_patcher, node: str, *, block_route: bool = False) -> ModelLayout:
+    """The family of ``model_patcher`` and its attention blocks; GuidanceInputError when unsupported.
+    ``block_route``: the node installs ``block_routes`` on its clone, so the families that need it are accepted
+    (a node that does not is refused them, never silently a no-op)."""
     dm = model_patcher.get_model_object("diffusion_model")
     for family in FAMILIES:
         if family.matches(dm):
+            if family.spec.block_route is not None and not block_route:
+                raise GuidanceInputError(
+                    node,
+                    "model",
+                    f"is a {family.spec.label} model, which this node cannot perturb: its blocks are reached "
+                    "only through the pack's object-patch route, which this node does not install",
+                )
             return ModelLayout(family.spec, family.blocks(dm), family.patch(dm))
     raise GuidanceInputError(
         node,
         "model",
         f"is a {type(dm).__name__}, which this node cannot perturb; supported families: {SUPPORTED}",
     )
+
+
+def replace_kind(layout: ModelLayout) -> str:
+    """The ``patches_replace`` kind the block replaces of ``layout``'s DiT go under."""
+    route = layout.spec.block_route
+    return route.replace_kind if route is not None else "dit"
 
 
 def check_fits(layout: ModelLayout, technique: str, node: str) -> None:

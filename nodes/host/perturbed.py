@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ...guidance import perturbation as guidance_math
-from . import attention, guiders, passes, steps, telemetry
+from . import attention, block_routes, guiders, passes, steps, telemetry
 from .blocks import Selection
+from .families import ModelLayout
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,14 @@ def _handed(handoff: Handoff | None, x: torch.Tensor, sigma: float) -> Handoff |
     return handoff if handoff is not None and handoff.belongs_to(x, sigma) else None
 
 
-def install_perturbed_pass(model, technique: PerturbedPass, *, batched: bool = False, node_id=None):
-    """A clone of ``model`` with the technique's perturbed pass and combine installed."""
+def install_perturbed_pass(
+    model, technique: PerturbedPass, *, batched: bool = False, node_id=None, layout: ModelLayout | None = None
+):
+    """A clone of ``model`` with the technique's perturbed pass and combine installed (and, with ``layout``,
+    the object-patch block route of a family that needs one: ``block_routes``)."""
     patched = model.clone()
+    if layout is not None:
+        block_routes.install(patched, layout)
     key = f"{passes.KEY_PREFIX}{technique.name}.{uuid.uuid4().hex[:12]}"
     guiders.install_guard(patched, technique.node, technique.guiders, key)
     steps.install_run_state(patched, key, _RunState)

@@ -57,7 +57,7 @@ def _layout(family: str):
 
     families = init_host().pack.nodes.host.families
     try:
-        return families.detect_layout(build_model(family), "Matrix").spec, None
+        return families.detect_layout(build_model(family), "Matrix", block_route=True).spec, None
     except Exception as error:  # the registry's GuidanceInputError
         return None, str(error)
 
@@ -94,6 +94,8 @@ def route(family: str) -> str:
         return "none: refused"
     if spec.kind == "unet":
         return "UNet `attn1` replace"
+    if spec.block_route is not None:
+        return f"{spec.block_route.note} ({spec.label})"
     return f'`patches_replace["dit"]` ({spec.label})'
 
 

@@ -375,4 +375,23 @@ def render_markdown() -> str:
         if not claim["dit_replace"]:
             cells[4] = "-"  # no replace hook, no args
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *_ROUTES]
     return "\n".join(lines) + "\n"
+
+
+# How the pack reaches each family's blocks (the README matrix's route column is rendered from the registry).
+_ROUTES = (
+    "## The pack's route per family",
+    "",
+    '- UNets: `attn1` replaces per transformer block. DiTs with `patches_replace["dit"]` (SD3, Flux, Chroma,',
+    "  Qwen-Image, AuraFlow, HunyuanVideo, HunyuanImage 2.1, Wan, LTXV, Mochi): a block replace there, with the",
+    "  runtime attention override of that block.",
+    "- HiDream, Lumina 2 (`layers`), Omnigen 2 (`layers`), Cosmos Predict2: no block hook, attention goes through",
+    "  the override: `nodes/host/block_routes.py` object-patches each block's `forward` on the clone, which runs",
+    "  the pack's block replace for that key (registry `BlockRoute`: image/text streams, embedding argument).",
+    "- PixArt Alpha / Sigma, HunyuanDiT: attention without `transformer_options`: the same block patch, the",
+    "  model call's options through an `APPLY_MODEL` wrapper, and object patches of each block's self-attention",
+    "  projections (`AttentionTap`: q/k/v read from the qkv projection, the attention output handed to the",
+    "  block's override at the output projection). HunyuanDiT's own `dit` hook is left to core nodes; the pack's",
+    "  replaces there go under `free_guidance_dit`.",
+)
