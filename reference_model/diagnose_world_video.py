@@ -1,0 +1,96 @@
+"""Check the world video model's sampling path against the ground truth (WORLD.md, "diagnosis").
+
+    nice python reference_model/diagnose_world_video.py [weights.safetensors] [--shift S]
+
+1. Rendered videos → linear VAE → Wan 2.1 ``process_out``/``process_in`` → decode: exact; the latents' RMS.
+2. Per noise level σ (flow: x_t = (1 − σ)·x0 + σ·n): the model's denoised latent (ComfyUI's ``apply_model``,
+   conditional and null prompt) against the true latent, as a fraction of the data variance
+   (about its per-channel means), and the
+   attribute accuracy of one-step denoising.
+3. ComfyUI's sampler (``euler``/``simple``, 10 steps, the given shift; default the family's 8) from pure
+   noise at CFG 1 and 3, and from the noised ground truth at steps 3, 5, 7 of 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+KEYS = {
+    "prompt_accuracy": "prompt",
+    "attribute_accuracy": "attributes",
+    "direction_accuracy": "direction",
+    "speed_accuracy": "speed",
+    "shape_accuracy": "shape",
+    "identity_consistency": "identity",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+    from sceneworld.host import ensure_comfy
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("weights", nargs="?", default=str(HERE / "weights" / "world_video.safetensors"))
+    parser.add_argument("--shift", type=float, default=None, help="ModelSamplingSD3's shift (default: 8)")
+    parser.add_argument("--videos", type=int, default=32)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    ensure_comfy()
+    import comfy.sample
+    import comfy.sd
+    from sceneworld import conditioning, metrics, vae, world
+
+    patcher = comfy.sd.load_diffusion_model(args.weights)
+    if args.shift is not None:
+        import comfy_extras.nodes_model_advanced as advanced
+
+        patcher = advanced.ModelSamplingSD3().patch(patcher, args.shift)[0]
+    base = patcher.model
+    videos = world.videos(args.videos, 7)
+    clips = world.video_batch(videos)
+    z = vae.video_to_latent(clips)
+    latent = vae.encode_video_latent(clips)
+    context = conditioning.embed_videos(videos)
+    exact = torch.allclose(vae.decode_video_latent(latent), clips, atol=1e-5) and torch.allclose(
+        base.process_latent_in(latent), z, atol=1e-5
+    )
+    print(f"latent RMS {z.pow(2).mean().sqrt():.3f}, std {z.std():.3f}; VAE + process_in/out exact: {exact}")
+    # the content variance: about the per-channel means (the black background is most of the raw moment)
+    variance = (z - z.mean(dim=(0, 2, 3, 4), keepdim=True)).pow(2).mean().item()
+    generator = torch.Generator().manual_seed(0)
+
+    def shown(score: dict) -> str:
+        return ", ".join(f"{name} {score[k]:.2f}" for k, name in KEYS.items())
+
+    with torch.no_grad():
+        for sigma in (0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0):
+            x_t = (1 - sigma) * z + sigma * torch.randn(z.shape, generator=generator)
+            sigmas = torch.full((len(videos),), sigma)
+            cond = base.apply_model(x_t, sigmas, c_crossattn=context)
+            null = base.apply_model(x_t, sigmas, c_crossattn=torch.zeros_like(context))
+            score = metrics.score_videos(vae.latent_to_video(cond).clamp(0, 1), videos)
+            print(
+                f"σ {sigma:4.2f}: x0 MSE / data variance {(cond - z).pow(2).mean().item() / variance:.3f} "
+                f"(null prompt {(null - z).pow(2).mean().item() / variance:.3f}); one-step {shown(score)}"
+            )
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+        positive = [[context, {}]]
+        negative = [[torch.zeros_like(context), {}]]
+        runs = [("noise", 1.0, 0, torch.zeros_like(latent)), ("noise", 3.0, 0, torch.zeros_like(latent))]
+        runs += [("truth", 3.0, start, latent) for start in (3, 5, 7)]
+        for source, cfg, start, start_latent in runs:
+            out = comfy.sample.sample(
+                patcher, noise, 10, cfg, "euler", "simple", positive, negative, start_latent,
+                seed=1, start_step=start, last_step=10, force_full_denoise=True,
+            )  # fmt: skip
+            score = metrics.score_videos(vae.decode_video_latent(out), videos)
+            print(f"from {source} at step {start}/10, cfg {cfg:g}: {shown(score)}")
+
+
+if __name__ == "__main__":
+    main()
