@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ensure_comfy()
-    import comfy.sample
     import comfy.sd
+    from diagnose_world_image import sampling_checks, sigma_checks
     from sceneworld import conditioning, metrics, vae, world
 
     patcher = comfy.sd.load_diffusion_model(args.weights)
@@ -62,34 +62,22 @@ def main(argv: list[str] | None = None) -> None:
     print(f"latent RMS {z.pow(2).mean().sqrt():.3f}, std {z.std():.3f}; VAE + process_in/out exact: {exact}")
     # the content variance: about the per-channel means (the black background is most of the raw moment)
     variance = (z - z.mean(dim=(0, 2, 3, 4), keepdim=True)).pow(2).mean().item()
-    generator = torch.Generator().manual_seed(0)
 
     def shown(score: dict) -> str:
         return ", ".join(f"{name} {score[k]:.2f}" for k, name in KEYS.items())
 
+    levels = (0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0)
     with torch.no_grad():
-        for sigma in (0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0):
-            x_t = (1 - sigma) * z + sigma * torch.randn(z.shape, generator=generator)
-            sigmas = torch.full((len(videos),), sigma)
-            cond = base.apply_model(x_t, sigmas, c_crossattn=context)
-            null = base.apply_model(x_t, sigmas, c_crossattn=torch.zeros_like(context))
+        for sigma, cond, error, null_error in sigma_checks(
+            base, z, context, levels, lambda x0, s, n: (1 - s) * x0 + s * n, variance
+        ):
             score = metrics.score_videos(vae.latent_to_video(cond).clamp(0, 1), videos)
             print(
-                f"σ {sigma:4.2f}: x0 MSE / data variance {(cond - z).pow(2).mean().item() / variance:.3f} "
-                f"(null prompt {(null - z).pow(2).mean().item() / variance:.3f}); one-step {shown(score)}"
+                f"σ {sigma:4.2f}: x0 MSE / data variance {error:.3f} (null prompt {null_error:.3f}); "
+                f"one-step {shown(score)}"
             )
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
-        positive = [[context, {}]]
-        negative = [[torch.zeros_like(context), {}]]
-        runs = [("noise", 1.0, 0, torch.zeros_like(latent)), ("noise", 3.0, 0, torch.zeros_like(latent))]
-        runs += [("truth", 3.0, start, latent) for start in (3, 5, 7)]
-        for source, cfg, start, start_latent in runs:
-            out = comfy.sample.sample(
-                patcher, noise, 10, cfg, "euler", "simple", positive, negative, start_latent,
-                seed=1, start_step=start, last_step=10, force_full_denoise=True,
-            )  # fmt: skip
-            score = metrics.score_videos(vae.decode_video_latent(out), videos)
-            print(f"from {source} at step {start}/10, cfg {cfg:g}: {shown(score)}")
+        for label, out in sampling_checks(patcher, latent, context, "simple"):
+            print(f"{label}: {shown(metrics.score_videos(vae.decode_video_latent(out), videos))}")
 
 
 if __name__ == "__main__":
