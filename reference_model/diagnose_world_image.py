@@ -20,6 +20,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+def roundtrip_exact(base, pixels, z, latent, decode) -> bool:
+    """The LATENT decodes to the pixels and the family's ``process_in`` gives the model-space latent back."""
+    import torch
+
+    return torch.allclose(decode(latent), pixels, atol=1e-5) and torch.allclose(
+        base.process_latent_in(latent), z, atol=1e-5
+    )
+
+
 def sigma_checks(base, z, context, levels, noised, variance: float):
     """Per noise level: (σ, conditional x0, its MSE / variance, the null prompt's MSE / variance)."""
     import torch
@@ -73,9 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     z = vae.image_to_latent(images)
     latent = vae.encode_image_latent(images)
     context = conditioning.embed_scenes(scenes)
-    exact = torch.allclose(vae.decode_image_latent(latent), images, atol=1e-5) and torch.allclose(
-        base.process_latent_in(latent), z, atol=1e-5
-    )
+    exact = roundtrip_exact(base, images, z, latent, vae.decode_image_latent)
     print(f"{base.model_type}; latent RMS {z.pow(2).mean().sqrt():.3f}; VAE + process_in/out exact: {exact}")
     variance = z.var().item()
     levels = (0.1, 0.3, 1.0, 2.0, 4.0, 8.0, 14.6)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     ensure_comfy()
     import comfy.sd
-    from diagnose_world_image import sampling_checks, sigma_checks
+    from diagnose_world_image import roundtrip_exact, sampling_checks, sigma_checks
     from sceneworld import conditioning, metrics, vae, world
 
     patcher = comfy.sd.load_diffusion_model(args.weights)
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     z = vae.video_to_latent(clips)
     latent = vae.encode_video_latent(clips)
     context = conditioning.embed_videos(videos)
-    exact = torch.allclose(vae.decode_video_latent(latent), clips, atol=1e-5) and torch.allclose(
-        base.process_latent_in(latent), z, atol=1e-5
-    )
+    exact = roundtrip_exact(base, clips, z, latent, vae.decode_video_latent)
     print(f"latent RMS {z.pow(2).mean().sqrt():.3f}, std {z.std():.3f}; VAE + process_in/out exact: {exact}")
     # the content variance: about the per-channel means (the black background is most of the raw moment)
     variance = (z - z.mean(dim=(0, 2, 3, 4), keepdim=True)).pow(2).mean().item()
