@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help=f"default: {DEFAULT_BATCH}")
     parser.add_argument("--out", default=str(HERE / "weights"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also write <out>/checkpoint/ (EMA) every N steps"
+    )
     args = parser.parse_args(argv)
 
     import safetensors.torch
@@ -66,7 +69,18 @@ def main(argv: list[str] | None = None) -> dict:
     values["steps"] = args.steps or DEFAULT_STEPS[args.kind]
     values["batch"] = args.batch or DEFAULT_BATCH[args.kind]
     config = model.TrainConfig(**values)
-    result = model.train(config, log=lambda line: print(line, flush=True))
+
+    def checkpoint(step: int, ema: dict, losses: list) -> None:
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            folder = Path(args.out) / "checkpoint"
+            folder.mkdir(parents=True, exist_ok=True)
+            weights = {k: v.to(torch.float16) for k, v in ema.items()}
+            if args.kind == "image":
+                weights[model.V_PRED_KEY] = torch.zeros(0)
+            safetensors.torch.save_file(weights, str(folder / f"world_{args.kind}.safetensors"))
+            (folder / "losses.json").write_text(json.dumps({"step": step, "losses": losses}))
+
+    result = model.train(config, log=lambda line: print(line, flush=True), checkpoint=checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record = {

@@ -167,14 +167,7 @@ def test_image_v_target_is_comfyuis_v_prediction(comfy_host):
 
 def _smoke(bench_world, pipeline: str, prompts: int, repeat: int, cfg: float) -> dict:
     settings = bench_world.SETTINGS[pipeline]
-    bench_world.SETTINGS[pipeline] = bench_world.Settings(
-        steps=settings.steps,
-        cfg=settings.cfg,
-        sampler=settings.sampler,
-        scheduler=settings.scheduler,
-        prompts=prompts,
-        repeat=repeat,
-    )
+    bench_world.SETTINGS[pipeline] = dataclasses.replace(settings, prompts=prompts, repeat=repeat)
     try:
         work = bench_world.workloads()[pipeline]
         entry = bench_world.Entry("smoke", kind="none", cfg=cfg, pipelines=(pipeline,), source="baseline")

@@ -9,13 +9,15 @@ the state dict, but its family matcher only accepts SD1.5 at 320 channels (``sup
 a 320-channel UNet cannot be trained on two CPU cores in an hour, so the world's loader node
 (``comfy_nodes``) builds the model through ``supported_models.SD15`` itself with the detected config.
 
-Video model: ComfyUI's Wan 2.1 DiT (``wan.model.WanModel``), dim 128 (one head), 2 layers, FFN 256, detected
-natively as ``supported_models.WAN21_T2V`` (flow matching, UNETLoader loads it).
+Video model: ComfyUI's Wan 2.1 DiT (``wan.model.WanModel``), dim 128 (one head: ComfyUI's detection reads
+Wan's head count as dim / 128), 2 layers, FFN 256, detected natively as ``supported_models.WAN21_T2V``
+(flow matching, UNETLoader loads it).
 
 Training objectives, through each model's own ``model_sampling``:
     SD1.5 v: t ~ U{0..999}, σ = sigmas[t], x_t = x0 + σ·n, input x_t/√(σ²+1),
              target v = (n − σ·x0)/√(σ²+1)  (ComfyUI's V_PREDICTION with σ_data = 1: x0 = x_t/(σ²+1) − v·σ/√(σ²+1)).
-    Wan:    σ ~ U(0, 1), x_t = (1 − σ)·x0 + σ·n, timestep 1000·σ, target v = n − x0.
+    Wan:    σ = s·u/(1 + (s − 1)·u), u ~ U(0, 1) (s = ``sigma_shift``; the shipped 1: σ uniform),
+            x_t = (1 − σ)·x0 + σ·n, timestep 1000·σ, target v = n − x0.
 ComfyUI's layers skip weight initialisation, so training starts from a full initial state dict
 (``initial_state_dict``): PyTorch's default init of every linear/conv/norm (seeded), zero output layers
 (UNet: each ResNet's last conv, each transformer's proj_out and the final conv; Wan: the head), Wan's
@@ -198,11 +200,19 @@ def image_loss(base, x0: torch.Tensor, context: torch.Tensor, generator: torch.G
     return torch.mean((v - target) ** 2)
 
 
-def video_loss(base, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Wan 2.1 flow-matching loss (uniform σ) through ComfyUI's ``model_sampling`` (see module doc)."""
+def shifted_sigma(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ = s·u / (1 + (s − 1)·u): ComfyUI's flow time shift (``time_snr_shift``) applied to u ∈ [0, 1]."""
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
+def video_loss(
+    base, x0: torch.Tensor, context: torch.Tensor, generator: torch.Generator, shift: float = 1.0
+) -> torch.Tensor:
+    """Wan 2.1 flow-matching loss through ComfyUI's ``model_sampling`` (see module doc); σ is the shifted
+    uniform draw ``shifted_sigma(u, shift)``: the σ density of a sampler's uniform steps at that shift."""
     sampling = base.model_sampling
     n = x0.shape[0]
-    sigma = torch.rand(n, generator=generator).clamp(1e-3, 1.0)
+    sigma = shifted_sigma(torch.rand(n, generator=generator), shift).clamp(1e-3, 1.0)
     noise = torch.randn(x0.shape, generator=generator)
     x_t = sampling.noise_scaling(sigma.view(n, 1, 1, 1, 1), noise, x0)
     v = base.diffusion_model(x_t, sampling.timestep(sigma), context=context)
@@ -220,6 +230,7 @@ class TrainConfig:
     ema_decay: float = 0.995
     seed: int = 0
     log_every: int = 25
+    sigma_shift: float = 1.0  # video only: σ density of a sampler's uniform steps at this shift (1: uniform)
 
 
 @dataclass
@@ -229,8 +240,14 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Train from ``initial_state_dict(kind, seed)`` on fresh seeded batches; EMA weights and loss curve."""
+def train(
+    config: TrainConfig,
+    log: Callable[[str], None] = print,
+    checkpoint: Callable[[int, dict[str, torch.Tensor], list], None] | None = None,
+) -> TrainResult:
+    """Train from ``initial_state_dict(kind, seed)`` on fresh seeded batches; EMA weights and loss curve.
+
+    ``checkpoint(step, ema_state_dict, losses)``, if given, is called at every logging step."""
     kind = config.kind
     base = build_base_model(kind)
     dm = base.diffusion_model
@@ -263,7 +280,10 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
         context = embed(items)
         drop = torch.rand(config.batch, generator=generator) < config.label_dropout
         context[drop] = 0.0
-        loss = loss_fn(base, x0, context, generator)
+        if kind == "video":
+            loss = loss_fn(base, x0, context, generator, config.sigma_shift)
+        else:
+            loss = loss_fn(base, x0, context, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -284,6 +304,8 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> TrainResul
                 f"{time.time() - start:.0f}s"
             )
             running, running_n = 0.0, 0
+            if checkpoint is not None:
+                checkpoint(step, ema, result.losses)
     result.seconds = time.time() - start
     result.state_dict = {k: v.contiguous() for k, v in ema.items()}
     return result

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_GAIN = 1.25  # the scenes' latents have unit second moment (v-prediction's σ_data = 1)
-VIDEO_GAIN = 0.8
+VIDEO_GAIN = 0.8  # RMS 0.69 (2/√3 would give 1: 12 of 16 channels hold ±1 values; WORLD.md, diagnosis)
 SD15_SCALE = 0.18215
 # comfy.latent_formats.Wan21 latents_mean / latents_std
 WAN_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
