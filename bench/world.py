@@ -326,12 +326,19 @@ def read_rows(pipelines: tuple[str, ...], techniques: set[str], path: Path | Non
     }
 
 
+# Node schemas (node id -> its INPUT_TYPES) from a server's /object_info, for a process that queues on a server
+# and has not imported ComfyUI (the demo); None: read them from the ComfyUI imported in process.
+SCHEMAS: dict | None = None
+
+
 def node_defaults(node_id: str) -> tuple[dict, list[tuple[str, str]]]:
     """(the node's schema defaults for its widget inputs, [(name, type)] of its linked inputs)."""
-    import nodes
+    if SCHEMAS is not None:
+        schema = SCHEMAS[node_id]
+    else:
+        import nodes
 
-    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
-    schema = cls.INPUT_TYPES()
+        schema = nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()
     values, links = {}, []
     for name, spec in schema.get("required", {}).items():
         kind = spec[0]

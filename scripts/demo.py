@@ -5,7 +5,7 @@ base directory, queues one workflow per technique over HTTP (UNETLoader → Coun
 technique → KSampler → Network Evaluation Report → Digits Decode → SaveImage), and writes
 ``<out>/grid.png`` (rows: techniques; columns: the digits 0-9, the same noise in every row) and
 ``<out>/evaluations.json`` (the pack's counts of each run), then one grid per pipeline of the reference
-world (``<out>/world_{t2i,hires,inpaint,video}.png``, ``scripts/demo_world.py``).
+world (``<out>/world_{t2i,hires,inpaint,video,negative,superres}.png``, ``scripts/demo_world.py``).
 """
 
 from __future__ import annotations

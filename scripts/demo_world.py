@@ -1,4 +1,5 @@
-"""The demo's reference-world part: one grid per pipeline (t2i, hires, inpaint, video) with the counts.
+"""The demo's reference-world part: one grid per pipeline (t2i, hires, inpaint, video, negative, superres) with
+the counts.
 
 Called by ``scripts/demo.py`` with its running ComfyUI server; the workflows are the benchmark's
 (``bench/world.py``: nodes by id), one sample per prompt. Writes ``<out>/world_<pipeline>.png`` and returns
@@ -53,6 +54,15 @@ def rows_of(bench) -> dict[str, list]:
             ("cond only", entry("cond only"), 1),
             (f"CFG {bench.SETTINGS['video'].cfg:g}", entry("CFG"), 1),
         ],
+        "negative": [
+            ("cfg 1 (negative ignored)", entry("cond only"), 1),
+            ("NAG at cfg 1", entry("NASA", negative_source="sampler negative", mode="nag"), 1),
+            (f"CFG {cfg:g}, negative as uncond", entry("CFG 3 (negative as uncond)"), 1),
+        ],
+        "superres": [
+            ("plain 2x", entry("TFG rho=mu=0", preset="TFG", rho=0.0, mu=0.0), bench.SUPERRES_SCALE),
+            ("MPGD 2x, full step", entry("MPGD", mu=bench.MU_FULL["superres"]), bench.SUPERRES_SCALE),
+        ],
     }
 
 
@@ -91,6 +101,7 @@ def world_grids(server, base_dir: Path, out: Path) -> dict:
     from sceneworld import vae, world
 
     bench = _bench()
+    bench.SCHEMAS = {node: info["input"] for node, info in server.get("/object_info").items()}
     for key, value in bench.SETTINGS.items():
         bench.SETTINGS[key] = bench.Settings(
             steps=value.steps, cfg=value.cfg, sampler=value.sampler, scheduler=value.scheduler,
