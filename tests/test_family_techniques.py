@@ -11,23 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from fg_testing import family_matrix, tiny_families, tiny_models
+from fg_testing import family_matrix, tiny_families
 
 STEPS = {"ag": 2}  # Adaptive Guidance measures one CFG step before it can switch; the rest act at step 1
 README = Path(__file__).resolve().parents[1] / "README.md"
 MATRIX_START, MATRIX_END = "<!-- family-matrix:start -->", "<!-- family-matrix:end -->"
 
 
-def latent_shape(family: str, batch: int) -> tuple:
-    if family in tiny_families.FAMILIES:
-        return tiny_families.latent_shape(family, batch)
-    return tiny_models.latent_shape(family, batch, height=8, width=8, frames=3)
-
-
-def conditioning(family: str, batch: int, seed: int) -> list:
-    if family in tiny_families.FAMILIES:
-        return tiny_families.conditioning(family, batch, seed=seed, shape=latent_shape(family, batch))
-    return tiny_models.conditioning(family, 1, seed=seed)
+latent_shape, conditioning = family_matrix.latent_shape, family_matrix.conditioning
 
 
 def sample(comfy_host, model, family: str, batch: int, steps: int) -> torch.Tensor:

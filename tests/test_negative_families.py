@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fg_testing import family_matrix, sampling, tiny_families, tiny_models
+from fg_testing import family_matrix, sampling, tiny_families
 
 FAMILIES = [*tiny_families.ALL_FAMILIES, "ltxv", "hunyuan_video"]
 JOINT = {"flux_schnell", "flux_kontext", "flux_fill", "chroma", "chroma_radiance", "qwen_image"}
@@ -25,16 +25,7 @@ FITS = {
 NODE_NAMES = {"nasa": "NASA Negative Attention", "negtome": "NegToMe", "scfg": "S-CFG"}
 
 
-def latent_shape(family: str, batch: int) -> tuple:
-    if family in tiny_families.FAMILIES:
-        return tiny_families.latent_shape(family, batch)
-    return tiny_models.latent_shape(family, batch, height=8, width=8, frames=3)
-
-
-def conditioning(family: str, batch: int, seed: int) -> list:
-    if family in tiny_families.FAMILIES:
-        return tiny_families.conditioning(family, batch, seed=seed, shape=latent_shape(family, batch))
-    return tiny_models.conditioning(family, 1, seed=seed)
+latent_shape, conditioning = family_matrix.latent_shape, family_matrix.conditioning
 
 
 def sample(model, family: str, batch: int, cfg: float, positive=None) -> torch.Tensor:
@@ -98,20 +89,24 @@ def test_fits_or_refuses(pack, technique, family):
     assert torch.equal(sample(base, family, 1, cfg), plain), "the input model changed"
 
 
-@pytest.mark.parametrize("family", sorted(JOINT))
-def test_nasa_negative_stream_equals_the_positive_one(pack, family):
-    """Negative = positive, joint attention mode: the negative text stream, built through the family's own text
-    embedder and re-run through every double block, gives back the block's own joint attention (Z- = Z+)."""
+def nasa_events(pack, family: str, **kwargs) -> list:
+    """NASA's combine events over two steps at cfg 1, with the positive prompt as the negative."""
     positive = conditioning(family, 1, 1)
-    model = pack.nodes.nasa.apply_nasa(
-        family_matrix.build_model(family), positive, alpha=0.3, joint_negative="joint attention"
-    )
-    seen = []
+    model = pack.nodes.nasa.apply_nasa(family_matrix.build_model(family), positive, alpha=0.3, **kwargs)
+    seen: list = []
     traced = sampling.traced(
         pack, model, lambda name, fields: seen.append(fields) if name == "nasa" else None
     )
     sample(traced, family, 1, 1.0, positive=positive)
     assert seen
+    return seen
+
+
+@pytest.mark.parametrize("family", sorted(JOINT))
+def test_nasa_negative_stream_equals_the_positive_one(pack, family):
+    """Negative = positive, joint attention mode: the negative text stream, built through the family's own text
+    embedder and re-run through every double block, gives back the block's own joint attention (Z- = Z+)."""
+    seen = nasa_events(pack, family, joint_negative="joint attention")
     for fields in seen:
         torch.testing.assert_close(fields["z_neg"], fields["z_pos"], rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(fields["out"], 0.7 * fields["z_pos"], rtol=1e-3, atol=1e-4)
@@ -119,14 +114,6 @@ def test_nasa_negative_stream_equals_the_positive_one(pack, family):
 
 def test_nasa_on_ltxv_gives_one_minus_alpha_z_plus(pack):
     """LTXV cross-attention, negative = positive (caption projection, k_norm and the mask as the block's own)."""
-    family = "ltxv"
-    positive = conditioning(family, 1, 1)
-    model = pack.nodes.nasa.apply_nasa(family_matrix.build_model(family), positive, alpha=0.3)
-    seen = []
-    traced = sampling.traced(
-        pack, model, lambda name, fields: seen.append(fields) if name == "nasa" else None
-    )
-    sample(traced, family, 1, 1.0, positive=positive)
-    assert seen
+    seen = nasa_events(pack, "ltxv")
     for fields in seen:
         torch.testing.assert_close(fields["out"], 0.7 * fields["z_pos"], rtol=1e-3, atol=1e-4)

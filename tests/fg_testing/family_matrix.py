@@ -42,6 +42,20 @@ class Cell:
         return self.refusal is None
 
 
+def latent_shape(family: str, batch: int) -> tuple:
+    """The test latent of a family's tiny model (8x8, 3 frames where the tiny model takes any size)."""
+    if family in tiny_families.FAMILIES:
+        return tiny_families.latent_shape(family, batch)
+    return tiny_models.latent_shape(family, batch, height=8, width=8, frames=3)
+
+
+def conditioning(family: str, batch: int, seed: int) -> list:
+    """The conditioning a family's tiny model needs, for ``latent_shape(family, batch)``."""
+    if family in tiny_families.FAMILIES:
+        return tiny_families.conditioning(family, batch, seed=seed, shape=latent_shape(family, batch))
+    return tiny_models.conditioning(family, 1, seed=seed)
+
+
 def build_model(family: str):
     if family in tiny_families.FAMILIES:
         return tiny_families.build_model(family)
