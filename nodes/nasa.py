@@ -51,12 +51,6 @@ SOURCES = ("node input", "sampler negative")
 JOINT_MODES = ("auto", "text keys", "text share", "joint attention")
 SUPPORTED = "SD1.5, SD2.x, SDXL, SVD (UNet), SD3, Flux, Chroma, Qwen-Image, AuraFlow, Wan 2.1 / 2.2, LTXV"
 CROSS_FAMILIES = ("wan21", "ltxv")  # separate cross-attention
-REFUSED = {
-    "hunyuan_video": "its text passes a token refiner conditioned on the timestep inside the forward, then an "
-    "image-first joint attention; NASA has no negative text stream there",
-    "mochi": "its asymmetric joint attention projects the text with per-block weights of its own; NASA has no "
-    "negative text stream there",
-}
 # α where the paper names none (SDXL, SD3, Flux, Wan): our choice, PixArt-α's 0.5 (the paper's only DiT value)
 FALLBACK_ALPHA = 0.5
 JOINT_NASA_DEFAULT = "text share"  # bench/negative.py: "text keys" is erratic on the digits model
@@ -142,17 +136,16 @@ def apply_nasa(
     layout = families.detect_layout(model, NODE)
     variant = model_variant(model)
     name = layout.spec.name
-    fits = (
+    families.check_fits(layout, "nasa", NODE)  # the registry's reasons (HunyuanVideo, Mochi)
+    if not (
         layout.spec.kind == "unet"
         or name in CROSS_FAMILIES
         or (layout.spec.text_first and name in attention_calls.JOINT_NEGATIVE_FAMILIES)
-    )
-    if not fits:
-        reason = REFUSED.get(name, "no negative attention route is known for it")
+    ):
         raise GuidanceInputError(
             NODE,
             "model",
-            f"is {layout.spec.label}, which NASA does not fit: {reason}; supported: {SUPPORTED}",
+            f"is {layout.spec.label}, which has no negative attention route; supported: {SUPPORTED}",
         )
     alpha = default_alpha(variant) if values["alpha"] < 0 else values["alpha"]
     scale = default_nag_scale(variant) if values["nag_scale"] < 0 else values["nag_scale"]

@@ -35,11 +35,6 @@ UNET_DEFAULTS = negtome_math.DEFAULTS["sdxl"]
 DIT_DEFAULTS = negtome_math.DEFAULTS["flux"]
 
 
-# DiT families whose blocks run through ComfyUI's patches_replace["dit"], which the attention hook rides on
-DIT_FAMILIES = ("sd3", "flux", "wan21", "ltxv", "hunyuan_video", "chroma", "qwen_image", "auraflow", "mochi")
-DIT_SUPPORTED = ", ".join(families.FAMILY_SPECS[name].label for name in DIT_FAMILIES)
-
-
 def family_defaults(layout: families.ModelLayout) -> negtome_math.NegToMeDefaults:
     """The official SDXL settings on UNets, the Flux ones on DiTs."""
     return UNET_DEFAULTS if layout.spec.kind == "unet" else DIT_DEFAULTS
@@ -85,13 +80,6 @@ def apply_negtome(
     """A clone of ``model`` with negative token merging installed."""
     values = check_arguments(INPUTS, locals())
     layout = families.detect_layout(model, NODE)
-    if layout.spec.kind != "unet" and layout.spec.name not in DIT_FAMILIES:
-        raise GuidanceInputError(
-            NODE,
-            "model",
-            f"is {layout.spec.label}, whose attention NegToMe does not reach (no block hook of its own there); "
-            f"supported: SD1.5, SD2, SDXL, SVD (UNet), {DIT_SUPPORTED}",
-        )
     defaults = family_defaults(layout)
     alpha = defaults.alpha if values["alpha"] < 0 else values["alpha"]
     tau = defaults.tau if values["tau"] < 0 else values["tau"]

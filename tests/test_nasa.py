@@ -215,7 +215,9 @@ def test_no_leak_into_the_input_model_or_the_next_run(pack):
 
 def test_errors_name_the_node_and_the_input(pack):
     errors = pack.nodes.toolkit.GuidanceInputError
-    with pytest.raises(errors, match="NASA Negative Attention: input 'model' is HunyuanVideo.*token refiner"):
+    with pytest.raises(
+        errors, match="NASA Negative Attention: input 'model' is a HunyuanVideo model.*token refiner"
+    ):
         pack.nodes.nasa.apply_nasa(
             cached_model("hunyuan_video"), tiny_models.conditioning("hunyuan_video", seed=3)
         )

@@ -330,7 +330,15 @@ FAMILIES: tuple[Family, ...] = (
     # HunyuanVideo (20 double, 40 single): STG's official block [2].
     Family(
         FamilySpec(
-            "hunyuan_video", "HunyuanVideo", "dit", default_blocks="double:2", reference_depth={"double": 20}
+            "hunyuan_video",
+            "HunyuanVideo",
+            "dit",
+            default_blocks="double:2",
+            reference_depth={"double": 20},
+            unfit={
+                "nasa": "its text passes a token refiner conditioned on the timestep inside the forward, then an "
+                "image-first joint attention; NASA has no negative text stream there",
+            },
         ),
         lambda dm: isinstance(dm, hunyuan_model.HunyuanVideo),
         _double_single,
@@ -386,7 +394,17 @@ FAMILIES: tuple[Family, ...] = (
     ),
     # Mochi 1 (48 blocks, video tokens then text): STG's official block 34.
     Family(
-        FamilySpec("mochi", "Mochi", "dit", default_blocks="34", reference_depth={"double": 48}),
+        FamilySpec(
+            "mochi",
+            "Mochi",
+            "dit",
+            default_blocks="34",
+            reference_depth={"double": 48},
+            unfit={
+                "nasa": "its asymmetric joint attention projects the text with per-block weights of its own; NASA "
+                "has no negative text stream there",
+            },
+        ),
         lambda dm: isinstance(dm, mochi_model.AsymmDiTJoint),
         lambda dm: {"double": len(dm.blocks)},
         lambda dm: (1, int(dm.patch_size), int(dm.patch_size)),
