@@ -30,7 +30,8 @@ def roundtrip_exact(base, pixels, z, latent, decode) -> bool:
 
 
 def sigma_checks(base, z, context, levels, noised, variance: float):
-    """Per noise level: (σ, conditional x0, its MSE / variance, the null prompt's MSE / variance)."""
+    """Per noise level: (σ, conditional x0, its MSE / variance, the null prompt's MSE / variance, the prompt's
+    effect |x0(cond) − x0(null)|² / variance: near 0 when the model has learned to ignore the prompt)."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -40,7 +41,7 @@ def sigma_checks(base, z, context, levels, noised, variance: float):
         cond = base.apply_model(x_t, sigmas, c_crossattn=context)
         null = base.apply_model(x_t, sigmas, c_crossattn=torch.zeros_like(context))
         errors = [(x - z).pow(2).mean().item() / variance for x in (cond, null)]
-        yield sigma, cond, *errors
+        yield sigma, cond, *errors, (cond - null).pow(2).mean().item() / variance
 
 
 def sampling_checks(patcher, latent, context, scheduler: str):
@@ -87,12 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     variance = z.var().item()
     levels = (0.1, 0.3, 1.0, 2.0, 4.0, 8.0, 14.6)
     with torch.no_grad():
-        for sigma, cond, error, null_error in sigma_checks(
+        for sigma, cond, error, null_error, effect in sigma_checks(
             base, z, context, levels, lambda x0, s, n: x0 + s * n, variance
         ):
             score = metrics.score_images(vae.latent_to_image(cond).clamp(0, 1), scenes)
             print(
-                f"σ {sigma:5.1f}: x0 MSE / data variance {error:.3f} (null prompt {null_error:.3f}); "
+                f"σ {sigma:5.1f}: x0 MSE / data variance {error:.3f} (null prompt {null_error:.3f}, "
+                f"prompt effect {effect:.2g}); "
                 f"one-step prompt accuracy {score['prompt_accuracy']:.2f}"
             )
         for label, out in sampling_checks(patcher, latent, context, "normal"):

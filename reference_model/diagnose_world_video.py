@@ -5,8 +5,8 @@
 1. Rendered videos → linear VAE → Wan 2.1 ``process_out``/``process_in`` → decode: exact; the latents' RMS.
 2. Per noise level σ (flow: x_t = (1 − σ)·x0 + σ·n): the model's denoised latent (ComfyUI's ``apply_model``,
    conditional and null prompt) against the true latent, as a fraction of the data variance
-   (about its per-channel means), and the
-   attribute accuracy of one-step denoising.
+   (about its per-channel means), the prompt's effect |x0(cond) − x0(null)|² in the same unit (near 0: the
+   model ignores the prompt), and the attribute accuracy of one-step denoising.
 3. ComfyUI's sampler (``euler``/``simple``, 10 steps, the given shift; default the family's 8) from pure
    noise at CFG 1 and 3, and from the noised ground truth at steps 3, 5, 7 of 10.
 """
@@ -66,12 +66,13 @@ def main(argv: list[str] | None = None) -> None:
 
     levels = (0.1, 0.3, 0.5, 0.7, 0.85, 0.95, 1.0)
     with torch.no_grad():
-        for sigma, cond, error, null_error in sigma_checks(
+        for sigma, cond, error, null_error, effect in sigma_checks(
             base, z, context, levels, lambda x0, s, n: (1 - s) * x0 + s * n, variance
         ):
             score = metrics.score_videos(vae.latent_to_video(cond).clamp(0, 1), videos)
             print(
-                f"σ {sigma:4.2f}: x0 MSE / data variance {error:.3f} (null prompt {null_error:.3f}); "
+                f"σ {sigma:4.2f}: x0 MSE / data variance {error:.3f} (null prompt {null_error:.3f}, "
+                f"prompt effect {effect:.2g}); "
                 f"one-step {shown(score)}"
             )
         for label, out in sampling_checks(patcher, latent, context, "simple"):
