@@ -130,14 +130,10 @@ def _model(family: str):
         return tiny_models.build_model(family)
 
 
-def run_case(pack, node_id: str, family: str) -> dict:
-    """Hash and counts of one node on one family (or the error it raises), from a fixed global seed, on one CPU
-    thread (a multi-threaded reduction may round differently)."""
-    return run_case_with_latent(pack, node_id, family)[0]
-
-
-def run_case_with_latent(pack, node_id: str, family: str) -> tuple[dict, torch.Tensor | None]:
-    """``run_case``'s record and the output latent (None where the node refused)."""
+def run_case(pack, node_id: str, family: str) -> tuple[dict, torch.Tensor | None]:
+    """Hash and counts of one node on one family (or the error it raises), and the output latent (None where
+    the node refused), from a fixed global seed, on one CPU thread (a multi-threaded reduction may round
+    differently)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -210,7 +206,7 @@ def compute_all(pack) -> tuple[dict, dict]:
     records, latents = {}, {}
     for node_id, family in cases(pack):
         case = f"{node_id}/{family}"
-        records[case], samples = run_case_with_latent(pack, node_id, family)
+        records[case], samples = run_case(pack, node_id, family)
         if samples is not None:
             latents[case] = samples
     return records, latents
